@@ -1,0 +1,117 @@
+"""The `curate` command: thin argument parsing over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from curate.errors import CurateError
+
+# img2dataset imports albumentations, whose import-time update check would reach for the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from curate.config import load_pipeline
+
+    for path in args.pipelines:
+        config = load_pipeline(path, args.set)
+        print(f"{path}: ok ({config.name}: {', '.join(s.stage for s in config.stages)})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from curate.config import load_pipeline
+    from curate.report.inspect import print_funnel
+    from curate.runner import run_pipeline
+
+    config = load_pipeline(args.pipeline, args.set)
+    result = run_pipeline(
+        config, input_path=args.input, output=args.output, address=args.address, local=args.local,
+        progress=not args.quiet,
+    )
+    print_funnel(result.out)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from curate.demo.run import run_demo
+
+    run_demo(n=args.n, output=Path(args.output), seed=args.seed, local=args.local, overrides=args.set)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from curate.report.inspect import inspect_run
+
+    return inspect_run(Path(args.output), sample=args.sample, reason=args.reason, verify=args.verify)
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from curate.schema import write_schemas
+
+    for path in write_schemas(Path(args.write)):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description="Curate web-scale image-text datasets on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_set(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a pipeline key, e.g. download.timeout=5 or output.samples_per_shard=1000")
+
+    p = sub.add_parser("validate", help="check pipeline files without running them")
+    p.add_argument("pipelines", nargs="+")
+    add_set(p)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("run", help="run (or resume) a pipeline")
+    p.add_argument("pipeline")
+    p.add_argument("--input", help="URL list: file, folder, glob or fsspec URL (overrides input.path)")
+    p.add_argument("--output", help="output folder (overrides output.path)")
+    p.add_argument("--address", help="an existing Ray cluster: auto or ray://HOST:10001 (default: embedded Ray)")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (small inputs, debugging)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_set(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="generate a synthetic pool, serve it on loopback and curate it")
+    p.add_argument("--n", type=int, default=1000, help="pool size (default 1000)")
+    p.add_argument("--output", default="curate-demo", help="folder for the pool and the run (default ./curate-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local", action="store_true", help="run without Ray")
+    add_set(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("inspect", help="summarise a finished run")
+    p.add_argument("output")
+    p.add_argument("--sample", type=int, default=5, help="rows to print (default 5)")
+    p.add_argument("--reason", help="print rows with this reason (or status: kept, filtered, failed)")
+    p.add_argument("--verify", action="store_true", help="also check the ledger against the tars")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("schema", help="write the JSON schemas of pipelines, records, ledger and manifest")
+    p.add_argument("--write", default="schemas", metavar="DIR")
+    p.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CurateError as err:
+        print(f"curate: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curate: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

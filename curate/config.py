@@ -1,0 +1,207 @@
+"""Pipeline configs: YAML files validated before any work starts.
+
+Every error names the file, the key, what was given and what was expected, on one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from curate.errors import CurateError
+from curate.stage import StageConfig
+
+InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"]
+
+
+class InputConfig(BaseModel):
+    """Where the URL list is and which columns hold what (img2dataset's names and defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | list[str] | None = Field(None, description="file, folder, glob or fsspec URL; `--input` overrides")
+    format: InputFormat = Field("auto", description="auto: from the file extension")
+    url_col: str = "url"
+    caption_col: str | None = Field("caption", description="null for URL-only lists")
+    rows_per_chunk: int = Field(10_000, ge=1, description="input rows per resumable unit of work")
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="output folder; `--output` overrides")
+    samples_per_shard: int = Field(10_000, ge=1)
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="null: an embedded local Ray sized to this machine")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all)")
+
+
+class PipelineConfig(BaseModel):
+    """A whole pipeline: input, the ordered stages, output and where it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    input: InputConfig = Field(default_factory=InputConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data, every stage with all its defaults filled in."""
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [stage.model_dump(mode="json") for stage in self.stages]
+        return data
+
+
+def _fmt_loc(loc: tuple[Any, ...], raw_stages: list[Any] | None = None) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+            if i == 1 and loc[0] == "stages" and raw_stages and isinstance(raw_stages[item], dict):
+                parts[-1] += f" ({raw_stages[item].get('stage')})"
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _first_error(source: str, err: ValidationError, prefix: tuple[Any, ...] = (), raw_stages: list[Any] | None = None):
+    e = err.errors()[0]
+    loc = _fmt_loc(prefix + tuple(e["loc"]), raw_stages)
+    if e["type"] == "extra_forbidden":
+        return CurateError(f"{source}: {loc}: unknown key")
+    if e["type"] == "missing":
+        return CurateError(f"{source}: {loc}: required key missing")
+    return CurateError(f"{source}: {loc}: {e['msg']}; got {e['input']!r}")
+
+
+def _unknown_key_hint(source: str, loc: str, key: str, known: list[str]) -> CurateError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return CurateError(f"{source}: {loc}: unknown key '{key}'{hint}; expected one of: {', '.join(known)}")
+
+
+def validate_pipeline(raw: Any, source: str) -> PipelineConfig:
+    """Validate plain data (parsed YAML) into a PipelineConfig, or raise one CurateError line."""
+    from curate.stages import STAGES
+
+    if not isinstance(raw, dict):
+        raise CurateError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw_stages = raw.get("stages") or []
+    if not isinstance(raw_stages, list):
+        raise CurateError(f"{source}: stages: expected a list of stages; got {raw_stages!r}")
+    stages: list[StageConfig] = []
+    for i, item in enumerate(raw_stages):
+        if not isinstance(item, dict) or "stage" not in item:
+            raise CurateError(f"{source}: stages[{i}]: expected a mapping with a 'stage' key; got {item!r}")
+        name = item["stage"]
+        if name not in STAGES:
+            close = difflib.get_close_matches(str(name), list(STAGES), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise CurateError(
+                f"{source}: stages[{i}].stage: unknown stage '{name}'{hint}; known stages: {', '.join(sorted(STAGES))}"
+            )
+        config_cls = STAGES[name].Config
+        try:
+            stages.append(config_cls.model_validate(item))
+        except ValidationError as err:
+            first = err.errors()[0]
+            if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
+                known = [k for k in config_cls.model_fields if k != "stage"]
+                raise _unknown_key_hint(source, f"stages[{i}] ({name})", str(first["loc"][0]), known) from None
+            raise _first_error(source, err, ("stages", i), raw_stages) from None
+    try:
+        config = PipelineConfig.model_validate({**raw, "stages": []})
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            loc = tuple(first["loc"])
+            model: type[BaseModel] = PipelineConfig
+            for part in loc[:-1]:
+                model = model.model_fields[part].annotation  # type: ignore[assignment]
+            known = list(model.model_fields)
+            raise _unknown_key_hint(source, _fmt_loc(loc[:-1]) if len(loc) > 1 else "(top level)", str(loc[-1]), known) from None
+        raise _first_error(source, err) from None
+    config.stages = stages
+    from curate.schema import check_column_flow
+
+    check_column_flow(config, source)
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`download.timeout=3` → (["download", "timeout"], 3); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise CurateError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. download.timeout=5")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides; a first key that names a stage addresses that stage (its first occurrence)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        head, rest = keys[0], keys[1:]
+        stages = raw.get("stages") or []
+        if head == "stages" and rest and rest[0].isdigit():
+            index = int(rest[0])
+            if index >= len(stages):
+                raise CurateError(f"--set {text}: the pipeline has {len(stages)} stages; no stages.{index}")
+            target, rest = stages[index], rest[1:]
+        elif head in ("input", "output", "ray", "name", "description"):
+            target = raw
+            rest = keys
+        else:
+            named = [s for s in stages if isinstance(s, dict) and s.get("stage") == head]
+            if not named:
+                known = ", ".join(["input", "output", "ray"] + [str(s.get("stage")) for s in stages if isinstance(s, dict)])
+                raise CurateError(f"--set {text}: '{head}' is neither a section nor a stage of this pipeline ({known})")
+            target = named[0]
+        if not rest:
+            raise CurateError(f"--set {text}: name a key inside '{head}', e.g. {head}.KEY=VALUE")
+        for part in rest[:-1]:
+            node = target.get(part)
+            if node is None:
+                node = target[part] = {}
+            if not isinstance(node, dict):
+                raise CurateError(f"--set {text}: '{part}' is not a section")
+            target = node
+        target[rest[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise CurateError(f"{path}: pipeline file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise CurateError(f"{path}{where}: malformed YAML: {problem}") from None
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline file."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if overrides:
+        if not isinstance(raw, dict):
+            raise CurateError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raw = apply_overrides(raw, overrides)
+    return validate_pipeline(raw, str(path))

@@ -1,0 +1,214 @@
+"""Decide over stored metadata, then write the ledger, the shards and the manifest.
+
+Streams the stored parts in input order: memory holds one part's metadata (never images) plus the shards in flight.
+Global stages are the exception: they see the metadata columns they declare for every live row.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import parts as part_store
+from curate.config import PipelineConfig
+from curate.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
+from curate.stage import FILTERED, KEPT, OK, GlobalStage, Stage
+from curate.stages.write import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
+
+VERSIONED = ("curate", "ray", "pyarrow", "webdataset", "pillow", "numpy", "urllib3")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_global_stages(parts: list[Path], global_stages: list[GlobalStage]) -> dict[str, tuple[str, str, str]]:
+    """uid → (status, reason, stage) for every row a global stage removes."""
+    decisions: dict[str, tuple[str, str, str]] = {}
+    if not global_stages:
+        return decisions
+    columns = sorted({"uid", "status"} | {c for g in global_stages for c in g.inputs()})
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    metadata = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({c: [] for c in columns})
+    metadata = metadata.filter(pc.equal(metadata.column("status"), OK))
+    for stage in global_stages:
+        removed = stage.decide(metadata.select(sorted({"uid"} | set(stage.inputs()))))
+        for uid, status, reason in zip(*(removed.column(c).to_pylist() for c in ("uid", "status", "reason"))):
+            decisions[uid] = (status or FILTERED, reason or f"{stage.name}:removed", stage.name)
+        if removed.num_rows:
+            metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("uid"), value_set=removed.column("uid"))))
+    return decisions
+
+
+class ShardWriters:
+    """Writes shards in this process or as Ray tasks, a bounded number in flight; skips finished shards."""
+
+    def __init__(self, out: Path, local: bool) -> None:
+        self.out, self.local = out, local
+        self.entries: dict[int, ShardEntry] = {}
+        self.in_flight: dict[object, int] = {}
+        self.reused = 0
+        if not local:
+            import ray
+
+            self._remote = ray.remote(num_cpus=0.5, max_retries=3)(write_shard)
+            self._max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1) * 2))
+
+    def submit(self, plan: ShardPlan) -> None:
+        done = existing_shard(self.out, plan)
+        if done is not None:
+            self.entries[plan.index] = done
+            self.reused += 1
+        elif self.local:
+            self.entries[plan.index] = write_shard(str(self.out), plan)
+        else:
+            import ray
+
+            while len(self.in_flight) >= self._max_in_flight:
+                self._collect(ray.wait(list(self.in_flight), num_returns=1)[0])
+            self.in_flight[self._remote.remote(str(self.out), plan)] = plan.index
+
+    def _collect(self, refs: list) -> None:
+        import ray
+
+        for ref in refs:
+            self.entries[self.in_flight.pop(ref)] = ray.get(ref)
+
+    def finish(self) -> list[ShardEntry]:
+        if self.in_flight:
+            self._collect(list(self.in_flight))
+        return [self.entries[i] for i in sorted(self.entries)]
+
+
+def _apply_decisions(table: pa.Table, decisions: dict[str, tuple[str, str, str]]) -> pa.Table:
+    if not decisions:
+        return table
+    uids = table.column("uid").to_pylist()
+    hits = [decisions.get(uid) for uid in uids]
+    if not any(hits):
+        return table
+    for column, index in (("status", 0), ("reason", 1), ("decided_by", 2)):
+        old = table.column(column).to_pylist()
+        new = [hit[index] if hit else value for hit, value in zip(hits, old)]
+        table = table.set_column(table.column_names.index(column), column, pa.array(new, pa.string()))
+    return table
+
+
+def decide_and_write(
+    out: Path,
+    config: PipelineConfig,
+    stages: list[Stage],
+    global_stages: list[GlobalStage],
+    input_rows: int,
+    *,
+    local: bool,
+    created: str,
+    started: float,
+) -> Manifest:
+    parts = part_store.part_files(out)
+    decide_start = time.perf_counter()
+    decisions = run_global_stages(parts, global_stages)
+    decide_seconds = time.perf_counter() - decide_start
+
+    per_shard = config.output.samples_per_shard
+    width = key_width(per_shard)
+    writers = ShardWriters(out, local)
+    ledger = LedgerWriter(out)
+    seconds: Counter[str] = Counter()
+    stopped_by: Counter[str] = Counter()
+    plan = ShardPlan(index=0)
+    write_start = time.perf_counter()
+    try:
+        for part in parts:
+            names = [c for c in pq.ParquetFile(part).schema_arrow.names if c != "image"]
+            table = pq.read_table(part, columns=names)
+            table = table.take(pc.sort_indices(table.column("row")))
+            table = _apply_decisions(table, decisions)
+            for name in names:
+                if name.endswith("_seconds"):
+                    seconds[name[: -len("_seconds")]] += pc.sum(table.column(name)).as_py() or 0.0
+            stopped_by.update(d for d in table.column("decided_by").to_pylist() if d)
+            status = table.column("status").to_pylist()
+            shard_col: list[str | None] = [None] * table.num_rows
+            key_col: list[str | None] = [None] * table.num_rows
+            rows = table.column("row").to_pylist()
+            uids = table.column("uid").to_pylist()
+            for i in np.flatnonzero(np.asarray(status, dtype=object) == OK):
+                if not plan.parts or plan.parts[-1][0] != str(part):
+                    plan.parts.append((str(part), []))
+                key = sample_key(plan.index, len(plan.keys), width)
+                plan.parts[-1][1].append(rows[i])
+                plan.uids.append(uids[i])
+                plan.keys.append(key)
+                shard_col[i], key_col[i] = plan.tar_name, key
+                status[i] = KEPT
+                if len(plan.keys) == per_shard:
+                    writers.submit(plan)
+                    plan = ShardPlan(index=plan.index + 1)
+            table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))
+            ledger.write(table.append_column("shard", pa.array(shard_col, pa.string())).append_column(
+                "key", pa.array(key_col, pa.string())))
+        if plan.keys:
+            writers.submit(plan)
+            plan = ShardPlan(index=plan.index + 1)
+        entries = writers.finish()
+    except BaseException:
+        ledger.abort()
+        raise
+    _remove_stale_shards(out, keep=len(entries))
+    ledger.close()
+    write_seconds = time.perf_counter() - write_start
+
+    stats: list[StageStats] = []
+    alive = input_rows
+    for stage in [*stages, *global_stages]:
+        stopped = stopped_by.get(stage.name, 0)
+        wall = seconds.get(stage.name, 0.0) if stage in stages else decide_seconds
+        stats.append(StageStats(name=stage.name, rows_in=alive, rows_out=alive - stopped, wall_seconds=round(wall, 3)))
+        alive -= stopped
+    kept = ledger.by_status.get(KEPT, 0)
+    stats.append(StageStats(name="write", rows_in=alive, rows_out=kept, wall_seconds=round(write_seconds, 3)))
+    resolved = config.resolved()
+    manifest = Manifest(
+        pipeline=config.name,
+        created=created,
+        input_rows=input_rows,
+        shards=entries,
+        totals_by_status={s: ledger.by_status.get(s, 0) for s in ("kept", "filtered", "failed")},
+        totals_by_reason=dict(sorted(ledger.by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        stages=stats,
+        elapsed_seconds=round(time.monotonic() - started, 3),
+        config=resolved,
+        versions=package_versions(),
+    )
+    if ledger.rows != input_rows or kept != sum(e.samples for e in entries):
+        raise RuntimeError(f"ledger has {ledger.rows} rows for {input_rows} input rows; refusing to publish")
+    write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
+    return manifest
+
+
+def _remove_stale_shards(out: Path, keep: int) -> None:
+    """Shards numbered past this run's last one are leftovers of an earlier decision; remove them."""
+    folder = out / SHARDS
+    if not folder.exists():
+        return
+    for path in folder.iterdir():
+        stem = path.name.split(".", 1)[0]
+        if stem.isdigit() and int(stem) >= keep:
+            path.unlink()
+        elif path.name.startswith("."):
+            path.unlink()

@@ -1,0 +1,46 @@
+"""`curate demo`: a synthetic pool with planted faults, served on loopback, curated by pipelines/demo.yaml."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from curate.config import load_pipeline
+from curate.errors import CurateError
+from curate.report.inspect import print_funnel
+from curate.runner import run_pipeline
+
+
+def demo_pipeline_path() -> Path:
+    """pipelines/demo.yaml of the checkout this package runs from."""
+    path = Path(__file__).resolve().parents[2] / "pipelines" / "demo.yaml"
+    if not path.exists():
+        raise CurateError(f"{path}: the demo pipeline is missing; run curate from a checkout (pip install -e .)")
+    return path
+
+
+def run_demo(n: int, output: Path, seed: int = 0, local: bool = False, overrides: list[str] | None = None) -> Path:
+    from curate.demo.pool import make_pool, write_url_list
+    from curate.demo.server import FaultServer
+
+    if n < 20:
+        raise CurateError(f"--n {n}: the demo pool needs at least 20 rows to plant every kind of fault")
+    config = load_pipeline(demo_pipeline_path(), overrides)
+    output = output.resolve()
+    pool_dir, run_dir = output / "pool", output / "run"
+    started = time.monotonic()
+    print(f"demo: drawing a pool of {n} image-text pairs in {pool_dir}", file=sys.stderr)
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    items = make_pool(pool_dir, n=n, seed=seed)
+    # The server's port changes every time, so a previous demo run's results cannot be resumed: start clean.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with FaultServer(pool_dir / "files") as server:
+        urls = write_url_list(items, server.base_url, pool_dir / "urls.parquet")
+        print(f"demo: serving it at {server.base_url} (loopback only)", file=sys.stderr)
+        run_pipeline(config, input_path=str(urls), output=run_dir, local=local)
+    print_funnel(run_dir)
+    print(f"\ndemo finished in {time.monotonic() - started:.0f}s; output: {run_dir}")
+    print(f"  read it: python -c \"import webdataset as wds; print(next(iter(wds.WebDataset('{run_dir}/shards/00000.tar'))).keys())\"")
+    return run_dir

@@ -1,0 +1,136 @@
+"""The ledger (one row per input row), the manifest (written last), and the invariant that ties them together."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from curate.schema import LEDGER_SCHEMA
+from curate.stage import FINAL_STATUSES, KEPT
+
+MANIFEST = "manifest.json"
+LEDGER = "ledger.parquet"
+
+
+class ShardEntry(BaseModel):
+    path: str = Field(description="relative to the output folder, e.g. shards/00000.tar")
+    index: str = Field(description="the shard's parquet index, relative to the output folder")
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class StageStats(BaseModel):
+    name: str
+    rows_in: int
+    rows_out: int
+    wall_seconds: float = Field(description="summed over workers: busy time, not elapsed time")
+
+
+class Manifest(BaseModel):
+    """manifest.json: the list of shards that exist. A shard not listed here does not exist."""
+
+    format_version: int = 1
+    pipeline: str
+    created: str
+    input_rows: int
+    shards: list[ShardEntry]
+    totals_by_status: dict[str, int]
+    totals_by_reason: dict[str, int]
+    stages: list[StageStats]
+    elapsed_seconds: float
+    config: dict[str, Any]
+    versions: dict[str, str]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(out: Path) -> Manifest | None:
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return None
+    return Manifest.model_validate_json(path.read_text())
+
+
+class LedgerWriter:
+    """Streams ledger rows into ledger.parquet (via a temporary file) and counts statuses and reasons."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LEDGER
+        self.tmp = out / f".{LEDGER}.tmp"
+        self._writer = pq.ParquetWriter(self.tmp, LEDGER_SCHEMA)
+        self.by_status: Counter[str] = Counter()
+        self.by_reason: Counter[str] = Counter()
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        table = table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+        self.by_status.update(table.column("status").to_pylist())
+        self.by_reason.update(r for r in table.column("reason").to_pylist() if r)
+
+    def close(self) -> None:
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def read_ledger(out: Path) -> pa.Table:
+    return pq.read_table(Path(out) / LEDGER)
+
+
+def check_run(out: Path, input_rows: int | None = None) -> list[str]:
+    """Problems with a finished run's promise, empty when it holds:
+    ledger rows = input rows, uids unique, statuses valid, kept rows = manifest samples = samples in the tars."""
+    import tarfile
+
+    out = Path(out)
+    problems: list[str] = []
+    manifest = read_manifest(out)
+    if manifest is None:
+        return [f"{out}: no {MANIFEST}: the run did not finish"]
+    ledger = read_ledger(out)
+    expected_rows = manifest.input_rows if input_rows is None else input_rows
+    if ledger.num_rows != expected_rows:
+        problems.append(f"ledger has {ledger.num_rows} rows, input has {expected_rows}")
+    uids = ledger.column("uid").to_pylist()
+    if len(set(uids)) != len(uids):
+        problems.append(f"{len(uids) - len(set(uids))} duplicate uids in the ledger")
+    statuses = Counter(ledger.column("status").to_pylist())
+    if set(statuses) - set(FINAL_STATUSES):
+        problems.append(f"unexpected statuses {sorted(set(statuses) - set(FINAL_STATUSES))}")
+    for status, count in statuses.items():
+        if manifest.totals_by_status.get(status, 0) != count:
+            problems.append(f"manifest says {manifest.totals_by_status.get(status, 0)} {status}, ledger has {count}")
+    kept = statuses.get(KEPT, 0)
+    listed = sum(s.samples for s in manifest.shards)
+    if listed != kept:
+        problems.append(f"manifest lists {listed} samples, ledger keeps {kept}")
+    keys_in_tars: list[str] = []
+    for shard in manifest.shards:
+        with tarfile.open(out / shard.path) as tar:
+            keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+        if len(keys) != shard.samples:
+            problems.append(f"{shard.path}: {len(keys)} samples in the tar, manifest says {shard.samples}")
+        keys_in_tars.extend(f"{shard.path}/{k}" for k in keys)
+    kept_rows = ledger.filter(pc.equal(ledger.column("status"), KEPT))
+    ledger_keys = [f"{s}/{k}" for s, k in zip(kept_rows.column("shard").to_pylist(), kept_rows.column("key").to_pylist())]
+    if sorted(ledger_keys) != sorted(keys_in_tars):
+        problems.append("the kept rows' (shard, key) in the ledger differ from the samples in the tars")
+    return problems

@@ -1,0 +1,62 @@
+"""Connecting to Ray (embedded or an existing cluster) and sizing worker pools from what the cluster has."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from curate.config import RayConfig
+from curate.errors import CurateError
+from curate.stage import Resources
+
+# CPUs left free for Ray Data's read and part-writing tasks, so a pool of actors cannot starve them.
+RESERVED_CPUS = 0.5
+
+
+def ensure_ray(config: RayConfig) -> None:
+    """Start an embedded Ray sized to this machine, or connect to ``config.address``; reuse one already running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE") if k in os.environ}
+    try:
+        if config.address:
+            ray.init(address=config.address, logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
+        else:
+            ray.init(
+                num_cpus=config.num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+            )
+    except ConnectionError as err:
+        raise CurateError(f"ray.address {config.address}: cannot connect ({err})") from None
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # curate prints one progress line; Ray's bars would interleave with it
+    context.print_on_execution_start = False
+
+
+def pool_size(resources: Resources) -> int:
+    """Actors a stage can have at once on this cluster, leaving room for the lightweight tasks around it."""
+    import ray
+
+    available = ray.cluster_resources()
+    cpus = available.get("CPU", 1.0)
+    size = max(1, int((cpus - RESERVED_CPUS) / resources.cpus)) if resources.cpus else 1
+    if resources.gpus:
+        gpus = available.get("GPU", 0.0)
+        if gpus < resources.gpus:
+            raise CurateError(
+                f"a stage asks for {resources.gpus} GPU per worker but the cluster has {gpus:g} GPUs; "
+                "set resources.gpus: 0 to run it on CPUs"
+            )
+        size = min(size, int(gpus / resources.gpus))
+    for name, amount in resources.custom.items():
+        have = available.get(name, 0.0)
+        if have < amount:
+            raise CurateError(f"a stage asks for custom resource '{name}: {amount}' but the cluster has {have:g}")
+        size = min(size, int(have / amount))
+    return size

@@ -1,0 +1,1 @@
+"""Reading finished runs back: summaries now, the HTML report and `why`/`diff` later."""

@@ -1,0 +1,273 @@
+"""Runs a pipeline: stage the input, stream the per-sample stages once (on Ray, or in-process), then decide and write.
+
+Phases, each resumable:
+1. input   -> input/NNNNN.parquet chunks with uids (reused on a rerun of the same input)
+2. samples -> parts/*.parquet: every pending row through the per-sample stages (rows already stored are skipped)
+3. decide  -> global stages over stored metadata, then ledger.parquet and shards/ (finished shards are skipped)
+4. publish -> manifest.json, written last
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from curate import parts as part_store
+from curate.config import PipelineConfig
+from curate.decide import decide_and_write
+from curate.errors import CurateError
+from curate.ledger import MANIFEST, Manifest, write_json_atomic
+from curate.stage import GlobalStage, Stage
+from curate.stages import STAGES
+from curate.stages.read import InputChunks, stage_input, validate_input
+from curate.worker import StageWorker
+
+CONFIG_FILE = "config.yaml"
+PART_ROWS = 1024  # rows per stored part file: big enough to keep file counts sane, small enough to lose little on a kill
+
+
+@dataclass
+class RunResult:
+    out: Path
+    manifest: Manifest
+
+
+def build_stages(config: PipelineConfig) -> tuple[list[Stage], list[GlobalStage]]:
+    per_sample: list[Stage] = []
+    global_stages: list[GlobalStage] = []
+    for stage_config in config.stages:
+        stage = STAGES[stage_config.stage](stage_config)
+        if isinstance(stage, GlobalStage):
+            global_stages.append(stage)
+        else:
+            if global_stages:
+                raise CurateError(
+                    f"stages: per-sample stage '{stage.name}' comes after global stage '{global_stages[-1].name}'; "
+                    "put per-sample stages first"
+                )
+            per_sample.append(stage)
+    return per_sample, global_stages
+
+
+def _per_sample_signature(config: PipelineConfig) -> dict:
+    resolved = config.resolved()
+    stages = [s for s in resolved["stages"] if not issubclass(STAGES[s["stage"]], GlobalStage)]
+    for stage in stages:
+        stage.pop("resources", None)  # where a stage runs does not change what it stores
+    inputs = {k: v for k, v in resolved["input"].items() if k != "path"}
+    return {"input": inputs, "stages": stages}
+
+
+def _first_difference(old: object, new: object, path: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                return _first_difference(a, b, f"{path}[{i}]")
+    return f"{path}: {old!r} -> {new!r}"
+
+
+def prepare_output(out: Path, config: PipelineConfig) -> None:
+    """Create the output folder, refuse to mix per-sample results of different pipelines, save the config."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CurateError(f"output {out}: not writable ({err.strerror or err})") from None
+    saved = out / CONFIG_FILE
+    if saved.exists() and part_store.part_files(out):
+        previous = yaml.safe_load(saved.read_text()) or {}
+        old_sig = previous.get("per_sample_signature")
+        new_sig = _per_sample_signature(config)
+        if old_sig is not None and old_sig != new_sig:
+            raise CurateError(
+                f"output {out}: holds results of a different pipeline ({_first_difference(old_sig, new_sig)}); "
+                "use a new --output"
+            )
+    resolved = config.resolved()
+    resolved["per_sample_signature"] = _per_sample_signature(config)
+    tmp = saved.with_name(f".{CONFIG_FILE}.tmp")
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tmp.replace(saved)
+    # The manifest says "this output is complete"; it is not while we work on it.
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def pending_inputs(out: Path, chunks: InputChunks, rows_per_chunk: int) -> list[Path]:
+    """Input files holding only the rows not yet stored: whole chunks, or a trimmed copy of a partly done one."""
+    done = part_store.done_rows_by_chunk(out, rows_per_chunk)
+    pending_dir = out / "pending"
+    shutil.rmtree(pending_dir, ignore_errors=True)
+    result: list[Path] = []
+    for index, chunk in enumerate(chunks.files):
+        chunk_rows = pq.ParquetFile(chunk).metadata.num_rows
+        have = done.get(index, 0)
+        if have >= chunk_rows:
+            continue
+        if have == 0:
+            result.append(chunk)
+            continue
+        first = index * rows_per_chunk
+        stored = part_store.done_uids(out, first, first + chunk_rows - 1)
+        table = pq.read_table(chunk)
+        mask = pa.array([uid not in stored for uid in table.column("uid").to_pylist()])
+        pending_dir.mkdir(exist_ok=True)
+        path = pending_dir / chunk.name
+        pq.write_table(table.filter(mask), path)
+        result.append(path)
+    return result
+
+
+class Progress:
+    """One line per few seconds on stderr: rows done of rows pending, rate and ETA."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.done, self.start, self.last = 0, time.monotonic(), 0.0
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 2 or self.done >= self.total):
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            print(f"[{self.label}] {self.done}/{self.total} rows, {rate:.0f} rows/s, eta {eta:.0f}s", file=sys.stderr)
+            self.last = now
+
+
+def run_samples_local(stages: list[Stage], inputs: list[Path], out: Path, progress: Progress) -> None:
+    """The per-sample phase in this process, with the same stage wrapper and part writer as on Ray."""
+    workers = [StageWorker(stage) for stage in stages]
+    folder = str(out / part_store.PARTS)
+    step = min((s.resources().batch_size for s in stages), default=PART_ROWS)
+    for path in inputs:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PART_ROWS):
+            table = pa.Table.from_batches([batch])
+            pieces = []
+            for offset in range(0, table.num_rows, step):
+                piece = table.slice(offset, step)
+                for worker in workers:
+                    piece = worker(piece)
+                pieces.append(piece)
+            part_store.write_part(pa.concat_tables(pieces), folder)
+            progress.update(table.num_rows)
+
+
+def _read_chunks(batch: pa.Table) -> pa.Table:
+    return pa.concat_tables([pq.read_table(path) for path in batch.column("path").to_pylist()])
+
+
+def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path) -> Iterator[pa.Table]:
+    import ray
+
+    from curate.ray_env import pool_size
+
+    # Reading the chunks in our own light tasks (instead of read_parquet, whose file listing reserves a whole CPU)
+    # keeps a pool of actors from starving the read on a small machine.
+    ds = ray.data.from_items([{"path": str(p)} for p in inputs], override_num_blocks=len(inputs)).map_batches(
+        _read_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False,
+    )
+    for stage in stages:
+        res = stage.resources()
+        remote_args = {"num_cpus": res.cpus, "num_gpus": res.gpus or None}
+        if res.custom:
+            remote_args["resources"] = res.custom
+        remote_args = {k: v for k, v in remote_args.items() if v is not None}
+        if stage.has_setup() or res.gpus:
+            size = res.concurrency or pool_size(res)
+            ds = ds.map_batches(
+                StageWorker, fn_constructor_args=(stage,), batch_size=res.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), zero_copy_batch=False, **remote_args,
+            )
+        else:
+            ds = ds.map_batches(
+                StageWorker(stage), batch_size=res.batch_size, batch_format="pyarrow", zero_copy_batch=False,
+                **remote_args,
+            )
+    ds = ds.map_batches(
+        part_store.write_part, fn_kwargs={"folder": str(out / part_store.PARTS)}, batch_size=PART_ROWS,
+        batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False,
+    )
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    input_path: str | None = None,
+    output: str | Path | None = None,
+    address: str | None = None,
+    local: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Run ``config`` end to end (or resume it) and return the published manifest."""
+    started = time.monotonic()
+    if input_path:
+        config.input.path = input_path
+    if output:
+        config.output.path = str(output)
+    if not config.output.path:
+        raise CurateError("output.path: no output folder given (set output.path in the pipeline or pass --output)")
+    if address:
+        config.ray.address = address
+    out = Path(config.output.path)
+    stages, global_stages = build_stages(config)
+    sources = validate_input(config.input)
+    prepare_output(out, config)
+    had_results = bool(part_store.part_files(out))
+    chunks = stage_input(config.input, sources, out / "input")
+    if had_results and not chunks.reused:
+        raise CurateError(
+            f"output {out}: holds results for a different input (the input files changed since); use a new --output"
+        )
+
+    inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
+    pending_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
+    bar = Progress("samples", pending_rows, progress)
+    if pending_rows:
+        if local:
+            run_samples_local(stages, inputs, out, bar)
+        else:
+            from curate.ray_env import ensure_ray
+
+            ensure_ray(config.ray)
+            for summary in _iter_ray_samples(stages, inputs, out):
+                bar.update(summary.num_rows)
+    shutil.rmtree(out / "pending", ignore_errors=True)
+    check_all_stored(out, chunks, config.input.rows_per_chunk)
+
+    manifest = decide_and_write(
+        out, config, stages, global_stages, chunks.rows, local=local,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), started=started,
+    )
+    return RunResult(out=out, manifest=manifest)
+
+
+def check_all_stored(out: Path, chunks: InputChunks, rows_per_chunk: int) -> None:
+    """Every input row stored exactly once before anything is decided; duplicates from retried tasks are dropped."""
+    counts = part_store.done_rows_by_chunk(out, rows_per_chunk)
+    for index, chunk in enumerate(chunks.files):
+        rows = pq.ParquetFile(chunk).metadata.num_rows
+        first = index * rows_per_chunk
+        if counts.get(index, 0) > rows:
+            part_store.drop_duplicate_rows(out, first, first + rows - 1)
+            counts = part_store.done_rows_by_chunk(out, rows_per_chunk)
+        if counts.get(index, 0) != rows:
+            raise CurateError(
+                f"output {out}: input chunk {index} has {counts.get(index, 0)} of {rows} rows stored; "
+                "run the same command again to resume"
+            )

@@ -1,0 +1,147 @@
+"""The stage contracts.
+
+A per-sample ``Stage`` transforms a batch of rows and records, per row, whether the row goes on. A ``GlobalStage``
+decides over the stored metadata of the whole pool (dedup, quantile filters) and never touches images.
+Stages never talk to Ray: they declare their columns and resources and the runner places them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+# Row status while a pipeline runs: "ok" rows are still alive. The ledger turns the survivors into "kept".
+OK, KEPT, FILTERED, FAILED = "ok", "kept", "filtered", "failed"
+FINAL_STATUSES = (KEPT, FILTERED, FAILED)
+
+
+class Resources(BaseModel):
+    """What one worker of a stage needs; the runner turns this into Ray resources and pool sizes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed)")
+    gpus: float = Field(0.0, ge=0, description="GPUs reserved per worker (fractions allowed)")
+    batch_size: int = Field(128, ge=1, description="rows per batch handed to process()")
+    concurrency: int | None = Field(
+        None, ge=1, description="workers (actor pool size); default: as many as the cluster's CPUs allow"
+    )
+    custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. download_node")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: the ``stage`` name plus its resources. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    resources: Resources = Field(default_factory=Resources)
+
+
+class RowOutcomes:
+    """Collects one stage's per-row results for a batch, then builds the output columns.
+
+    Stages call ``fail(i, reason)`` or ``filter(i, reason)`` for rows that stop here and ``set(i, column, value)``
+    for the values they produce; rows never raise.
+    """
+
+    def __init__(self, n_rows: int, columns: dict[str, pa.DataType]) -> None:
+        self.n_rows = n_rows
+        self.columns = columns
+        self.values: dict[str, list[Any]] = {name: [None] * n_rows for name in columns}
+        self.status: list[str] = [OK] * n_rows
+        self.reason: list[str | None] = [None] * n_rows
+
+    def set(self, i: int, column: str, value: Any) -> None:
+        self.values[column][i] = value
+
+    def fail(self, i: int, reason: str) -> None:
+        self.status[i], self.reason[i] = FAILED, reason
+
+    def filter(self, i: int, reason: str) -> None:
+        self.status[i], self.reason[i] = FILTERED, reason
+
+    def apply(self, batch: pa.Table) -> pa.Table:
+        """The batch with this stage's columns set and the status/reason of stopped rows updated."""
+        for name, dtype in self.columns.items():
+            array = pa.array(self.values[name], type=dtype)
+            if name in batch.column_names:
+                batch = batch.set_column(batch.column_names.index(name), name, array)
+            else:
+                batch = batch.append_column(name, array)
+        status = np.asarray(self.status, dtype=object)
+        reason = np.asarray(self.reason, dtype=object)
+        batch = batch.set_column(batch.column_names.index("status"), "status", pa.array(status, pa.string()))
+        return batch.set_column(batch.column_names.index("reason"), "reason", pa.array(reason, pa.string()))
+
+
+class Stage(ABC):
+    """A per-sample stage.
+
+    Subclasses set ``name`` and ``Config`` (a ``StageConfig`` subclass), keep ``__init__`` cheap and picklable,
+    load heavy state (clients, models, thread pools) in ``setup()``, and implement ``process``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]]
+    default_resources: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: StageConfig) -> None:
+        self.config = config
+
+    def inputs(self) -> list[str]:
+        """Columns this stage reads; the pipeline check fails if no earlier step produces one of them."""
+        return []
+
+    def outputs(self) -> dict[str, pa.DataType]:
+        """Columns this stage adds, with their Arrow types."""
+        return {}
+
+    def resources(self) -> Resources:
+        return self.config.resources
+
+    def has_setup(self) -> bool:
+        """Stages that override setup() keep state per worker, so the runner gives them an actor pool."""
+        return type(self).setup is not Stage.setup
+
+    def setup(self) -> None:
+        """Runs once per worker before the first batch: load models, open clients, start thread pools."""
+
+    @abstractmethod
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Process the rows of ``batch`` that are still alive (the runner passes only ``status == "ok"`` rows).
+
+        Return a table with the same rows in the same order, with this stage's ``outputs()`` columns added and,
+        for rows that stop here, ``status`` set to ``failed`` or ``filtered`` and ``reason`` to a machine-readable
+        ``"<domain>:<what>"`` string. Never raise for a bad row.
+        """
+
+
+class GlobalStage(ABC):
+    """A decision over the stored metadata of the whole pool (dedup, quantile thresholds).
+
+    Global stages see metadata columns only (never image bytes), so they are cheap to rerun with a new config.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]]
+
+    def __init__(self, config: StageConfig) -> None:
+        self.config = config
+
+    def inputs(self) -> list[str]:
+        return []
+
+    def outputs(self) -> dict[str, pa.DataType]:
+        """Extra ledger columns this stage fills (e.g. the uid a duplicate points to)."""
+        return {}
+
+    @abstractmethod
+    def decide(self, metadata: pa.Table) -> pa.Table:
+        """Given the live rows (``status == "ok"``) with the columns of ``inputs()``, return a table with columns
+        ``uid``, ``status`` (``filtered`` for rows this stage removes), ``reason``, plus ``outputs()``, holding
+        only the rows it removes."""

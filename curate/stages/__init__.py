@@ -1,0 +1,10 @@
+"""One file per stage. ``STAGES`` maps the names used in pipeline files to stage classes."""
+
+from __future__ import annotations
+
+from curate.stage import GlobalStage, Stage
+from curate.stages.download import DownloadStage
+
+STAGES: dict[str, type[Stage] | type[GlobalStage]] = {
+    stage.name: stage for stage in (DownloadStage,)
+}

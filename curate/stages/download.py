@@ -1,0 +1,237 @@
+"""Download stage: fetch each URL over HTTP(S), then decode, resize and re-encode the image.
+
+I/O-bound, so each worker runs a thread pool (created in setup) over the rows of its batch; decoding happens in the
+same threads because Pillow releases the GIL. Every outcome is a row status: nothing a server sends fails the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Literal
+from urllib.parse import urljoin, urlsplit
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.imaging import ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize
+from curate.stage import Resources, RowOutcomes, Stage, StageConfig
+
+USER_AGENT = "curate/0.1 (image-text dataset curation; honours robots opt-outs)"
+
+
+class DownloadConfig(StageConfig):
+    stage: Literal["download"] = "download"
+    resources: Resources = Field(default_factory=lambda: Resources(cpus=0.5, batch_size=128))
+    threads: int = Field(32, ge=1, description="concurrent requests per worker")
+    timeout: float = Field(10.0, gt=0, description="total seconds per attempt, body included")
+    connect_timeout: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0, description="extra attempts after a timeout, connection error, 429 or 5xx")
+    backoff: float = Field(0.5, ge=0, description="base seconds of exponential backoff (with jitter)")
+    max_retry_after: float = Field(30.0, ge=0, description="longest Retry-After we wait for")
+    max_redirects: int = Field(5, ge=0)
+    max_bytes: int = Field(32 * 2**20, ge=1, description="largest body accepted, whatever Content-Length says")
+    user_agent: str = USER_AGENT
+    image_size: int = Field(256, ge=1)
+    resize_mode: ResizeMode = "border"
+    resize_only_if_bigger: bool = False
+    upscale_interpolation: Interpolation = "lanczos"
+    downscale_interpolation: Interpolation = "area"
+    output_format: OutputFormat = "jpg"
+    encode_quality: int = Field(95, ge=0, le=100)
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float = Field(math.inf, gt=0)
+    max_image_pixels: int = Field(89_478_485, ge=1, description="refuse larger images before decoding them")
+
+    def resize_spec(self) -> ResizeSpec:
+        return ResizeSpec(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            resize_only_if_bigger=self.resize_only_if_bigger,
+            upscale_interpolation=self.upscale_interpolation,
+            downscale_interpolation=self.downscale_interpolation,
+            output_format=self.output_format,
+            encode_quality=self.encode_quality,
+            min_image_size=self.min_image_size,
+            max_aspect_ratio=self.max_aspect_ratio,
+            max_image_pixels=self.max_image_pixels,
+        )
+
+
+@dataclass
+class FetchError(Exception):
+    reason: str
+    retryable: bool = False
+    retry_after: float | None = None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class DownloadStage(Stage):
+    name = "download"
+    Config = DownloadConfig
+
+    def inputs(self) -> list[str]:
+        return ["url"]
+
+    def outputs(self) -> dict[str, pa.DataType]:
+        return {
+            "image": pa.binary(),
+            "image_ext": pa.string(),
+            "sha256": pa.string(),
+            "original_bytes": pa.int64(),
+            "source_format": pa.string(),
+            "width": pa.int32(),
+            "height": pa.int32(),
+            "original_width": pa.int32(),
+            "original_height": pa.int32(),
+        }
+
+    def setup(self) -> None:
+        import urllib3
+
+        cfg: DownloadConfig = self.config  # type: ignore[assignment]
+        self._urllib3 = urllib3
+        self._http = urllib3.PoolManager(num_pools=256, maxsize=cfg.threads, block=False, retries=False)
+        self._threads = ThreadPoolExecutor(cfg.threads, thread_name_prefix="download")
+        self._spec = cfg.resize_spec()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        outcomes = RowOutcomes(batch.num_rows, self.outputs())
+        urls = batch.column("url").to_pylist()
+        for i, result in enumerate(self._threads.map(self._download_one, urls)):
+            if isinstance(result, str):
+                outcomes.fail(i, result)
+                continue
+            image, raw_size, digest = result
+            for column, value in (
+                ("image", image.data),
+                ("image_ext", image.ext),
+                ("sha256", digest),
+                ("original_bytes", raw_size),
+                ("source_format", image.source_format),
+                ("width", image.width),
+                ("height", image.height),
+                ("original_width", image.original_width),
+                ("original_height", image.original_height),
+            ):
+                outcomes.set(i, column, value)
+        return outcomes.apply(batch)
+
+    def _download_one(self, url: str | None):
+        """(DecodedImage, size, sha256) or a reason string."""
+        try:
+            raw = self._fetch_with_retries(url)
+        except FetchError as err:
+            return err.reason
+        try:
+            image = decode_and_resize(raw, self._spec)
+        except ImageRejected as err:
+            return err.reason
+        return image, len(raw), hashlib.sha256(raw).hexdigest()
+
+    def _fetch_with_retries(self, url: str | None) -> bytes:
+        cfg: DownloadConfig = self.config  # type: ignore[assignment]
+        for attempt in range(cfg.retries + 1):
+            try:
+                return self._fetch(url)
+            except FetchError as err:
+                if not err.retryable or attempt == cfg.retries:
+                    raise
+                if err.retry_after is not None:
+                    if err.retry_after > cfg.max_retry_after:
+                        raise
+                    delay = err.retry_after
+                else:
+                    delay = cfg.backoff * 2**attempt * random.uniform(0.5, 1.5)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _fetch(self, url: str | None) -> bytes:
+        """One attempt: follow redirects by hand (loops detected), enforce the total deadline and max_bytes."""
+        cfg: DownloadConfig = self.config  # type: ignore[assignment]
+        exc = self._urllib3.exceptions
+        if not url or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise FetchError("download:invalid_url")
+        deadline = time.monotonic() + cfg.timeout
+        seen = {url}
+        for _ in range(cfg.max_redirects + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchError("download:timeout", retryable=True)
+            timeout = self._urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=remaining)
+            try:
+                response = self._http.request(
+                    "GET", url, redirect=False, preload_content=False, timeout=timeout,
+                    headers={"User-Agent": cfg.user_agent},
+                )
+            except (exc.TimeoutError, exc.MaxRetryError) as err:
+                reason = getattr(err, "reason", err)
+                if isinstance(reason, exc.TimeoutError) or isinstance(err, exc.TimeoutError):
+                    raise FetchError("download:timeout", retryable=True) from None
+                raise FetchError("download:connection_error", retryable=True) from None
+            except (exc.LocationValueError, exc.LocationParseError, ValueError):
+                raise FetchError("download:invalid_url") from None
+            except (exc.HTTPError, OSError):
+                raise FetchError("download:connection_error", retryable=True) from None
+            try:
+                status = response.status
+                if status in (301, 302, 303, 307, 308):
+                    response.drain_conn()  # a small body; reading it lets the connection be reused
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FetchError("download:bad_redirect")
+                    url = urljoin(url, location)
+                    if urlsplit(url).scheme not in ("http", "https"):
+                        raise FetchError("download:bad_redirect")
+                    if url in seen:
+                        raise FetchError("download:redirect_loop")
+                    seen.add(url)
+                    continue
+                if status != 200:
+                    retryable = status in (429, 500, 502, 503, 504)
+                    retry_after = _retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
+                    raise FetchError(f"download:http_{status}", retryable=retryable, retry_after=retry_after)
+                return self._read_body(response, deadline)
+            finally:
+                response.release_conn()
+        raise FetchError("download:too_many_redirects")
+
+    def _read_body(self, response, deadline: float) -> bytes:
+        cfg: DownloadConfig = self.config  # type: ignore[assignment]
+        exc = self._urllib3.exceptions
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
+            raise FetchError("download:too_large")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.stream(64 * 1024):
+                size += len(chunk)
+                if size > cfg.max_bytes:
+                    raise FetchError("download:too_large")
+                if time.monotonic() > deadline:
+                    raise FetchError("download:timeout", retryable=True)
+                chunks.append(chunk)
+        except exc.TimeoutError:
+            raise FetchError("download:timeout", retryable=True) from None
+        except (exc.ProtocolError, exc.HTTPError, OSError):
+            raise FetchError("download:incomplete", retryable=True) from None
+        if not size:
+            raise FetchError("download:empty_body")
+        return b"".join(chunks)

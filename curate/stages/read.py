@@ -1,0 +1,244 @@
+"""Read URL lists (parquet, csv, tsv, jsonl, txt; local paths, globs or fsspec URLs) into resumable input chunks.
+
+Each row gets a stable ``uid`` and its position ``row`` in the whole input. The driver streams the files once and
+writes ``input/NNNNN.parquet`` chunks (as img2dataset does), so memory stays flat whatever the list's size and a rerun
+of the same input reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from curate.config import InputConfig
+from curate.errors import CurateError
+from curate.stage import OK
+
+EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
+READ_BATCH_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class InputChunks:
+    """The staged input: chunk files in order and the total row count."""
+
+    files: list[Path]
+    rows: int
+    reused: bool = False  # True when an earlier run staged the same sources
+
+
+def resolve_sources(path: str | list[str] | None) -> list[str]:
+    """Expand files, folders and globs into a sorted list of readable files, or raise one clear line."""
+    if not path:
+        raise CurateError("input.path: no input given (set input.path in the pipeline or pass --input)")
+    paths = [path] if isinstance(path, str) else list(path)
+    found: list[str] = []
+    for item in paths:
+        fs, _, _ = fsspec.get_fs_token_paths(item)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        matches = fs.glob(item) if any(c in item for c in "*?[") else ([item] if fs.exists(item) else [])
+        if not matches:
+            raise CurateError(f"input {item}: no such file")
+        for match in sorted(matches):
+            if fs.isdir(match):
+                inner = sorted(p for p in fs.find(match) if Path(p).suffix.lower() in EXTENSIONS)
+                if not inner:
+                    raise CurateError(f"input {item}: folder holds no .parquet, .csv, .tsv, .jsonl or .txt file")
+                matches_here = inner
+            else:
+                matches_here = [match]
+            for m in matches_here:
+                found.append(m if protocol in ("file", "local") else f"{protocol}://{m}")
+    return found
+
+
+def detect_format(source: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = source[:-3] if source.endswith(".gz") else source
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix not in EXTENSIONS:
+        raise CurateError(f"input {source}: cannot tell the format from '{suffix or 'no extension'}'; set input.format")
+    return EXTENSIONS[suffix]
+
+
+def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
+    with fsspec.open(source, "rb", compression="infer") as handle:
+        if fmt == "parquet":
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_BATCH_ROWS):
+                yield pa.Table.from_batches([batch])
+        elif fmt in ("csv", "tsv"):
+            parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
+            header = pacsv.open_csv(handle, parse_options=parse).schema.names
+            handle.seek(0)
+            convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header})
+            reader = pacsv.open_csv(
+                handle, parse_options=parse, convert_options=convert,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+            )
+            for batch in reader:
+                yield pa.Table.from_batches([batch])
+        elif fmt == "jsonl":
+            rows: list[dict[str, Any]] = []
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise CurateError(f"input {source}:{number}: not a JSON object per line ({err.msg})") from None
+                if len(rows) == READ_BATCH_ROWS:
+                    yield pa.Table.from_pylist(rows)
+                    rows = []
+            if rows:
+                yield pa.Table.from_pylist(rows)
+        elif fmt == "txt":
+            urls: list[str] = []
+            for line in handle:
+                url = line.decode("utf-8", "replace").strip()
+                if url:
+                    urls.append(url)
+                if len(urls) == READ_BATCH_ROWS:
+                    yield pa.table({"url": urls})
+                    urls = []
+            if urls:
+                yield pa.table({"url": urls})
+        else:
+            raise CurateError(f"input {source}: unknown format '{fmt}'")
+
+
+def _check_columns(source: str, table: pa.Table, config: InputConfig, fmt: str) -> None:
+    wanted = [("input.url_col", config.url_col)]
+    if config.caption_col and fmt != "txt":
+        wanted.append(("input.caption_col", config.caption_col))
+    for key, column in wanted:
+        if column not in table.column_names:
+            raise CurateError(
+                f"input {source}: column '{column}' ({key}) not found; columns are: {', '.join(table.column_names)}"
+            )
+
+
+def validate_input(config: InputConfig) -> list[str]:
+    """Check that every source exists and that the first one has the configured columns; nothing is written."""
+    sources = resolve_sources(config.path)
+    for source in sources:
+        detect_format(source, config.format)
+    first, fmt = sources[0], detect_format(sources[0], config.format)
+    try:
+        sample = next(_iter_raw(first, fmt), None)
+    except CurateError:
+        raise
+    except Exception as err:  # pyarrow raises several types on unreadable files
+        raise CurateError(f"input {first}: cannot read as {fmt}: {str(err).splitlines()[0]}") from None
+    if sample is not None:
+        _check_columns(first, sample, config, fmt)
+    return sources
+
+
+def make_uid(source_name: str, row_in_file: int, url: str | None) -> str:
+    return hashlib.blake2b(f"{source_name}\x00{row_in_file}\x00{url}".encode(), digest_size=16).hexdigest()
+
+
+def _normalise(table: pa.Table, source: str, config: InputConfig, fmt: str, first_row: int, row_in_file: int) -> pa.Table:
+    _check_columns(source, table, config, fmt)
+    urls = table.column(config.url_col).cast(pa.string())
+    if config.caption_col and config.caption_col in table.column_names:
+        captions = table.column(config.caption_col).cast(pa.string())
+    else:
+        captions = pa.nulls(table.num_rows, pa.string())
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    uids = [make_uid(name, row_in_file + i, url) for i, url in enumerate(urls.to_pylist())]
+    n = table.num_rows
+    columns = {
+        "uid": pa.array(uids, pa.string()),
+        "row": pa.array(range(first_row, first_row + n), pa.int64()),
+        "url": urls,
+        "caption": captions,
+        "status": pa.array([OK] * n, pa.string()),
+        "reason": pa.nulls(n, pa.string()),
+        "decided_by": pa.nulls(n, pa.string()),
+    }
+    reserved = set(columns) | {config.url_col, config.caption_col}
+    for extra in table.column_names:
+        if extra not in reserved:
+            column = table.column(extra)
+            # nested values would not survive every writer; keep them as JSON text
+            if pa.types.is_nested(column.type):
+                column = pa.array([json.dumps(v) if v is not None else None for v in column.to_pylist()], pa.string())
+            columns[extra] = column
+    return pa.table(columns)
+
+
+def _source_signature(sources: list[str]) -> list[dict[str, Any]]:
+    signature = []
+    for source in sources:
+        fs, _, (path,) = fsspec.get_fs_token_paths(source)
+        info = fs.info(path)
+        signature.append({"path": source, "size": info.get("size"), "mtime": str(info.get("mtime", ""))})
+    return signature
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputChunks:
+    """Write the input as uid-tagged chunks under ``folder``; reuse them when the same sources were staged before."""
+    done_marker = folder / "_SUCCESS.json"
+    signature = _source_signature(sources)
+    settings = {"url_col": config.url_col, "caption_col": config.caption_col, "rows_per_chunk": config.rows_per_chunk}
+    if done_marker.exists():
+        done = json.loads(done_marker.read_text())
+        if done["sources"] == signature and done["settings"] == settings:
+            return InputChunks([folder / name for name in done["chunks"]], done["rows"], reused=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.parquet"):
+        stale.unlink()
+    chunks: list[Path] = []
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    total = 0
+
+    def flush(tables: list[pa.Table]) -> None:
+        path = folder / f"{len(chunks):05d}.parquet"
+        _write_atomic(pa.concat_tables(tables, promote_options="permissive"), path)
+        chunks.append(path)
+
+    for source in sources:
+        fmt = detect_format(source, config.format)
+        row_in_file = 0
+        try:
+            for raw in _iter_raw(source, fmt):
+                table = _normalise(raw, source, config, fmt, total, row_in_file)
+                row_in_file += table.num_rows
+                total += table.num_rows
+                while table.num_rows:
+                    take = min(table.num_rows, config.rows_per_chunk - pending_rows)
+                    pending.append(table.slice(0, take))
+                    pending_rows += take
+                    table = table.slice(take)
+                    if pending_rows == config.rows_per_chunk:
+                        flush(pending)
+                        pending, pending_rows = [], 0
+        except CurateError:
+            raise
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
+            raise CurateError(f"input {source}: cannot read as {fmt}: {str(err).splitlines()[0]}") from None
+    if pending:
+        flush(pending)
+    done = {"sources": signature, "settings": settings, "chunks": [p.name for p in chunks], "rows": total}
+    tmp = done_marker.with_name(".tmp_SUCCESS.json")
+    tmp.write_text(json.dumps(done, indent=1))
+    os.replace(tmp, done_marker)
+    return InputChunks(chunks, total)

@@ -1,0 +1,135 @@
+"""The writer: WebDataset shards of kept samples, each with a parquet index beside it.
+
+A shard is written to a temporary name and renamed; its index is written after it, with the tar's size and sha256 in
+the parquet metadata, so an index that exists vouches for a complete tar and a rerun can skip the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.ledger import ShardEntry
+from curate.schema import NOT_IN_SAMPLE_JSON, is_timing_column
+
+SHARDS = "shards"
+# A fixed mtime makes reruns produce byte-identical tars.
+TAR_MTIME = 0.0
+
+
+@dataclass
+class ShardPlan:
+    """Which stored rows go into shard ``index``, in order, and their keys."""
+
+    index: int
+    parts: list[tuple[str, list[int]]] = field(default_factory=list)  # part file → its `row` values, in order
+    uids: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def tar_name(self) -> str:
+        return f"{SHARDS}/{self.index:05d}.tar"
+
+    @property
+    def index_name(self) -> str:
+        return f"{SHARDS}/{self.index:05d}.parquet"
+
+
+def key_width(samples_per_shard: int) -> int:
+    return max(4, len(str(samples_per_shard - 1)))
+
+
+def sample_key(shard: int, position: int, width: int) -> str:
+    """img2dataset-style keys: shard number then position, digits only (no dots or slashes)."""
+    return f"{shard:05d}{position:0{width}d}"
+
+
+def existing_shard(out: Path, plan: ShardPlan) -> ShardEntry | None:
+    """The manifest entry of a shard already written with exactly this plan's samples, else None."""
+    index_path = out / plan.index_name
+    tar_path = out / plan.tar_name
+    if not index_path.exists() or not tar_path.exists():
+        return None
+    try:
+        parquet = pq.ParquetFile(index_path)
+        meta = {k.decode(): v.decode() for k, v in (parquet.schema_arrow.metadata or {}).items()}
+        uids = parquet.read(columns=["uid"]).column("uid").to_pylist()
+    except (OSError, pa.ArrowInvalid):
+        return None
+    if uids != plan.uids or int(meta.get("tar_bytes", -1)) != tar_path.stat().st_size:
+        return None
+    return ShardEntry(
+        path=plan.tar_name, index=plan.index_name, samples=len(uids), bytes=int(meta["tar_bytes"]),
+        sha256=meta["tar_sha256"],
+    )
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    return value
+
+
+def _load_rows(plan: ShardPlan) -> pa.Table:
+    tables = []
+    for part, rows in plan.parts:
+        table = pq.read_table(part)
+        table = table.filter(pc.is_in(table.column("row"), value_set=pa.array(rows, pa.int64())))
+        # keep the plan's order, which is the row order within the part
+        order = pc.sort_indices(table.column("row"))
+        tables.append(table.take(order))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def write_shard(out: str, plan: ShardPlan) -> ShardEntry:
+    """Write one shard and its index; returns its manifest entry."""
+    import webdataset as wds
+
+    out_path = Path(out)
+    (out_path / SHARDS).mkdir(parents=True, exist_ok=True)
+    table = _load_rows(plan)
+    if table.column("uid").to_pylist() != plan.uids:
+        raise RuntimeError(f"{plan.tar_name}: stored rows do not match the shard plan")
+    json_columns = [c for c in table.column_names if c not in NOT_IN_SAMPLE_JSON and not is_timing_column(c)]
+    tar_path = out_path / plan.tar_name
+    tmp_tar = tar_path.with_name(f".{tar_path.name}.tmp")
+    digest = hashlib.sha256()
+    with open(tmp_tar, "wb") as handle:
+        writer = wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME)
+        meta_rows = table.select(json_columns).to_pylist()
+        images = table.column("image").to_pylist()
+        exts = table.column("image_ext").to_pylist()
+        captions = table.column("caption").to_pylist()
+        for key, meta, image, ext, caption in zip(plan.keys, meta_rows, images, exts, captions):
+            meta = {name: _json_value(value) for name, value in meta.items()}
+            meta["key"] = key
+            writer.write({
+                "__key__": key,
+                ext: image,
+                "txt": (caption or "").encode("utf-8"),
+                "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+            })
+        writer.close()
+    with open(tmp_tar, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    size = tmp_tar.stat().st_size
+    os.replace(tmp_tar, tar_path)
+    index = table.drop_columns(["image"]).append_column("key", pa.array(plan.keys, pa.string()))
+    index = index.replace_schema_metadata(
+        {"tar_sha256": digest.hexdigest(), "tar_bytes": str(size), "samples": str(len(plan.keys))}
+    )
+    index_path = out_path / plan.index_name
+    tmp_index = index_path.with_name(f".{index_path.name}.tmp")
+    pq.write_table(index, tmp_index)
+    os.replace(tmp_index, index_path)
+    return ShardEntry(path=plan.tar_name, index=plan.index_name, samples=len(plan.keys), bytes=size,
+                      sha256=digest.hexdigest())
