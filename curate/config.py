@@ -188,7 +188,11 @@ def read_yaml(path: Path) -> Any:
     if not path.exists():
         raise CurateError(f"{path}: pipeline file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CurateError(f"{path}: cannot read pipeline file ({err})") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

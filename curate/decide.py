@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import parts as part_store
-from curate.config import PipelineConfig
+from curate.config import PipelineConfig, RayConfig
 from curate.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
 from curate.stage import FILTERED, KEPT, OK, GlobalStage, Stage
 from curate.stages.write import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
@@ -57,16 +57,22 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage]) -> di
 class ShardWriters:
     """Writes shards in this process or as Ray tasks, a bounded number in flight; skips finished shards."""
 
-    def __init__(self, out: Path, local: bool) -> None:
-        self.out, self.local = out, local
+    def __init__(self, out: Path, local: bool, ray_config: RayConfig) -> None:
+        self.out, self.local, self.ray_config = out, local, ray_config
         self.entries: dict[int, ShardEntry] = {}
         self.in_flight: dict[object, int] = {}
         self.reused = 0
-        if not local:
-            import ray
+        self._remote = None
 
-            self._remote = ray.remote(num_cpus=0.5, max_retries=3)(write_shard)
-            self._max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1) * 2))
+    def _start_ray(self) -> None:
+        """Ray is joined only when a shard needs writing: a rerun of a finished job starts nothing."""
+        import ray
+
+        from curate.ray_env import ensure_ray
+
+        ensure_ray(self.ray_config)
+        self._remote = ray.remote(num_cpus=0.5, max_retries=3)(write_shard)
+        self._max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1) * 2))
 
     def submit(self, plan: ShardPlan) -> None:
         done = existing_shard(self.out, plan)
@@ -78,6 +84,8 @@ class ShardWriters:
         else:
             import ray
 
+            if self._remote is None:
+                self._start_ray()
             while len(self.in_flight) >= self._max_in_flight:
                 self._collect(ray.wait(list(self.in_flight), num_returns=1)[0])
             self.in_flight[self._remote.remote(str(self.out), plan)] = plan.index
@@ -126,7 +134,7 @@ def decide_and_write(
 
     per_shard = config.output.samples_per_shard
     width = key_width(per_shard)
-    writers = ShardWriters(out, local)
+    writers = ShardWriters(out, local, config.ray)
     ledger = LedgerWriter(out)
     seconds: Counter[str] = Counter()
     stopped_by: Counter[str] = Counter()

@@ -132,15 +132,17 @@ def decode_and_resize(raw: bytes, spec: ResizeSpec) -> DecodedImage:
             raise ImageRejected("decode:error") from None
         try:
             out = _flatten(img)
+            resized = (new_w, new_h) != (width, height) or not spec.resize_only_if_bigger
             if (new_w, new_h) != out.size:
                 downscale = new_w * new_h < width * height
                 resample = _RESAMPLE[spec.downscale_interpolation if downscale else spec.upscale_interpolation]
                 out = out.resize((new_w, new_h), resample)
-            if spec.resize_mode == "center_crop":
+            # img2dataset crops or pads only images it resized (resize_only_if_bigger leaves small ones untouched)
+            if spec.resize_mode == "center_crop" and resized:
                 left = (out.width - min(out.width, spec.image_size)) // 2
                 top = (out.height - min(out.height, spec.image_size)) // 2
                 out = out.crop((left, top, left + min(out.width, spec.image_size), top + min(out.height, spec.image_size)))
-            elif spec.resize_mode == "border" and (out.width < spec.image_size or out.height < spec.image_size):
+            elif spec.resize_mode == "border" and resized and (out.width < spec.image_size or out.height < spec.image_size):
                 canvas = Image.new("RGB", (max(out.width, spec.image_size), max(out.height, spec.image_size)), "white")
                 canvas.paste(out, ((canvas.width - out.width) // 2, (canvas.height - out.height) // 2))
                 out = canvas

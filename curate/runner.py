@@ -32,7 +32,9 @@ from curate.stages.read import InputChunks, stage_input, validate_input
 from curate.worker import StageWorker
 
 CONFIG_FILE = "config.yaml"
-PART_ROWS = 1024  # rows per stored part file: big enough to keep file counts sane, small enough to lose little on a kill
+# Most rows per stored part file (and at most one input chunk): big enough to keep file counts sane, small enough
+# to lose little work to a kill.
+PART_ROWS = 1024
 
 
 @dataclass
@@ -149,13 +151,13 @@ class Progress:
             self.last = now
 
 
-def run_samples_local(stages: list[Stage], inputs: list[Path], out: Path, progress: Progress) -> None:
+def run_samples_local(stages: list[Stage], inputs: list[Path], out: Path, progress: Progress, part_rows: int) -> None:
     """The per-sample phase in this process, with the same stage wrapper and part writer as on Ray."""
     workers = [StageWorker(stage) for stage in stages]
     folder = str(out / part_store.PARTS)
     step = min((s.resources().batch_size for s in stages), default=PART_ROWS)
     for path in inputs:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=PART_ROWS):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=part_rows):
             table = pa.Table.from_batches([batch])
             pieces = []
             for offset in range(0, table.num_rows, step):
@@ -171,7 +173,7 @@ def _read_chunks(batch: pa.Table) -> pa.Table:
     return pa.concat_tables([pq.read_table(path) for path in batch.column("path").to_pylist()])
 
 
-def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path) -> Iterator[pa.Table]:
+def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_rows: int) -> Iterator[pa.Table]:
     import ray
 
     from curate.ray_env import pool_size
@@ -199,7 +201,7 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path) -> Ite
                 **remote_args,
             )
     ds = ds.map_batches(
-        part_store.write_part, fn_kwargs={"folder": str(out / part_store.PARTS)}, batch_size=PART_ROWS,
+        part_store.write_part, fn_kwargs={"folder": str(out / part_store.PARTS)}, batch_size=part_rows,
         batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False,
     )
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
@@ -238,14 +240,15 @@ def run_pipeline(
     inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
     pending_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
     bar = Progress("samples", pending_rows, progress)
+    part_rows = min(PART_ROWS, config.input.rows_per_chunk)
     if pending_rows:
         if local:
-            run_samples_local(stages, inputs, out, bar)
+            run_samples_local(stages, inputs, out, bar, part_rows)
         else:
             from curate.ray_env import ensure_ray
 
             ensure_ray(config.ray)
-            for summary in _iter_ray_samples(stages, inputs, out):
+            for summary in _iter_ray_samples(stages, inputs, out, part_rows):
                 bar.update(summary.num_rows)
     shutil.rmtree(out / "pending", ignore_errors=True)
     check_all_stored(out, chunks, config.input.rows_per_chunk)

@@ -82,6 +82,16 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
+def _is_http_url(url: str | None) -> bool:
+    if not url:
+        return False
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unbalanced IPv6 bracket
+        return False
+
+
 class DownloadStage(Stage):
     name = "download"
     Config = DownloadConfig
@@ -166,7 +176,7 @@ class DownloadStage(Stage):
         """One attempt: follow redirects by hand (loops detected), enforce the total deadline and max_bytes."""
         cfg: DownloadConfig = self.config  # type: ignore[assignment]
         exc = self._urllib3.exceptions
-        if not url or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        if not _is_http_url(url):
             raise FetchError("download:invalid_url")
         deadline = time.monotonic() + cfg.timeout
         seen = {url}
@@ -180,8 +190,12 @@ class DownloadStage(Stage):
                     "GET", url, redirect=False, preload_content=False, timeout=timeout,
                     headers={"User-Agent": cfg.user_agent},
                 )
+            except exc.NewConnectionError:  # refused, unreachable, DNS failure (a subclass of the timeout error)
+                raise FetchError("download:connection_error", retryable=True) from None
             except (exc.TimeoutError, exc.MaxRetryError) as err:
                 reason = getattr(err, "reason", err)
+                if isinstance(reason, exc.NewConnectionError):
+                    raise FetchError("download:connection_error", retryable=True) from None
                 if isinstance(reason, exc.TimeoutError) or isinstance(err, exc.TimeoutError):
                     raise FetchError("download:timeout", retryable=True) from None
                 raise FetchError("download:connection_error", retryable=True) from None
@@ -189,27 +203,39 @@ class DownloadStage(Stage):
                 raise FetchError("download:invalid_url") from None
             except (exc.HTTPError, OSError):
                 raise FetchError("download:connection_error", retryable=True) from None
+            reusable = False  # only a connection whose response was read to the end may serve another request
             try:
                 status = response.status
                 if status in (301, 302, 303, 307, 308):
-                    response.drain_conn()  # a small body; reading it lets the connection be reused
+                    response.drain_conn()
+                    reusable = True
                     location = response.headers.get("Location")
-                    if not location:
-                        raise FetchError("download:bad_redirect")
-                    url = urljoin(url, location)
-                    if urlsplit(url).scheme not in ("http", "https"):
+                    try:
+                        url = urljoin(url, location) if location else None
+                    except ValueError:
+                        url = None
+                    if not _is_http_url(url):
                         raise FetchError("download:bad_redirect")
                     if url in seen:
                         raise FetchError("download:redirect_loop")
                     seen.add(url)
                     continue
                 if status != 200:
+                    response.drain_conn()
+                    reusable = True
                     retryable = status in (429, 500, 502, 503, 504)
                     retry_after = _retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
                     raise FetchError(f"download:http_{status}", retryable=retryable, retry_after=retry_after)
-                return self._read_body(response, deadline)
+                body = self._read_body(response, deadline)
+                reusable = True
+                return body
+            except (exc.HTTPError, OSError):  # draining a broken response
+                raise FetchError("download:connection_error", retryable=True) from None
             finally:
-                response.release_conn()
+                if reusable:
+                    response.release_conn()
+                else:
+                    response.close()
         raise FetchError("download:too_many_redirects")
 
     def _read_body(self, response, deadline: float) -> bytes:

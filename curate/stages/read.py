@@ -71,6 +71,12 @@ def detect_format(source: str, fmt: str) -> str:
     return EXTENSIONS[suffix]
 
 
+def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Columns from the union of keys (not just the first row's, as from_pylist would)."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.table({key: [row.get(key) for row in rows] for key in keys})
+
+
 def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
     with fsspec.open(source, "rb", compression="infer") as handle:
         if fmt == "parquet":
@@ -93,14 +99,17 @@ def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise CurateError(f"input {source}:{number}: not a JSON object per line ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise CurateError(f"input {source}:{number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
                 if len(rows) == READ_BATCH_ROWS:
-                    yield pa.Table.from_pylist(rows)
+                    yield _rows_to_table(rows)
                     rows = []
             if rows:
-                yield pa.Table.from_pylist(rows)
+                yield _rows_to_table(rows)
         elif fmt == "txt":
             urls: list[str] = []
             for line in handle:

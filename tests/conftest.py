@@ -1,0 +1,68 @@
+"""Shared fixtures: offline environment, a loopback fault server over a synthetic pool, one Ray per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Offline by default: no hub lookups, no albumentations update check at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_pool(tmp_path_factory):
+    """A 120-row synthetic pool with every kind of planted fault, and its items."""
+    from curate.demo.pool import make_pool
+
+    root = tmp_path_factory.mktemp("pool")
+    items = make_pool(root, n=120, seed=7)
+    return root, items
+
+
+@pytest.fixture(scope="session")
+def fault_server(demo_pool):
+    """The pool served on 127.0.0.1; slow URLs answer after 20 s (tests use short timeouts)."""
+    from curate.demo.server import FaultServer
+
+    root, _ = demo_pool
+    with FaultServer(root / "files", slow_seconds=20.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def url_list(demo_pool, fault_server, tmp_path_factory) -> Path:
+    from curate.demo.pool import write_url_list
+
+    _, items = demo_pool
+    return write_url_list(items, fault_server.base_url, tmp_path_factory.mktemp("urls") / "urls.parquet")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole test session (a start costs seconds)."""
+    import ray
+
+    from curate.config import RayConfig
+    from curate.ray_env import ensure_ray
+
+    ensure_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_pipeline():
+    """pipelines/demo.yaml with test-friendly timeouts and small shards, plus any `--set` strings given."""
+    from curate.config import load_pipeline
+
+    def make(*sets: str):
+        base = ["download.timeout=1.5", "download.retries=1", "download.backoff=0.05",
+                "output.samples_per_shard=40", "input.rows_per_chunk=50"]
+        return load_pipeline(REPO / "pipelines" / "demo.yaml", base + list(sets))
+
+    return make
