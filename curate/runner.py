@@ -28,7 +28,7 @@ from curate.errors import CurateError
 from curate.ledger import MANIFEST, Manifest, write_json_atomic
 from curate.stage import GlobalStage, Stage
 from curate.stages import STAGES
-from curate.stages.read import InputChunks, stage_input, validate_input
+from curate.stages.read import InputChunks, stage_input, staged_chunks, validate_input
 from curate.worker import StageWorker
 
 CONFIG_FILE = "config.yaml"
@@ -81,8 +81,11 @@ def _first_difference(old: object, new: object, path: str = "") -> str:
     return f"{path}: {old!r} -> {new!r}"
 
 
-def prepare_output(out: Path, config: PipelineConfig) -> None:
-    """Create the output folder, refuse to mix per-sample results of different pipelines, save the config."""
+def prepare_output(out: Path, config: PipelineConfig, sources: list[str]) -> None:
+    """Refuse to mix per-sample results of different pipelines or inputs, then save the config.
+
+    Every check comes before the first write, so a refused run leaves the output as it found it.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -91,13 +94,18 @@ def prepare_output(out: Path, config: PipelineConfig) -> None:
     except OSError as err:
         raise CurateError(f"output {out}: not writable ({err.strerror or err})") from None
     saved = out / CONFIG_FILE
-    if saved.exists() and part_store.part_files(out):
-        previous = yaml.safe_load(saved.read_text()) or {}
+    if part_store.part_files(out):
+        previous = (yaml.safe_load(saved.read_text()) or {}) if saved.exists() else {}
         old_sig = previous.get("per_sample_signature")
         new_sig = _per_sample_signature(config)
         if old_sig is not None and old_sig != new_sig:
             raise CurateError(
                 f"output {out}: holds results of a different pipeline ({_first_difference(old_sig, new_sig)}); "
+                "use a new --output"
+            )
+        if staged_chunks(config.input, sources, out / "input") is None:
+            raise CurateError(
+                f"output {out}: holds results for a different input (the input files changed since); "
                 "use a new --output"
             )
     resolved = config.resolved()
@@ -229,13 +237,8 @@ def run_pipeline(
     out = Path(config.output.path)
     stages, global_stages = build_stages(config)
     sources = validate_input(config.input)
-    prepare_output(out, config)
-    had_results = bool(part_store.part_files(out))
+    prepare_output(out, config, sources)
     chunks = stage_input(config.input, sources, out / "input")
-    if had_results and not chunks.reused:
-        raise CurateError(
-            f"output {out}: holds results for a different input (the input files changed since); use a new --output"
-        )
 
     inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
     pending_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)

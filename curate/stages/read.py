@@ -202,15 +202,29 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _settings(config: InputConfig) -> dict[str, Any]:
+    return {"url_col": config.url_col, "caption_col": config.caption_col, "rows_per_chunk": config.rows_per_chunk}
+
+
+def staged_chunks(config: InputConfig, sources: list[str], folder: Path) -> InputChunks | None:
+    """The chunks an earlier run staged from these same sources and settings, or None."""
+    done_marker = folder / "_SUCCESS.json"
+    if not done_marker.exists():
+        return None
+    done = json.loads(done_marker.read_text())
+    if done["sources"] != _source_signature(sources) or done["settings"] != _settings(config):
+        return None
+    return InputChunks([folder / name for name in done["chunks"]], done["rows"], reused=True)
+
+
 def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputChunks:
     """Write the input as uid-tagged chunks under ``folder``; reuse them when the same sources were staged before."""
+    reused = staged_chunks(config, sources, folder)
+    if reused is not None:
+        return reused
     done_marker = folder / "_SUCCESS.json"
     signature = _source_signature(sources)
-    settings = {"url_col": config.url_col, "caption_col": config.caption_col, "rows_per_chunk": config.rows_per_chunk}
-    if done_marker.exists():
-        done = json.loads(done_marker.read_text())
-        if done["sources"] == signature and done["settings"] == settings:
-            return InputChunks([folder / name for name in done["chunks"]], done["rows"], reused=True)
+    settings = _settings(config)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.parquet"):
         stale.unlink()
