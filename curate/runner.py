@@ -29,7 +29,7 @@ from curate.ledger import MANIFEST, Manifest, write_json_atomic
 from curate.stage import GlobalStage, Stage
 from curate.stages import STAGES
 from curate.stages.read import InputChunks, stage_input, staged_chunks, validate_input
-from curate.worker import StageWorker
+from curate.worker import StageWorker, worker_class
 
 CONFIG_FILE = "config.yaml"
 # Most rows per stored part file (and at most one input chunk): big enough to keep file counts sane, small enough
@@ -200,7 +200,7 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_r
         if stage.has_setup() or res.gpus:
             size = res.concurrency or pool_size(res)
             ds = ds.map_batches(
-                StageWorker, fn_constructor_args=(stage,), batch_size=res.batch_size, batch_format="pyarrow",
+                worker_class(stage), batch_size=res.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), zero_copy_batch=False, **remote_args,
             )
         else:

@@ -88,7 +88,9 @@ class Stage(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[StageConfig]]
-    default_resources: ClassVar[dict[str, Any]] = {}
+    # "pyarrow": process() gets and returns a pa.Table. "numpy": it gets a dict of column → np.ndarray and returns a
+    # dict with the output columns and, optionally, "status" and "reason" arrays.
+    batch_format: ClassVar[str] = "pyarrow"
 
     def __init__(self, config: StageConfig) -> None:
         self.config = config
@@ -112,12 +114,13 @@ class Stage(ABC):
         """Runs once per worker before the first batch: load models, open clients, start thread pools."""
 
     @abstractmethod
-    def process(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: Any) -> Any:
         """Process the rows of ``batch`` that are still alive (the runner passes only ``status == "ok"`` rows).
 
-        Return a table with the same rows in the same order, with this stage's ``outputs()`` columns added and,
-        for rows that stop here, ``status`` set to ``failed`` or ``filtered`` and ``reason`` to a machine-readable
-        ``"<domain>:<what>"`` string. Never raise for a bad row.
+        Return the same rows in the same order, with this stage's ``outputs()`` columns added and, for rows that stop
+        here, ``status`` set to ``failed`` or ``filtered`` and ``reason`` to a machine-readable ``"<domain>:<what>"``
+        string. Never raise for a bad row. The batch is a pa.Table, or a dict of numpy arrays when
+        ``batch_format == "numpy"``.
         """
 
 

@@ -23,6 +23,21 @@ def _null_columns(stage: Stage, n: int) -> dict[str, pa.Array]:
     return {name: pa.nulls(n, dtype) for name, dtype in stage.outputs().items()}
 
 
+def worker_class(stage: Stage) -> type:
+    """A StageWorker subclass bound to ``stage``, constructible without arguments.
+
+    Ray Data builds actors from a class; binding the stage in the class (pickled by value) instead of passing it as a
+    constructor argument keeps it out of the object store, and names the actors after the stage.
+    """
+
+    class BoundWorker(StageWorker):
+        def __init__(self) -> None:
+            super().__init__(stage)
+
+    BoundWorker.__name__ = BoundWorker.__qualname__ = f"{type(stage).__name__}Worker"
+    return BoundWorker
+
+
 class StageWorker:
     """Callable over a pyarrow batch; call ``setup()`` lazily so construction stays cheap and picklable."""
 
@@ -40,7 +55,7 @@ class StageWorker:
         alive = batch.filter(pa.array(alive_mask))
         if alive.num_rows:
             try:
-                processed = self.stage.process(alive)
+                processed = self._process(alive)
                 if processed.num_rows != alive.num_rows:
                     raise RuntimeError(f"returned {processed.num_rows} rows for {alive.num_rows}")
             except Exception:  # the contract says never raise; if a stage does, its rows fail, not the job
@@ -64,6 +79,26 @@ class StageWorker:
         elapsed = time.perf_counter() - start
         per_row = elapsed / max(1, batch.num_rows)
         return result.append_column(f"{name}_seconds", pa.array(np.full(batch.num_rows, per_row)))
+
+    def _process(self, alive: pa.Table) -> pa.Table:
+        if self.stage.batch_format == "pyarrow":
+            return self.stage.process(alive)
+        columns = {name: alive.column(name).to_numpy(zero_copy_only=False) for name in alive.column_names}
+        result = self.stage.process(columns)
+        table = alive
+        declared = {**self.stage.outputs(), "status": pa.string(), "reason": pa.string()}
+        for name, values in result.items():
+            if name not in declared:
+                raise RuntimeError(f"returned undeclared column '{name}'")
+            array = pa.array(values, type=declared[name])
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, array)
+            else:
+                table = table.append_column(name, array)
+        for name, dtype in self.stage.outputs().items():
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, dtype))
+        return table
 
     def _merge(self, batch: pa.Table, alive_mask: np.ndarray, processed: pa.Table) -> pa.Table:
         """Rows in their original order: processed ones where alive, the others with null outputs."""

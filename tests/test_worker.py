@@ -1,0 +1,112 @@
+"""The stage wrapper every executor uses: alive rows only, order kept, failures as data, both batch formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray.cloudpickle as cloudpickle
+
+from curate.stage import RowOutcomes, Stage, StageConfig
+from curate.worker import StageWorker, worker_class
+
+
+def _batch(n: int, dead: set[int] = frozenset()) -> pa.Table:
+    return pa.table({
+        "uid": [f"u{i}" for i in range(n)],
+        "row": list(range(n)),
+        "url": [f"http://127.0.0.1/{i}" for i in range(n)],
+        "caption": [f"caption number {i}" if i % 3 else None for i in range(n)],
+        "status": ["failed" if i in dead else "ok" for i in range(n)],
+        "reason": ["download:http_404" if i in dead else None for i in range(n)],
+        "decided_by": ["download" if i in dead else None for i in range(n)],
+    })
+
+
+class CaptionLength(Stage):
+    """Counts caption words; filters rows without a caption."""
+
+    name = "caption_length"
+    Config = StageConfig
+
+    def __init__(self, config: StageConfig) -> None:
+        super().__init__(config)
+        self.seen_rows: list[int] = []
+        self.setups = 0
+
+    def outputs(self):
+        return {"caption_words": pa.int32()}
+
+    def setup(self) -> None:
+        self.setups += 1
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        self.seen_rows.extend(batch.column("row").to_pylist())
+        outcomes = RowOutcomes(batch.num_rows, self.outputs())
+        for i, caption in enumerate(batch.column("caption").to_pylist()):
+            if caption is None:
+                outcomes.filter(i, "caption:missing")
+            else:
+                outcomes.set(i, "caption_words", len(caption.split()))
+        return outcomes.apply(batch)
+
+
+class NumpyLength(CaptionLength):
+    name = "numpy_length"
+    batch_format = "numpy"
+
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = np.array([c is None for c in batch["caption"]])
+        words = np.array([0 if c is None else len(c.split()) for c in batch["caption"]], dtype=np.int32)
+        return {
+            "caption_words": words,
+            "status": np.where(missing, "filtered", "ok"),
+            "reason": np.where(missing, "caption:missing", None),
+        }
+
+
+class Exploding(CaptionLength):
+    name = "exploding"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise ZeroDivisionError("a bug in a stage")
+
+
+def _check(result: pa.Table, name: str) -> None:
+    rows = result.to_pylist()
+    assert [r["row"] for r in rows] == list(range(9))
+    for r in rows:
+        if r["row"] in (1, 4):  # stopped before this stage: untouched, no output
+            assert (r["status"], r["reason"], r["decided_by"], r["caption_words"]) == \
+                ("failed", "download:http_404", "download", None)
+        elif r["caption"] is None:
+            assert (r["status"], r["reason"], r["decided_by"]) == ("filtered", "caption:missing", name)
+        else:
+            assert (r["status"], r["reason"], r["decided_by"]) == ("ok", None, None)
+            assert r["caption_words"] == 3
+    assert result.column(f"{name}_seconds").null_count == 0
+
+
+def test_only_alive_rows_reach_the_stage_and_order_is_kept():
+    stage = CaptionLength(StageConfig(stage="caption_length"))
+    worker = StageWorker(stage)
+    result = worker(_batch(9, dead={1, 4}))
+    assert stage.seen_rows == [0, 2, 3, 5, 6, 7, 8]
+    _check(result, "caption_length")
+    worker(_batch(9))
+    assert stage.setups == 1  # setup once per worker, not per batch
+
+
+def test_numpy_batch_format():
+    _check(StageWorker(NumpyLength(StageConfig(stage="numpy_length")))(_batch(9, dead={1, 4})), "numpy_length")
+
+
+def test_a_stage_that_raises_fails_its_rows_not_the_job():
+    result = StageWorker(Exploding(StageConfig(stage="exploding")))(_batch(5, dead={2})).to_pylist()
+    assert [r["reason"] for r in result] == ["exploding:crashed"] * 2 + ["download:http_404"] + ["exploding:crashed"] * 2
+    assert all(r["status"] == "failed" for r in result)
+
+
+def test_bound_worker_class_pickles_and_builds_without_arguments():
+    cls = cloudpickle.loads(cloudpickle.dumps(worker_class(CaptionLength(StageConfig(stage="caption_length")))))
+    assert cls.__name__ == "CaptionLengthWorker"
+    _check(cls()(_batch(9, dead={1, 4})), "caption_length")
