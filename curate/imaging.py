@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "area", "lanczos"]
@@ -31,10 +31,6 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-# We check the pixel count ourselves (before decoding), so Pillow's own bomb guard would only duplicate it.
-Image.MAX_IMAGE_PIXELS = None
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +100,8 @@ def decode_and_resize(raw: bytes, spec: ResizeSpec) -> DecodedImage:
         warnings.simplefilter("ignore")
         try:
             img = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError:  # Pillow's own guard (2× Image.MAX_IMAGE_PIXELS) fired first
+            raise ImageRejected("decode:too_many_pixels") from None
         except UnidentifiedImageError:
             raise ImageRejected("decode:not_an_image") from None
         except Exception:  # Pillow raises many types on malformed headers

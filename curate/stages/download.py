@@ -120,6 +120,12 @@ class DownloadStage(Stage):
         self._http = urllib3.PoolManager(num_pools=256, maxsize=cfg.threads, block=False, retries=False)
         self._threads = ThreadPoolExecutor(cfg.threads, thread_name_prefix="download")
         self._spec = cfg.resize_spec()
+        from PIL import Image
+
+        # Pillow refuses images over 2× its global limit when opening them; let ours (checked from the header,
+        # before decoding) be the one that decides when it is the larger. Only this worker's process is affected.
+        if Image.MAX_IMAGE_PIXELS is not None and cfg.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
 
     def process(self, batch: pa.Table) -> pa.Table:
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
