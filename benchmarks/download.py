@@ -6,7 +6,7 @@ Ray's raylet and workers included) can be measured on its own. Prints a table an
 figures only, no asserts.
 
     .venv/bin/python benchmarks/download.py --n 2000 --processes 2 --threads 32
-    .venv/bin/python benchmarks/download.py --n 2000 --set download.resources.batch_size=32
+    .venv/bin/python benchmarks/download.py --n 2000 --set download.resources.batch_size=250
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 # Set before img2dataset (albumentations) or curate's model code is imported, here and in the children.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -113,7 +115,7 @@ def child_img2dataset(spec: dict) -> dict:
     return {"seconds": time.perf_counter() - start, "startup": 0.0}
 
 
-def _psutil():  # noqa: ANN202 - the module
+def _psutil() -> ModuleType:
     """psutil, or the copy Ray vendors (ray/thirdparty_files) when it is not installed on its own."""
     try:
         import psutil
@@ -175,10 +177,11 @@ def print_table(rows: list[Measured], offered: int) -> None:
     by_tool = {row.tool: row for row in rows}
     if {"curate", "img2dataset"} <= set(by_tool):
         c, i = by_tool["curate"], by_tool["img2dataset"]
-        rate = lambda r, s: r.samples / s  # noqa: E731
-        print(f"\ncurate/img2dataset samples/s: {rate(c, c.seconds) / rate(i, i.seconds):.2f} "
-              f"(without Ray start: {rate(c, c.seconds - c.startup) / rate(i, i.seconds):.2f}); "
-              f"peak RSS: {c.peak_rss_mib / i.peak_rss_mib:.2f}; private: {c.peak_private_mib / i.peak_private_mib:.2f}")
+        reference = i.samples / i.seconds
+        print(f"\ncurate/img2dataset samples/s: {c.samples / c.seconds / reference:.2f} "
+              f"(without Ray start: {c.samples / (c.seconds - c.startup) / reference:.2f}); "
+              f"peak RSS: {c.peak_rss_mib / i.peak_rss_mib:.2f}; "
+              f"private: {c.peak_private_mib / i.peak_private_mib:.2f}")
 
 
 def main() -> None:
@@ -193,7 +196,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=10)
     parser.add_argument("--retries", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp dir, removed after)")
-    parser.add_argument("--skip-img2dataset", action="store_true")
+    parser.add_argument("--skip-img2dataset", action="store_true", help="run curate only")
     parser.add_argument("--set", action="append", default=[], help="extra curate pipeline override KEY=VALUE")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -221,8 +224,9 @@ def main() -> None:
             tools = ["curate"] + ([] if args.skip_img2dataset else ["img2dataset"])
             for tool in tools:
                 out = work / f"out-{tool}"
-                spec = {"urls": str(urls), "out": str(out), "overrides": curate_overrides(args), "args": vars(args)
-                        | {"out": None, "set": args.set}}
+                shutil.rmtree(out, ignore_errors=True)  # both tools resume from what they find: start empty
+                settings = vars(args) | {"out": None}  # JSON-able: the child needs only the numbers and names
+                spec = {"urls": str(urls), "out": str(out), "overrides": curate_overrides(args), "args": settings}
                 print(f"running {tool} ...", flush=True)
                 r = run_child(tool, spec, work)
                 samples = count_samples(out, args.format)

@@ -105,6 +105,8 @@ def validate_pipeline(raw: Any, source: str) -> PipelineConfig:
         if not isinstance(item, dict) or "stage" not in item:
             raise CurateError(f"{source}: stages[{i}]: expected a mapping with a 'stage' key; got {item!r}")
         name = item["stage"]
+        if not isinstance(name, str):
+            raise CurateError(f"{source}: stages[{i}].stage: expected a stage name; got {name!r}")
         if name not in STAGES:
             close = difflib.get_close_matches(str(name), list(STAGES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -133,10 +135,27 @@ def validate_pipeline(raw: Any, source: str) -> PipelineConfig:
             raise _unknown_key_hint(source, _fmt_loc(loc[:-1]) if len(loc) > 1 else "(top level)", str(loc[-1]), known) from None
         raise _first_error(source, err) from None
     config.stages = stages
+    _check_stage_order(config, source)
     from curate.schema import check_column_flow
 
     check_column_flow(config, source)
     return config
+
+
+def _check_stage_order(config: PipelineConfig, source: str) -> None:
+    """Per-sample stages stream first; global stages decide over what they stored."""
+    from curate.stage import GlobalStage
+    from curate.stages import STAGES
+
+    last_global = None
+    for i, stage in enumerate(config.stages):
+        if issubclass(STAGES[stage.stage], GlobalStage):
+            last_global = stage.stage
+        elif last_global:
+            raise CurateError(
+                f"{source}: stages[{i}] ({stage.stage}): a per-sample stage cannot follow the global stage "
+                f"'{last_global}'; put per-sample stages first"
+            )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from curate import parts as part_store
 from curate.config import PipelineConfig, RayConfig
 from curate.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
-from curate.stage import FILTERED, KEPT, OK, GlobalStage, Stage
+from curate.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
 from curate.stages.write import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
 
 VERSIONED = ("curate", "ray", "pyarrow", "webdataset", "pillow", "numpy", "urllib3")
@@ -47,8 +47,14 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage]) -> di
     metadata = metadata.filter(pc.equal(metadata.column("status"), OK))
     for stage in global_stages:
         removed = stage.decide(metadata.select(sorted({"uid"} | set(stage.inputs()))))
+        live = set(metadata.column("uid").to_pylist())
         for uid, status, reason in zip(*(removed.column(c).to_pylist() for c in ("uid", "status", "reason"))):
-            decisions[uid] = (status or FILTERED, reason or f"{stage.name}:removed", stage.name)
+            if uid not in live:
+                raise RuntimeError(f"global stage {stage.name} removed uid {uid!r}, which is not a live row")
+            if status not in (FILTERED, FAILED) or not reason:
+                raise RuntimeError(f"global stage {stage.name} gave uid {uid} status {status!r} reason {reason!r}; "
+                                   "expected filtered or failed with a reason")
+            decisions[uid] = (status, reason, stage.name)
         if removed.num_rows:
             metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("uid"), value_set=removed.column("uid"))))
     return decisions
@@ -203,8 +209,11 @@ def decide_and_write(
         config=resolved,
         versions=package_versions(),
     )
-    if ledger.rows != input_rows or kept != sum(e.samples for e in entries):
+    if ledger.rows != input_rows:
         raise RuntimeError(f"ledger has {ledger.rows} rows for {input_rows} input rows; refusing to publish")
+    if kept != sum(e.samples for e in entries):
+        raise RuntimeError(f"ledger keeps {kept} rows, shards hold {sum(e.samples for e in entries)}; "
+                           "refusing to publish")
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
 

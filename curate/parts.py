@@ -6,12 +6,13 @@ is done without reading images, and a retried task that writes the same batch wr
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import re
-from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,9 +36,9 @@ def row_range(path: Path) -> tuple[int, int]:
 
 
 def write_part(batch: pa.Table, folder: str) -> pa.Table:
-    """Store one batch of finished rows; returns the batch without image bytes (what the driver needs)."""
+    """Store one batch of finished rows; returns a one-row table with the count (all the driver needs to know)."""
     if batch.num_rows == 0:
-        return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
+        return pa.table({"rows": [0]})
     rows = batch.column("row")
     uids = batch.column("uid").to_pylist()
     digest = hashlib.blake2b("\n".join(uids).encode(), digest_size=8).hexdigest()
@@ -47,51 +48,55 @@ def write_part(batch: pa.Table, folder: str) -> pa.Table:
     tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
     pq.write_table(batch, tmp)
     os.replace(tmp, path)
-    return batch.drop_columns([c for c in ("image",) if c in batch.column_names])
+    return pa.table({"rows": [batch.num_rows]})
 
 
-def done_rows_by_chunk(out: Path, rows_per_chunk: int) -> dict[int, int]:
-    """How many stored rows each input chunk has (reads only the `row` column)."""
-    counts: dict[int, int] = defaultdict(int)
-    for path in part_files(out):
-        rows = pq.read_table(path, columns=["row"]).column("row")
-        chunks = pc.divide(rows, pa.scalar(rows_per_chunk, pa.int64()))
-        for item in pc.value_counts(chunks).to_pylist():
-            counts[int(item["values"])] += int(item["counts"])
-    return dict(counts)
+class PartIndex:
+    """Part files by the row range in their names, to find the few that hold a given range without reading others."""
 
+    def __init__(self, out: Path) -> None:
+        self.files = part_files(out)
+        self.ranges = [row_range(p) for p in self.files]
+        self._firsts = [first for first, _ in self.ranges]
+        # a batch may span rows far apart only rarely; the widest span bounds how far back to look
+        self._widest = max((last - first for first, last in self.ranges), default=0)
 
-def _parts_overlapping(out: Path, first: int, last: int) -> list[Path]:
-    return [p for p in part_files(out) if row_range(p)[0] <= last and row_range(p)[1] >= first]
+    def overlapping(self, first: int, last: int) -> list[Path]:
+        lo = bisect.bisect_left(self._firsts, first - self._widest)
+        hi = bisect.bisect_right(self._firsts, last)
+        return [self.files[i] for i in range(lo, hi) if self.ranges[i][1] >= first]
 
-
-def done_uids(out: Path, first: int, last: int) -> set[str]:
-    """uids of stored rows with first <= row <= last (one chunk's worth)."""
-    found: set[str] = set()
-    for path in _parts_overlapping(out, first, last):
-        table = pq.read_table(path, columns=["uid", "row"])
-        mask = pc.and_(pc.greater_equal(table.column("row"), first), pc.less_equal(table.column("row"), last))
-        found.update(table.filter(mask).column("uid").to_pylist())
-    return found
+    def stored_rows(self, first: int, last: int) -> tuple[np.ndarray, int]:
+        """(distinct stored rows in [first, last], how many stored rows there are in all, duplicates included)."""
+        found = []
+        for path in self.overlapping(first, last):
+            rows = pq.read_table(path, columns=["row"]).column("row").to_numpy()
+            found.append(rows[(rows >= first) & (rows <= last)])
+        if not found:
+            return np.empty(0, dtype=np.int64), 0
+        every = np.concatenate(found)
+        return np.unique(every), len(every)
 
 
 def drop_duplicate_rows(out: Path, first: int, last: int) -> int:
     """Make every row in [first, last] stored once: the first part file (by name) keeps it. Returns rows dropped.
 
-    Only needed when a retried task wrote the same rows under another batching; normally a no-op.
+    Only needed when a retried task wrote the same rows under another batching; normally a no-op. The trimmed copy is
+    written before the original is removed, so a kill in between leaves duplicates (fixed on the next run), never a
+    lost row.
     """
     seen: set[int] = set()
     dropped = 0
-    for path in _parts_overlapping(out, first, last):
+    for path in PartIndex(out).overlapping(first, last):
         table = pq.read_table(path)
         rows = table.column("row").to_pylist()
-        keep = [r not in seen or not (first <= r <= last) for r in rows]
+        keep = [not (first <= r <= last) or r not in seen for r in rows]
         seen.update(r for r in rows if first <= r <= last)
         if all(keep):
             continue
         dropped += keep.count(False)
         remaining = table.filter(pa.array(keep))
-        path.unlink()
         if remaining.num_rows:
             write_part(remaining, str(path.parent))
+        path.unlink()
     return dropped

@@ -25,7 +25,7 @@ def ensure_ray(config: RayConfig) -> None:
             ray.init(address=config.address, logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
         else:
             ray.init(
-                num_cpus=config.num_cpus or os.cpu_count() or 1,
+                num_cpus=config.num_cpus,  # None: Ray counts the CPUs this process may use (cgroup-aware)
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 configure_logging=True,
@@ -39,13 +39,22 @@ def ensure_ray(config: RayConfig) -> None:
     context.print_on_execution_start = False
 
 
+def worker_cpus(resources: Resources) -> float:
+    """CPUs to reserve per worker: as asked, but never so many that one worker leaves no room for the read and
+    write tasks on the largest node (a pipeline written for a big cluster still runs on a laptop)."""
+    import ray
+
+    largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=1.0)
+    return max(0.05, min(resources.cpus, largest - RESERVED_CPUS))
+
+
 def pool_size(resources: Resources) -> int:
     """Actors a stage can have at once on this cluster, leaving room for the lightweight tasks around it."""
     import ray
 
     available = ray.cluster_resources()
     cpus = available.get("CPU", 1.0)
-    size = max(1, int((cpus - RESERVED_CPUS) / resources.cpus)) if resources.cpus else 1
+    size = max(1, int((cpus - RESERVED_CPUS) / worker_cpus(resources)))
     if resources.gpus:
         gpus = available.get("GPU", 0.0)
         if gpus < resources.gpus:

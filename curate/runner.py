@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -86,6 +87,12 @@ def prepare_output(out: Path, config: PipelineConfig, sources: list[str]) -> Non
 
     Every check comes before the first write, so a refused run leaves the output as it found it.
     """
+    saved = out / CONFIG_FILE
+    if out.is_dir() and any(out.iterdir()) and not saved.exists():
+        raise CurateError(f"output {out}: folder is not empty and holds no curate run; choose a new or empty folder")
+    for source in sources:
+        if "://" not in source and Path(source).resolve().is_relative_to(out):
+            raise CurateError(f"input {source}: lies inside the output folder {out}; keep inputs outside it")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -93,7 +100,6 @@ def prepare_output(out: Path, config: PipelineConfig, sources: list[str]) -> Non
         probe.unlink()
     except OSError as err:
         raise CurateError(f"output {out}: not writable ({err.strerror or err})") from None
-    saved = out / CONFIG_FILE
     if part_store.part_files(out):
         previous = (yaml.safe_load(saved.read_text()) or {}) if saved.exists() else {}
         old_sig = previous.get("per_sample_signature")
@@ -113,28 +119,25 @@ def prepare_output(out: Path, config: PipelineConfig, sources: list[str]) -> Non
     tmp = saved.with_name(f".{CONFIG_FILE}.tmp")
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
     tmp.replace(saved)
-    # The manifest says "this output is complete"; it is not while we work on it.
-    (out / MANIFEST).unlink(missing_ok=True)
 
 
 def pending_inputs(out: Path, chunks: InputChunks, rows_per_chunk: int) -> list[Path]:
     """Input files holding only the rows not yet stored: whole chunks, or a trimmed copy of a partly done one."""
-    done = part_store.done_rows_by_chunk(out, rows_per_chunk)
+    index = part_store.PartIndex(out)
     pending_dir = out / "pending"
     shutil.rmtree(pending_dir, ignore_errors=True)
     result: list[Path] = []
-    for index, chunk in enumerate(chunks.files):
+    for number, chunk in enumerate(chunks.files):
+        first = number * rows_per_chunk
         chunk_rows = pq.ParquetFile(chunk).metadata.num_rows
-        have = done.get(index, 0)
-        if have >= chunk_rows:
+        stored, _ = index.stored_rows(first, first + chunk_rows - 1)
+        if len(stored) >= chunk_rows:
             continue
-        if have == 0:
+        if len(stored) == 0:
             result.append(chunk)
             continue
-        first = index * rows_per_chunk
-        stored = part_store.done_uids(out, first, first + chunk_rows - 1)
         table = pq.read_table(chunk)
-        mask = pa.array([uid not in stored for uid in table.column("uid").to_pylist()])
+        mask = pc.invert(pc.is_in(table.column("row"), value_set=pa.array(stored, pa.int64())))
         pending_dir.mkdir(exist_ok=True)
         path = pending_dir / chunk.name
         pq.write_table(table.filter(mask), path)
@@ -184,7 +187,7 @@ def _read_chunks(batch: pa.Table) -> pa.Table:
 def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_rows: int) -> Iterator[pa.Table]:
     import ray
 
-    from curate.ray_env import pool_size
+    from curate.ray_env import pool_size, worker_cpus
 
     # Reading the chunks in our own light tasks (instead of read_parquet, whose file listing reserves a whole CPU)
     # keeps a pool of actors from starving the read on a small machine.
@@ -193,7 +196,7 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_r
     )
     for stage in stages:
         res = stage.resources()
-        remote_args = {"num_cpus": res.cpus, "num_gpus": res.gpus or None}
+        remote_args = {"num_cpus": worker_cpus(res), "num_gpus": res.gpus or None}
         if res.custom:
             remote_args["resources"] = res.custom
         remote_args = {k: v for k, v in remote_args.items() if v is not None}
@@ -234,11 +237,14 @@ def run_pipeline(
         raise CurateError("output.path: no output folder given (set output.path in the pipeline or pass --output)")
     if address:
         config.ray.address = address
-    out = Path(config.output.path)
+    # absolute: workers on other nodes (or in other working directories) write to the same place
+    out = Path(config.output.path).expanduser().resolve()
     stages, global_stages = build_stages(config)
     sources = validate_input(config.input)
     prepare_output(out, config, sources)
     chunks = stage_input(config.input, sources, out / "input")
+    # The manifest says "this output is complete"; it is not while we work on it.
+    (out / MANIFEST).unlink(missing_ok=True)
 
     inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
     pending_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
@@ -252,7 +258,7 @@ def run_pipeline(
 
             ensure_ray(config.ray)
             for summary in _iter_ray_samples(stages, inputs, out, part_rows):
-                bar.update(summary.num_rows)
+                bar.update(pc.sum(summary.column("rows")).as_py() or 0)
     shutil.rmtree(out / "pending", ignore_errors=True)
     check_all_stored(out, chunks, config.input.rows_per_chunk)
 
@@ -265,15 +271,16 @@ def run_pipeline(
 
 def check_all_stored(out: Path, chunks: InputChunks, rows_per_chunk: int) -> None:
     """Every input row stored exactly once before anything is decided; duplicates from retried tasks are dropped."""
-    counts = part_store.done_rows_by_chunk(out, rows_per_chunk)
-    for index, chunk in enumerate(chunks.files):
+    index = part_store.PartIndex(out)
+    for number, chunk in enumerate(chunks.files):
         rows = pq.ParquetFile(chunk).metadata.num_rows
-        first = index * rows_per_chunk
-        if counts.get(index, 0) > rows:
+        first = number * rows_per_chunk
+        distinct, stored = index.stored_rows(first, first + rows - 1)
+        if stored > len(distinct):
             part_store.drop_duplicate_rows(out, first, first + rows - 1)
-            counts = part_store.done_rows_by_chunk(out, rows_per_chunk)
-        if counts.get(index, 0) != rows:
+            index = part_store.PartIndex(out)
+        if len(distinct) != rows:
             raise CurateError(
-                f"output {out}: input chunk {index} has {counts.get(index, 0)} of {rows} rows stored; "
+                f"output {out}: input chunk {number} has {len(distinct)} of {rows} rows stored; "
                 "run the same command again to resume"
             )

@@ -6,6 +6,7 @@ sync, so the documented schemas are the enforced ones.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "decided_by": pa.string(),
 }
 BASE_DESCRIPTIONS = {
-    "uid": "stable id: blake2b-128 of (input file name, row in file, url); the same on every rerun",
+    "uid": "stable id: blake2b-128 of (input file path relative to the inputs' common folder, row in file, url); the same on every rerun",
     "row": "position in the whole input (files in sorted order)",
     "url": "image URL from the input list",
     "caption": "caption from the input list (null for URL-only lists)",
@@ -60,6 +61,17 @@ LEDGER_DESCRIPTIONS = {
     "shard": "shards/NNNNN.tar holding the sample (kept rows only)",
     "key": "the sample's WebDataset key inside that shard (kept rows only)",
 }
+
+
+@functools.cache
+def reserved_column_names() -> frozenset[str]:
+    """Every column name curate itself writes: the reader's, the ledger's and each registered stage's outputs."""
+    from curate.stages import STAGES
+
+    names = set(BASE_COLUMNS) | set(LEDGER_SCHEMA.names)
+    for name, cls in STAGES.items():
+        names |= set(cls(cls.Config.model_validate({"stage": name})).outputs())
+    return frozenset(names)
 
 
 def is_timing_column(name: str) -> bool:

@@ -14,13 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.stage import FAILED, OK, Stage
+from curate.stage import FAILED, FILTERED, OK, Stage
+
+VALID_STATUSES = (OK, FILTERED, FAILED)
 
 log = logging.getLogger(__name__)
-
-
-def _null_columns(stage: Stage, n: int) -> dict[str, pa.Array]:
-    return {name: pa.nulls(n, dtype) for name, dtype in stage.outputs().items()}
 
 
 def worker_class(stage: Stage) -> type:
@@ -53,32 +51,46 @@ class StageWorker:
         name = self.stage.name
         alive_mask = pc.equal(batch.column("status"), OK).to_numpy(zero_copy_only=False)
         alive = batch.filter(pa.array(alive_mask))
-        if alive.num_rows:
-            try:
-                processed = self._process(alive)
-                if processed.num_rows != alive.num_rows:
-                    raise RuntimeError(f"returned {processed.num_rows} rows for {alive.num_rows}")
-            except Exception:  # the contract says never raise; if a stage does, its rows fail, not the job
-                log.exception("stage %s raised on a batch of %d rows", name, alive.num_rows)
-                processed = alive
-                for column, array in _null_columns(self.stage, alive.num_rows).items():
-                    processed = processed.append_column(column, array)
-                n = alive.num_rows
-                processed = processed.set_column(processed.column_names.index("status"), "status", pa.array([FAILED] * n))
-                processed = processed.set_column(
-                    processed.column_names.index("reason"), "reason", pa.array([f"{name}:crashed"] * n)
-                )
-        else:
-            processed = alive
-            for column, array in _null_columns(self.stage, 0).items():
-                processed = processed.append_column(column, array)
+        try:
+            processed = self._conform(self._process(alive) if alive.num_rows else alive, alive)
+        except Exception:  # the contract says never raise; if a stage does, its rows fail, not the job
+            log.exception("stage %s failed a batch of %d rows", name, alive.num_rows)
+            processed = self._conform(alive, alive)
+            processed = _set(processed, "status", pa.array([FAILED] * alive.num_rows, pa.string()))
+            processed = _set(processed, "reason", pa.array([f"{name}:crashed"] * alive.num_rows, pa.string()))
         stopped = pc.not_equal(processed.column("status"), OK)
         decided = pc.if_else(stopped, pa.scalar(name), processed.column("decided_by"))
-        processed = processed.set_column(processed.column_names.index("decided_by"), "decided_by", decided)
+        processed = _set(processed, "decided_by", decided)
         result = self._merge(batch, alive_mask, processed)
         elapsed = time.perf_counter() - start
         per_row = elapsed / max(1, batch.num_rows)
         return result.append_column(f"{name}_seconds", pa.array(np.full(batch.num_rows, per_row)))
+
+    def _conform(self, processed: pa.Table, alive: pa.Table) -> pa.Table:
+        """Check what a stage returned against its declaration: same rows, declared columns and types, valid
+        statuses. Rows with a status we do not know, or stopped without a reason, fail as ``<stage>:bad_status``."""
+        outputs = self.stage.outputs()
+        if processed.num_rows != alive.num_rows:
+            raise RuntimeError(f"returned {processed.num_rows} rows for {alive.num_rows}")
+        undeclared = set(processed.column_names) - set(alive.column_names) - set(outputs)
+        if undeclared:
+            raise RuntimeError(f"returned undeclared columns {sorted(undeclared)}")
+        for column, dtype in outputs.items():
+            array = processed.column(column).cast(dtype) if column in processed.column_names else pa.nulls(
+                processed.num_rows, dtype)
+            processed = _set(processed, column, array)
+        order = list(alive.column_names) + [c for c in outputs if c not in alive.column_names]
+        processed = processed.select(order)
+        statuses = processed.column("status").to_pylist()
+        reasons = processed.column("reason").to_pylist()
+        bad = [s not in VALID_STATUSES or (s != OK and not r) for s, r in zip(statuses, reasons)]
+        if any(bad):
+            name = self.stage.name
+            statuses = [FAILED if b else s for s, b in zip(statuses, bad)]
+            reasons = [f"{name}:bad_status" if b else r for r, b in zip(reasons, bad)]
+            processed = _set(processed, "status", pa.array(statuses, pa.string()))
+            processed = _set(processed, "reason", pa.array(reasons, pa.string()))
+        return processed
 
     def _process(self, alive: pa.Table) -> pa.Table:
         if self.stage.batch_format == "pyarrow":
@@ -90,27 +102,25 @@ class StageWorker:
         for name, values in result.items():
             if name not in declared:
                 raise RuntimeError(f"returned undeclared column '{name}'")
-            array = pa.array(values, type=declared[name])
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, array)
-            else:
-                table = table.append_column(name, array)
-        for name, dtype in self.stage.outputs().items():
-            if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(table.num_rows, dtype))
+            table = _set(table, name, pa.array(values, type=declared[name]))
         return table
 
     def _merge(self, batch: pa.Table, alive_mask: np.ndarray, processed: pa.Table) -> pa.Table:
-        """Rows in their original order: processed ones where alive, the others with null outputs."""
+        """Rows in their original order: processed ones where alive; the others keep their values, with nulls in
+        the columns this stage adds."""
         if alive_mask.all():
             return processed
         passive = batch.filter(pa.array(~alive_mask))
-        for column, array in _null_columns(self.stage, passive.num_rows).items():
-            if column in passive.column_names:
-                passive = passive.set_column(passive.column_names.index(column), column, array)
-            else:
-                passive = passive.append_column(column, array)
+        for column, dtype in self.stage.outputs().items():
+            if column not in passive.column_names:
+                passive = passive.append_column(column, pa.nulls(passive.num_rows, dtype))
         passive = passive.select(processed.column_names).cast(processed.schema)
         combined = pa.concat_tables([processed, passive])
         order = np.concatenate([np.flatnonzero(alive_mask), np.flatnonzero(~alive_mask)])
         return combined.take(pa.array(np.argsort(order, kind="stable")))
+
+
+def _set(table: pa.Table, column: str, array) -> pa.Table:
+    if column in table.column_names:
+        return table.set_column(table.column_names.index(column), column, array)
+    return table.append_column(column, array)

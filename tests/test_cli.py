@@ -100,3 +100,19 @@ def test_output_of_another_input_is_refused(tmp_path, urls):
                      "--set", "download.timeout=0.5", "--set", "download.retries=0", "--set", "download.image_size=64")
     _assert_one_line_failure(changed, "different pipeline", "image_size")
     assert check_run(out) == []  # the refused runs left the finished output as it was
+
+
+def test_refuses_a_folder_that_is_not_a_curate_output_and_inputs_inside_the_output(tmp_path, urls):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("precious")
+    _assert_one_line_failure(curate("run", DEMO, "--input", str(urls), "--output", str(busy)), "holds no curate run")
+    assert (busy / "thesis.tex").read_text() == "precious"
+    inside = tmp_path / "out" / "input"
+    inside.mkdir(parents=True)
+    (tmp_path / "out" / "config.yaml").write_text("name: x\n")
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), inside / "urls.parquet")
+    _assert_one_line_failure(curate("run", DEMO, "--input", str(inside / "urls.parquet"), "--output",
+                                    str(tmp_path / "out")), "inside the output folder")
+    assert (inside / "urls.parquet").exists()
+    _assert_one_line_failure(curate("demo", "--n", "20", "--output", str(busy)), "not a curate demo")

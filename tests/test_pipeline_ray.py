@@ -33,3 +33,12 @@ def test_ray_actor_pool_made_progress_with_stages_in_parallel(ray_session, url_l
     parts = list((out / "parts").glob("*.parquet"))
     assert len(parts) >= 2  # several batches flowed through the sink, not one
     assert check_run(out) == []
+
+
+def test_a_stage_asking_for_every_cpu_still_leaves_room_to_read_and_write(ray_session, url_list, make_pipeline,
+                                                                       tmp_path, fault_server):
+    """cpus: 2 on a 2-CPU Ray would let one actor hold every CPU and starve the read tasks: it is clamped."""
+    out = tmp_path / "run"
+    run_pipeline(make_pipeline("download.resources.cpus=2", "download.resources.concurrency=null"),
+                 input_path=str(url_list), output=out, progress=False)
+    assert check_run(out) == []

@@ -228,3 +228,31 @@ def test_unreadable_parquet(tmp_path: Path) -> None:
     source = tmp_path / "l.parquet"
     source.write_bytes(b"this is not parquet")
     assert "cannot read as parquet" in error(path=str(source))
+
+
+def test_same_file_name_in_two_folders_gives_distinct_uids(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        pq.write_table(pa.table({"url": ["http://127.0.0.1/x.jpg"] * 3, "caption": ["x"] * 3}),
+                       tmp_path / folder / "urls.parquet")
+    config = InputConfig(path=str(tmp_path / "*" / "urls.parquet"))
+    chunks = stage_input(config, validate_input(config), tmp_path / "staged")
+    uids = pa.concat_tables([pq.read_table(p) for p in chunks.files]).column("uid").to_pylist()
+    assert len(uids) == len(set(uids)) == 6
+    twice = InputConfig(path=[str(tmp_path / "a" / "urls.parquet")] * 2)
+    assert len(validate_input(twice)) == 1  # the same file named twice is read once
+
+
+def test_odd_and_reserved_extra_columns_are_kept_under_safe_names(tmp_path):
+    import datetime
+
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({
+        "url": ["http://127.0.0.1/a.jpg"], "caption": ["a"], "uid": ["datacomp-uid"], "key": ["k1"],
+        "width": [640], "taken": [datetime.datetime(2020, 1, 2, 3, 4, 5)], "blob": [b"\x00\x01"],
+    }), path)
+    config = InputConfig(path=str(path))
+    table = pq.read_table(stage_input(config, validate_input(config), tmp_path / "staged").files[0])
+    row = table.to_pylist()[0]
+    assert row["input_uid"] == "datacomp-uid" and row["input_key"] == "k1" and row["input_width"] == 640
+    assert row["uid"] != "datacomp-uid" and "2020-01-02" in row["taken"] and isinstance(row["blob"], str)

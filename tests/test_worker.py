@@ -110,3 +110,37 @@ def test_bound_worker_class_pickles_and_builds_without_arguments():
     cls = cloudpickle.loads(cloudpickle.dumps(worker_class(CaptionLength(StageConfig(stage="caption_length")))))
     assert cls.__name__ == "CaptionLengthWorker"
     _check(cls()(_batch(9, dead={1, 4})), "caption_length")
+
+
+class Misbehaving(CaptionLength):
+    """Returns a status nobody knows for one row and stops another without a reason."""
+
+    name = "misbehaving"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        status = ["dropped"] + ["filtered"] + ["ok"] * (n - 2)
+        batch = batch.set_column(batch.column_names.index("status"), "status", pa.array(status))
+        return batch.append_column("caption_words", pa.array([1] * n, pa.int64()))  # wrong type: cast to int32
+
+
+class Undeclared(CaptionLength):
+    name = "undeclared"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return batch.append_column("surprise", pa.array([1] * batch.num_rows))
+
+
+def test_bad_statuses_fail_as_bad_status_and_types_follow_the_declaration():
+    result = StageWorker(Misbehaving(StageConfig(stage="misbehaving")))(_batch(5, dead={4}))
+    rows = result.to_pylist()
+    assert [(r["status"], r["reason"]) for r in rows] == [
+        ("failed", "misbehaving:bad_status"), ("failed", "misbehaving:bad_status"), ("ok", None), ("ok", None),
+        ("failed", "download:http_404")]
+    assert result.schema.field("caption_words").type == pa.int32()
+
+
+def test_undeclared_columns_fail_the_rows_not_the_job():
+    rows = StageWorker(Undeclared(StageConfig(stage="undeclared")))(_batch(4, dead={0})).to_pylist()
+    assert [r["reason"] for r in rows] == ["download:http_404"] + ["undeclared:crashed"] * 3
+    assert "surprise" not in rows[0]

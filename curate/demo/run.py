@@ -29,6 +29,11 @@ def run_demo(n: int, output: Path, seed: int = 0, local: bool = False, overrides
         raise CurateError(f"--n {n}: the demo pool needs at least 20 rows to plant every kind of fault")
     config = load_pipeline(demo_pipeline_path(), overrides)
     output = output.resolve()
+    marker = output / ".curate-demo"
+    if output.is_dir() and any(output.iterdir()) and not marker.exists():
+        raise CurateError(f"--output {output}: folder is not empty and is not a curate demo; choose another")
+    output.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `curate demo`; it replaces pool/ and run/ here on every run\n")
     pool_dir, run_dir = output / "pool", output / "run"
     started = time.monotonic()
     print(f"demo: drawing a pool of {n} image-text pairs in {pool_dir}", file=sys.stderr)

@@ -21,7 +21,10 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote, unquote, urlsplit
 
-_ROUTES = frozenset({"img", "missing", "forbidden", "error", "flaky", "slow", "redirect", "loop", "reset", "lying"})
+_ROUTES = frozenset(
+    {"img", "missing", "forbidden", "error", "flaky", "slow", "redirect", "loop", "reset", "lying", "drip"}
+)
+DRIP_SECONDS = 0.2  # the drip route sends one byte this often: every read succeeds, the whole never ends in time
 _STATUS_ONLY = {"missing": 404, "forbidden": 403, "error": 500}
 
 
@@ -187,6 +190,15 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "lying":
             # Promise more bytes than are sent, then hang up: a truncated transfer.
             self._reply(200, data, ctype=ctype, send_body=send_body, length=2 * len(data) + 1024)
+            self.close_connection = True
+            return None
+        if route == "drip":
+            self._reply(200, b"", ctype=ctype, send_body=False, length=len(data))
+            for byte in data:
+                if fault._stop.wait(DRIP_SECONDS):
+                    break
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
             self.close_connection = True
             return None
         return self._reply(200, data, ctype=ctype, send_body=send_body)

@@ -7,6 +7,7 @@ same threads because Pillow releases the GIL. Every outcome is a row status: not
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 import time
@@ -21,6 +22,8 @@ from pydantic import Field
 
 from curate.imaging import ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize
 from curate.stage import Resources, RowOutcomes, Stage, StageConfig
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "curate/0.1 (image-text dataset curation; honours robots opt-outs)"
 
@@ -150,15 +153,21 @@ class DownloadStage(Stage):
         return outcomes.apply(batch)
 
     def _download_one(self, url: str | None):
-        """(DecodedImage, size, sha256) or a reason string."""
+        """(DecodedImage, size, sha256) or a reason string; one bad row never fails its batch."""
         try:
             raw = self._fetch_with_retries(url)
         except FetchError as err:
             return err.reason
+        except Exception:  # a failure we did not foresee is this row's, not the batch's
+            log.exception("download of %s failed unexpectedly", url)
+            return "download:error"
         try:
             image = decode_and_resize(raw, self._spec)
         except ImageRejected as err:
             return err.reason
+        except Exception:
+            log.exception("decoding %s failed unexpectedly", url)
+            return "decode:error"
         return image, len(raw), hashlib.sha256(raw).hexdigest()
 
     def _fetch_with_retries(self, url: str | None) -> bytes:
@@ -253,12 +262,17 @@ class DownloadStage(Stage):
         chunks: list[bytes] = []
         size = 0
         try:
-            for chunk in response.stream(64 * 1024):
+            # read1 returns what one socket read brings, so a server that trickles bytes cannot hold us past the
+            # deadline (read(n) would wait for n bytes, each socket read with its own timeout)
+            while True:
+                if time.monotonic() > deadline:
+                    raise FetchError("download:timeout", retryable=True)
+                chunk = response.read1(64 * 1024)
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > cfg.max_bytes:
                     raise FetchError("download:too_large")
-                if time.monotonic() > deadline:
-                    raise FetchError("download:timeout", retryable=True)
                 chunks.append(chunk)
         except exc.TimeoutError:
             raise FetchError("download:timeout", retryable=True) from None

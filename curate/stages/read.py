@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from curate.config import InputConfig
 from curate.errors import CurateError
+from curate.schema import reserved_column_names
 from curate.stage import OK
 
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
@@ -43,7 +44,10 @@ def resolve_sources(path: str | list[str] | None) -> list[str]:
     paths = [path] if isinstance(path, str) else list(path)
     found: list[str] = []
     for item in paths:
-        fs, _, _ = fsspec.get_fs_token_paths(item)
+        try:
+            fs, _, _ = fsspec.get_fs_token_paths(item)
+        except (ValueError, ImportError) as err:
+            raise CurateError(f"input {item}: cannot open ({str(err).splitlines()[0]})") from None
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         matches = fs.glob(item) if any(c in item for c in "*?[") else ([item] if fs.exists(item) else [])
         if not matches:
@@ -57,8 +61,23 @@ def resolve_sources(path: str | list[str] | None) -> list[str]:
             else:
                 matches_here = [match]
             for m in matches_here:
-                found.append(m if protocol in ("file", "local") else f"{protocol}://{m}")
+                full = m if protocol in ("file", "local") else f"{protocol}://{m}"
+                if full not in found:  # the same file named twice is read once
+                    found.append(full)
     return found
+
+
+def source_labels(sources: list[str]) -> dict[str, str]:
+    """Each source's path relative to the folder all sources share: the part of a uid that names the file.
+
+    Relative (not absolute) so that moving the data keeps uids; more than the base name so that two lists named
+    alike in different folders do not collide.
+    """
+    if len(sources) == 1:
+        return {sources[0]: sources[0].rstrip("/").rsplit("/", 1)[-1]}
+    prefix = os.path.commonprefix(sources)
+    prefix = prefix[: prefix.rfind("/") + 1]
+    return {source: source[len(prefix):] for source in sources}
 
 
 def detect_format(source: str, fmt: str) -> str:
@@ -72,9 +91,18 @@ def detect_format(source: str, fmt: str) -> str:
 
 
 def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Columns from the union of keys (not just the first row's, as from_pylist would)."""
+    """Columns from the union of keys (not just the first row's, as from_pylist would); a column whose values
+    mix types (a caption that is 5 in one row) becomes text rather than failing the file."""
     keys = list(dict.fromkeys(key for row in rows for key in row))
-    return pa.table({key: [row.get(key) for row in rows] for key in keys})
+    columns = {}
+    for key in keys:
+        values = [row.get(key) for row in rows]
+        try:
+            columns[key] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            columns[key] = pa.array(
+                [v if isinstance(v, str) or v is None else json.dumps(v, default=str) for v in values], pa.string())
+    return pa.table(columns)
 
 
 def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
@@ -126,6 +154,8 @@ def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
 
 
 def _check_columns(source: str, table: pa.Table, config: InputConfig, fmt: str) -> None:
+    if fmt == "txt":
+        return  # one URL a line: no columns to name
     wanted = [("input.url_col", config.url_col)]
     if config.caption_col and fmt != "txt":
         wanted.append(("input.caption_col", config.caption_col))
@@ -157,16 +187,35 @@ def make_uid(source_name: str, row_in_file: int, url: str | None) -> str:
     return hashlib.blake2b(f"{source_name}\x00{row_in_file}\x00{url}".encode(), digest_size=16).hexdigest()
 
 
-def _normalise(table: pa.Table, source: str, config: InputConfig, fmt: str, first_row: int, row_in_file: int) -> pa.Table:
-    _check_columns(source, table, config, fmt)
-    urls = table.column(config.url_col).cast(pa.string())
-    if config.caption_col and config.caption_col in table.column_names:
-        captions = table.column(config.caption_col).cast(pa.string())
-    else:
-        captions = pa.nulls(table.num_rows, pa.string())
-    name = source.rstrip("/").rsplit("/", 1)[-1]
-    uids = [make_uid(name, row_in_file + i, url) for i, url in enumerate(urls.to_pylist())]
+def _as_text(column: pa.ChunkedArray) -> pa.Array:
+    """A column as strings: text stays, numbers print, anything else (lists, structs, binary) becomes JSON text."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.combine_chunks().cast(pa.string())
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), pa.string())
+    try:
+        return column.combine_chunks().cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())
+
+
+def _keep_extra(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """Extra columns go into each sample's .json: keep JSON-ready types, turn the rest into text."""
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_string(kind):
+        return column
+    return _as_text(column)
+
+
+def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_row: int, row_in_file: int) -> pa.Table:
+    url_col = "url" if fmt == "txt" else config.url_col
     n = table.num_rows
+    urls = _as_text(table.column(url_col)) if url_col in table.column_names else pa.nulls(n, pa.string())
+    if config.caption_col and config.caption_col in table.column_names and fmt != "txt":
+        captions = _as_text(table.column(config.caption_col))
+    else:
+        captions = pa.nulls(n, pa.string())
+    uids = [make_uid(name, row_in_file + i, url) for i, url in enumerate(urls.to_pylist())]
     columns = {
         "uid": pa.array(uids, pa.string()),
         "row": pa.array(range(first_row, first_row + n), pa.int64()),
@@ -176,14 +225,13 @@ def _normalise(table: pa.Table, source: str, config: InputConfig, fmt: str, firs
         "reason": pa.nulls(n, pa.string()),
         "decided_by": pa.nulls(n, pa.string()),
     }
-    reserved = set(columns) | {config.url_col, config.caption_col}
+    reserved = reserved_column_names()
     for extra in table.column_names:
-        if extra not in reserved:
-            column = table.column(extra)
-            # nested values would not survive every writer; keep them as JSON text
-            if pa.types.is_nested(column.type):
-                column = pa.array([json.dumps(v) if v is not None else None for v in column.to_pylist()], pa.string())
-            columns[extra] = column
+        if extra in (url_col, config.caption_col):
+            continue
+        # an input column named like one of ours (uid, key, width, ...) is kept under another name, never dropped
+        target = extra if extra not in reserved else f"input_{extra}"
+        columns[target] = _keep_extra(table.column(extra))
     return pa.table(columns)
 
 
@@ -226,6 +274,7 @@ def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputC
     signature = _source_signature(sources)
     settings = _settings(config)
     folder.mkdir(parents=True, exist_ok=True)
+    done_marker.unlink(missing_ok=True)  # first: a kill while restaging must not leave a marker over new chunks
     for stale in folder.glob("*.parquet"):
         stale.unlink()
     chunks: list[Path] = []
@@ -238,12 +287,15 @@ def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputC
         _write_atomic(pa.concat_tables(tables, promote_options="permissive"), path)
         chunks.append(path)
 
+    labels = source_labels(sources)
     for source in sources:
         fmt = detect_format(source, config.format)
         row_in_file = 0
         try:
             for raw in _iter_raw(source, fmt):
-                table = _normalise(raw, source, config, fmt, total, row_in_file)
+                if row_in_file == 0:
+                    _check_columns(source, raw, config, fmt)  # later batches may lack a column: nulls, not an error
+                table = _normalise(raw, labels[source], config, fmt, total, row_in_file)
                 row_in_file += table.num_rows
                 total += table.num_rows
                 while table.num_rows:
@@ -256,7 +308,7 @@ def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputC
                         pending, pending_rows = [], 0
         except CurateError:
             raise
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
+        except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as err:
             raise CurateError(f"input {source}: cannot read as {fmt}: {str(err).splitlines()[0]}") from None
     if pending:
         flush(pending)

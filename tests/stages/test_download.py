@@ -202,3 +202,13 @@ def test_malformed_url_never_raises(fault_server: FaultServer, names, url: str) 
 def test_empty_batch() -> None:
     out = make_stage().process(batch([]))
     assert out.num_rows == 0 and "image" in out.column_names
+
+
+def test_a_server_that_trickles_bytes_cannot_outlast_the_total_timeout(fault_server: FaultServer, names) -> None:
+    """Each byte arrives well within a socket timeout; only a deadline on the whole request stops it."""
+    url = fault_server.url("drip", names["clean"][3])
+    start = time.monotonic()
+    out = make_stage(retries=0).process(batch([url]))
+    elapsed = time.monotonic() - start
+    assert outcomes(out) == [("failed", "download:timeout")]
+    assert elapsed <= TIMEOUT + 1.0
