@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except CurateError as err:
         print(f"curate: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("curate: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

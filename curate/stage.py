@@ -91,6 +91,9 @@ class Stage(ABC):
     # "pyarrow": process() gets and returns a pa.Table. "numpy": it gets a dict of column → np.ndarray and returns a
     # dict with the output columns and, optionally, "status" and "reason" arrays.
     batch_format: ClassVar[str] = "pyarrow"
+    # The reason domains this stage stops rows with, in the order it applies them, each with the word for rows that
+    # got past it: the funnel prints "downloaded → decoded → resized" from these.
+    funnel: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, config: StageConfig) -> None:
         self.config = config

@@ -27,6 +27,7 @@ def test_demo_runs_end_to_end_and_inspect_reads_it(tmp_path):
     done = curate("demo", "--n", "60", "--output", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rows in" in done.stdout and "download:http_404" in done.stdout and str(out / "run") in done.stdout
+    assert " downloaded -> " in done.stdout and " decoded -> " in done.stdout and " kept" in done.stdout
     assert check_run(out / "run") == []
 
     shown = curate("inspect", str(out / "run"), "--reason", "download:http_404", "--sample", "2", "--verify")

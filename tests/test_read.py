@@ -256,3 +256,17 @@ def test_odd_and_reserved_extra_columns_are_kept_under_safe_names(tmp_path):
     row = table.to_pylist()[0]
     assert row["input_uid"] == "datacomp-uid" and row["input_key"] == "k1" and row["input_width"] == 640
     assert row["uid"] != "datacomp-uid" and "2020-01-02" in row["taken"] and isinstance(row["blob"], str)
+
+
+def test_fsspec_urls_are_read(tmp_path):
+    """Any fsspec filesystem works for the list (memory:// here; s3:// and gs:// with their packages)."""
+    import fsspec
+
+    with fsspec.open("memory://lists/part-0.parquet", "wb") as handle:
+        pq.write_table(pa.table({"url": ["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"],
+                                 "caption": ["a", "b"]}), handle)
+    config = InputConfig(path="memory://lists/*.parquet")
+    sources = validate_input(config)
+    assert sources == ["memory:///lists/part-0.parquet"]
+    table = pq.read_table(stage_input(config, sources, tmp_path / "staged").files[0])
+    assert table.column("caption").to_pylist() == ["a", "b"]

@@ -7,7 +7,23 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from curate.errors import CurateError
-from curate.ledger import check_run, read_ledger, read_manifest
+from curate.ledger import Manifest, check_run, read_ledger, read_manifest
+
+
+def _funnel_steps(manifest: Manifest) -> list[str]:
+    """rows in → downloaded → decoded → ... → kept, from each stage's declared reason domains."""
+    from curate.stages import STAGES
+
+    steps = [f"{manifest.input_rows} in"]
+    for stage in manifest.stages:
+        alive = stage.rows_in
+        for domain, label in getattr(STAGES.get(stage.name), "funnel", ()):
+            alive -= sum(n for reason, n in manifest.totals_by_reason.items() if reason.startswith(f"{domain}:"))
+            steps.append(f"{alive} {label}")
+        if stage.name != "write" and stage.rows_out != alive:
+            steps.append(f"{stage.rows_out} past {stage.name}")
+    steps.append(f"{manifest.totals_by_status.get('kept', 0)} kept")
+    return steps
 
 
 def print_funnel(out: Path) -> None:
@@ -16,6 +32,7 @@ def print_funnel(out: Path) -> None:
         raise CurateError(f"{out}: no manifest.json; the run has not finished (run it again to resume)")
     total = manifest.input_rows
     print(f"\n{manifest.pipeline}: {total} rows in")
+    print("  " + " -> ".join(_funnel_steps(manifest)))
     for stage in manifest.stages:
         share = 100 * stage.rows_out / total if total else 0.0
         print(f"  {stage.name:<12} {stage.rows_in:>9} -> {stage.rows_out:>9}  ({share:5.1f}% of input)"

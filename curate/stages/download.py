@@ -98,6 +98,7 @@ def _is_http_url(url: str | None) -> bool:
 class DownloadStage(Stage):
     name = "download"
     Config = DownloadConfig
+    funnel = (("download", "downloaded"), ("decode", "decoded"), ("resize", "resized"))
 
     def inputs(self) -> list[str]:
         return ["url"]
