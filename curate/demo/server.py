@@ -22,7 +22,7 @@ from types import TracebackType
 from urllib.parse import quote, unquote, urlsplit
 
 _ROUTES = frozenset(
-    {"img", "missing", "forbidden", "error", "flaky", "slow", "redirect", "loop", "reset", "lying", "drip"}
+    {"img", "missing", "forbidden", "error", "flaky", "slow", "redirect", "loop", "reset", "lying", "drip", "to"}
 )
 DRIP_SECONDS = 0.2  # the drip route sends one byte this often: every read succeeds, the whole never ends in time
 _STATUS_ONLY = {"missing": 404, "forbidden": 403, "error": 500}
@@ -163,6 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
         name = unquote(name)
         if route not in _ROUTES:
             return self._reply(404, b"no such route\n", send_body=send_body)
+        if route == "to":  # /to/<quoted URL>: a redirect anywhere, for testing what a client does with it
+            return self._reply(302, b"", headers={"Location": name}, send_body=send_body)
         if not name or "/" in name or "\\" in name or ".." in name or "\x00" in name:
             return self._reply(400, b"bad file name\n", send_body=send_body)
         if route in _STATUS_ONLY:

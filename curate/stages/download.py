@@ -7,6 +7,7 @@ same threads because Pillow releases the GIL. Every outcome is a row status: not
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import random
@@ -18,8 +19,9 @@ from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, ResolveError, Resolver
 from curate.imaging import ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize
 from curate.stage import Resources, RowOutcomes, Stage, StageConfig
 
@@ -39,6 +41,13 @@ class DownloadConfig(StageConfig):
     max_retry_after: float = Field(30.0, ge=0, description="longest Retry-After we wait for")
     max_redirects: int = Field(5, ge=0)
     max_bytes: int = Field(32 * 2**20, ge=1, description="largest body accepted, whatever Content-Length says")
+    allow_private_networks: bool = Field(
+        False, description="allow loopback, private, link-local and other non-public addresses (off: SSRF guard)")
+    allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs allowed even though not public, e.g. an internal mirror")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="host names trusted whatever they resolve to, e.g. an internal mirror")
+    dns_cache_seconds: float = Field(300.0, ge=0, description="how long a worker reuses a DNS answer")
     user_agent: str = USER_AGENT
     image_size: int = Field(256, ge=1)
     resize_mode: ResizeMode = "border"
@@ -50,6 +59,16 @@ class DownloadConfig(StageConfig):
     min_image_size: int = Field(0, ge=0)
     max_aspect_ratio: float = Field(math.inf, gt=0)
     max_image_pixels: int = Field(89_478_485, ge=1, description="refuse larger images before decoding them")
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"'{item}' is not a network in CIDR notation (e.g. 10.1.2.0/24)") from None
+        return value
 
     def resize_spec(self) -> ResizeSpec:
         return ResizeSpec(
@@ -85,14 +104,22 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
-def _is_http_url(url: str | None) -> bool:
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def check_url(url: str | None) -> None:
+    """Raise FetchError unless ``url`` is an http(s) URL with a host and a valid port."""
     if not url:
-        return False
+        raise FetchError("download:invalid_url")
     try:
         parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:  # e.g. an unbalanced IPv6 bracket
-        return False
+        raise FetchError("download:invalid_url") from None
+    if parts.scheme and parts.scheme not in DEFAULT_PORTS and parts.netloc:
+        raise FetchError("download:unsupported_scheme")
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise FetchError("download:invalid_url")
 
 
 class DownloadStage(Stage):
@@ -121,7 +148,10 @@ class DownloadStage(Stage):
 
         cfg: DownloadConfig = self.config  # type: ignore[assignment]
         self._urllib3 = urllib3
-        self._http = urllib3.PoolManager(num_pools=256, maxsize=cfg.threads, block=False, retries=False)
+        self._pools = GuardedPools(
+            AddressPolicy(cfg.allow_private_networks, cfg.allowed_networks, cfg.allowed_hosts),
+            Resolver(cfg.dns_cache_seconds), maxsize=cfg.threads,
+        )
         self._threads = ThreadPoolExecutor(cfg.threads, thread_name_prefix="download")
         self._spec = cfg.resize_spec()
         from PIL import Image
@@ -192,8 +222,7 @@ class DownloadStage(Stage):
         """One attempt: follow redirects by hand (loops detected), enforce the total deadline and max_bytes."""
         cfg: DownloadConfig = self.config  # type: ignore[assignment]
         exc = self._urllib3.exceptions
-        if not _is_http_url(url):
-            raise FetchError("download:invalid_url")
+        check_url(url)
         deadline = time.monotonic() + cfg.timeout
         seen = {url}
         for _ in range(cfg.max_redirects + 1):
@@ -201,10 +230,20 @@ class DownloadStage(Stage):
             if remaining <= 0:
                 raise FetchError("download:timeout", retryable=True)
             timeout = self._urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=remaining)
+            parts = urlsplit(url)
             try:
-                response = self._http.request(
-                    "GET", url, redirect=False, preload_content=False, timeout=timeout,
-                    headers={"User-Agent": cfg.user_agent},
+                # every hop is resolved and checked again; the connection goes to the checked address
+                pool = self._pools.pool(parts.scheme, parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme])
+            except BlockedAddress:
+                raise FetchError("download:blocked_address") from None
+            except ResolveError as err:
+                raise FetchError("download:dns_error", retryable=err.retryable) from None
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            host_header = parts.netloc.rsplit("@", 1)[-1]
+            try:
+                response = pool.urlopen(
+                    "GET", target, redirect=False, retries=False, preload_content=False, timeout=timeout,
+                    assert_same_host=False, headers={"Host": host_header, "User-Agent": cfg.user_agent},
                 )
             except exc.NewConnectionError:  # refused, unreachable, DNS failure (a subclass of the timeout error)
                 raise FetchError("download:connection_error", retryable=True) from None
@@ -230,8 +269,10 @@ class DownloadStage(Stage):
                         url = urljoin(url, location) if location else None
                     except ValueError:
                         url = None
-                    if not _is_http_url(url):
-                        raise FetchError("download:bad_redirect")
+                    try:
+                        check_url(url)
+                    except FetchError:
+                        raise FetchError("download:bad_redirect") from None
                     if url in seen:
                         raise FetchError("download:redirect_loop")
                     seen.add(url)

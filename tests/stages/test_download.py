@@ -20,7 +20,8 @@ TIMEOUT, RETRIES = 1.5, 1
 
 
 def make_stage(**overrides) -> DownloadStage:
-    config = dict(timeout=TIMEOUT, retries=RETRIES, backoff=0.05, threads=16, image_size=64)
+    config = dict(timeout=TIMEOUT, retries=RETRIES, backoff=0.05, threads=16, image_size=64,
+                  allow_private_networks=True)
     stage = DownloadStage(DownloadConfig(**{**config, **overrides}))
     stage.setup()
     return stage
@@ -98,7 +99,8 @@ def test_every_route_outcome_and_request_count(mixed) -> None:
 
 def test_invalid_urls(mixed) -> None:
     _, out, _, _ = mixed
-    assert outcomes(out)[len(ROUTES):] == [("failed", "download:invalid_url")] * 6
+    assert outcomes(out)[len(ROUTES):] == [("failed", "download:unsupported_scheme")] + [
+        ("failed", "download:invalid_url")] * 5
 
 
 def test_rows_and_order_preserved(mixed) -> None:
