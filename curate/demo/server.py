@@ -22,7 +22,8 @@ from types import TracebackType
 from urllib.parse import quote, unquote, urlsplit
 
 _ROUTES = frozenset(
-    {"img", "missing", "forbidden", "error", "flaky", "slow", "redirect", "loop", "reset", "lying", "drip", "to"}
+    {"img", "missing", "forbidden", "error", "flaky", "slow", "redirect", "loop", "reset", "lying", "drip", "to",
+     "tagged"}
 )
 DRIP_SECONDS = 0.2  # the drip route sends one byte this often: every read succeeds, the whole never ends in time
 _STATUS_ONLY = {"missing": 404, "forbidden": 403, "error": 500}
@@ -35,9 +36,18 @@ class FaultServer:
     fetches nothing. The flaky route's "first request" is per server lifetime: `reset_counts` does not re-arm it.
     """
 
-    def __init__(self, root: Path, *, slow_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        slow_seconds: float = 30.0,
+        robots_txt: str | None = None,
+        x_robots_tag: str | None = None,
+    ) -> None:
         self.root = Path(root)
         self.slow_seconds = slow_seconds
+        self.robots_txt = robots_txt  # served at /robots.txt (404 when None)
+        self.x_robots_tag = x_robots_tag  # sent with files served by the "tagged" route
         self.requests: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -161,6 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault._count(path)
         _, route, name = (path.split("/", 2) + ["", ""])[:3]  # "/img/a.jpg" -> "", "img", "a.jpg"
         name = unquote(name)
+        if path == "/robots.txt" and fault.robots_txt is not None:
+            return self._reply(200, fault.robots_txt.encode(), send_body=send_body)
         if route not in _ROUTES:
             return self._reply(404, b"no such route\n", send_body=send_body)
         if route == "to":  # /to/<quoted URL>: a redirect anywhere, for testing what a client does with it
@@ -203,6 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             self.close_connection = True
             return None
+        if route == "tagged" and fault.x_robots_tag is not None:
+            return self._reply(200, data, ctype=ctype, send_body=send_body, headers={"X-Robots-Tag": fault.x_robots_tag})
         return self._reply(200, data, ctype=ctype, send_body=send_body)
 
     def _reply(

@@ -19,15 +19,16 @@ from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, ResolveError, Resolver
 from curate.imaging import ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize
-from curate.stage import Resources, RowOutcomes, Stage, StageConfig
+from curate.optout import RobotsCache, RobotsUnavailable, x_robots_opts_out
+from curate.stage import FAILED, FILTERED, Resources, RowOutcomes, Stage, StageConfig
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = "curate/0.1 (image-text dataset curation; honours robots opt-outs)"
+USER_AGENT = "curate/0.1 (image-text dataset curation; obeys robots.txt and X-Robots-Tag noai for token 'curate')"
 
 
 class DownloadConfig(StageConfig):
@@ -49,6 +50,10 @@ class DownloadConfig(StageConfig):
         default_factory=list, description="host names trusted whatever they resolve to, e.g. an internal mirror")
     dns_cache_seconds: float = Field(300.0, ge=0, description="how long a worker reuses a DNS answer")
     user_agent: str = USER_AGENT
+    user_agent_token: str = Field("curate", description="the product token robots.txt and X-Robots-Tag address")
+    respect_robots_txt: bool = Field(True, description="robots.txt disallow → filtered, optout:robots_txt")
+    respect_x_robots_tag: bool = Field(
+        True, description="X-Robots-Tag noai/noimageai/noindex/noimageindex → filtered, optout:x_robots_tag")
     image_size: int = Field(256, ge=1)
     resize_mode: ResizeMode = "border"
     resize_only_if_bigger: bool = False
@@ -59,6 +64,13 @@ class DownloadConfig(StageConfig):
     min_image_size: int = Field(0, ge=0)
     max_aspect_ratio: float = Field(math.inf, gt=0)
     max_image_pixels: int = Field(89_478_485, ge=1, description="refuse larger images before decoding them")
+
+    @model_validator(mode="after")
+    def _token_in_user_agent(self) -> "DownloadConfig":
+        if self.user_agent_token.lower() not in self.user_agent.lower():
+            raise ValueError(f"user_agent must carry user_agent_token '{self.user_agent_token}' so publishers' "
+                             "robots.txt rules can address it")
+        return self
 
     @field_validator("allowed_networks")
     @classmethod
@@ -90,6 +102,7 @@ class FetchError(Exception):
     reason: str
     retryable: bool = False
     retry_after: float | None = None
+    status: str = FAILED  # FILTERED for a publisher's opt-out
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -154,6 +167,7 @@ class DownloadStage(Stage):
         )
         self._threads = ThreadPoolExecutor(cfg.threads, thread_name_prefix="download")
         self._spec = cfg.resize_spec()
+        self._robots = RobotsCache(self._fetch_robots, cfg.user_agent_token)
         from PIL import Image
 
         # Pillow refuses images over 2× its global limit when opening them; let ours (checked from the header,
@@ -165,8 +179,8 @@ class DownloadStage(Stage):
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
         urls = batch.column("url").to_pylist()
         for i, result in enumerate(self._threads.map(self._download_one, urls)):
-            if isinstance(result, str):
-                outcomes.fail(i, result)
+            if isinstance(result, FetchError):
+                (outcomes.filter if result.status == FILTERED else outcomes.fail)(i, result.reason)
                 continue
             image, raw_size, digest = result
             for column, value in (
@@ -184,21 +198,21 @@ class DownloadStage(Stage):
         return outcomes.apply(batch)
 
     def _download_one(self, url: str | None):
-        """(DecodedImage, size, sha256) or a reason string; one bad row never fails its batch."""
+        """(DecodedImage, size, sha256) or the FetchError that stops the row; one bad row never fails its batch."""
         try:
             raw = self._fetch_with_retries(url)
         except FetchError as err:
-            return err.reason
+            return err
         except Exception:  # a failure we did not foresee is this row's, not the batch's
             log.exception("download of %s failed unexpectedly", url)
-            return "download:error"
+            return FetchError("download:error")
         try:
             image = decode_and_resize(raw, self._spec)
         except ImageRejected as err:
-            return err.reason
+            return FetchError(err.reason)
         except Exception:
             log.exception("decoding %s failed unexpectedly", url)
-            return "decode:error"
+            return FetchError("decode:error")
         return image, len(raw), hashlib.sha256(raw).hexdigest()
 
     def _fetch_with_retries(self, url: str | None) -> bytes:
@@ -218,8 +232,9 @@ class DownloadStage(Stage):
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _fetch(self, url: str | None) -> bytes:
-        """One attempt: follow redirects by hand (loops detected), enforce the total deadline and max_bytes."""
+    def _fetch(self, url: str | None, obey_opt_outs: bool = True) -> bytes:
+        """One attempt: follow redirects by hand (loops detected), enforce the total deadline and max_bytes, and
+        (unless fetching robots.txt itself) the publisher's robots.txt and X-Robots-Tag on every hop."""
         cfg: DownloadConfig = self.config  # type: ignore[assignment]
         exc = self._urllib3.exceptions
         check_url(url)
@@ -231,6 +246,8 @@ class DownloadStage(Stage):
                 raise FetchError("download:timeout", retryable=True)
             timeout = self._urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=remaining)
             parts = urlsplit(url)
+            if obey_opt_outs and cfg.respect_robots_txt:
+                self._check_robots(parts.scheme, parts.netloc.rsplit("@", 1)[-1], url)
             try:
                 # every hop is resolved and checked again; the connection goes to the checked address
                 pool = self._pools.pool(parts.scheme, parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme])
@@ -283,6 +300,9 @@ class DownloadStage(Stage):
                     retryable = status in (429, 500, 502, 503, 504)
                     retry_after = _retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
                     raise FetchError(f"download:http_{status}", retryable=retryable, retry_after=retry_after)
+                if obey_opt_outs and cfg.respect_x_robots_tag and x_robots_opts_out(
+                        response.headers.getlist("X-Robots-Tag"), cfg.user_agent_token):
+                    raise FetchError("optout:x_robots_tag", status=FILTERED)
                 body = self._read_body(response, deadline)
                 reusable = True
                 return body
@@ -294,6 +314,24 @@ class DownloadStage(Stage):
                 else:
                     response.close()
         raise FetchError("download:too_many_redirects")
+
+    def _check_robots(self, scheme: str, netloc: str, url: str) -> None:
+        try:
+            if not self._robots.allowed(f"{scheme}://{netloc}", url):
+                raise FetchError("optout:robots_txt", status=FILTERED)
+        except RobotsUnavailable as err:
+            raise FetchError(err.reason or "download:robots_unavailable", retryable=True) from None
+
+    def _fetch_robots(self, url: str) -> tuple[int, bytes]:
+        """(status, body) of a robots.txt: a 4xx is an answer (no rules), a network failure is not."""
+        try:
+            return 200, self._fetch(url, obey_opt_outs=False)
+        except FetchError as err:
+            if err.reason.startswith("download:http_"):
+                return int(err.reason.rsplit("_", 1)[1]), b""
+            if err.reason == "download:blocked_address":
+                return 404, b""  # the image request itself will be refused the same way
+            raise
 
     def _read_body(self, response, deadline: float) -> bytes:
         cfg: DownloadConfig = self.config  # type: ignore[assignment]
