@@ -49,6 +49,8 @@ class FaultServer:
         self.robots_txt = robots_txt  # served at /robots.txt (404 when None)
         self.x_robots_tag = x_robots_tag  # sent with files served by the "tagged" route
         self.requests: collections.Counter[str] = collections.Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests handled at once, for per-host concurrency tests
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._flaky_seen: set[str] = set()
@@ -109,6 +111,7 @@ class FaultServer:
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.max_in_flight = 0
 
     # --- used by the handler threads ---
 
@@ -160,7 +163,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.fault._track(self.connection, alive=False)
 
     def do_GET(self) -> None:
-        self._route(send_body=True)
+        fault = self.server.fault
+        with fault._lock:
+            fault.in_flight += 1
+            fault.max_in_flight = max(fault.max_in_flight, fault.in_flight)
+        try:
+            self._route(send_body=True)
+        finally:
+            with fault._lock:
+                fault.in_flight -= 1
 
     def do_HEAD(self) -> None:
         self._route(send_body=False)

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, ResolveError, Resolver
 from curate.imaging import ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize
+from curate.politeness import HostLimiter
 from curate.optout import RobotsCache, RobotsUnavailable, x_robots_opts_out
 from curate.stage import FAILED, FILTERED, Resources, RowOutcomes, Stage, StageConfig
 
@@ -48,6 +49,8 @@ class DownloadConfig(StageConfig):
         default_factory=list, description="CIDRs allowed even though not public, e.g. an internal mirror")
     allowed_hosts: list[str] = Field(
         default_factory=list, description="host names trusted whatever they resolve to, e.g. an internal mirror")
+    per_host_concurrency: int = Field(16, ge=1, description="requests in flight to one host, per worker")
+    per_host_rate: float | None = Field(None, gt=0, description="requests a second to one host, per worker")
     dns_cache_seconds: float = Field(300.0, ge=0, description="how long a worker reuses a DNS answer")
     user_agent: str = USER_AGENT
     user_agent_token: str = Field("curate", description="the product token robots.txt and X-Robots-Tag address")
@@ -120,6 +123,13 @@ def _retry_after(value: str | None) -> float | None:
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def _host_of(url: str | None) -> str:
+    try:
+        return (urlsplit(url).hostname or "") if url else ""
+    except ValueError:
+        return ""
+
+
 def check_url(url: str | None) -> None:
     """Raise FetchError unless ``url`` is an http(s) URL with a host and a valid port."""
     if not url:
@@ -168,6 +178,7 @@ class DownloadStage(Stage):
         self._threads = ThreadPoolExecutor(cfg.threads, thread_name_prefix="download")
         self._spec = cfg.resize_spec()
         self._robots = RobotsCache(self._fetch_robots, cfg.user_agent_token)
+        self._hosts = HostLimiter(cfg.per_host_concurrency, cfg.per_host_rate)
         from PIL import Image
 
         # Pillow refuses images over 2× its global limit when opening them; let ours (checked from the header,
@@ -217,19 +228,21 @@ class DownloadStage(Stage):
 
     def _fetch_with_retries(self, url: str | None) -> bytes:
         cfg: DownloadConfig = self.config  # type: ignore[assignment]
+        host = _host_of(url)
         for attempt in range(cfg.retries + 1):
             try:
-                return self._fetch(url)
+                with self._hosts.slot(host):
+                    return self._fetch(url)
             except FetchError as err:
+                if err.retry_after is not None:
+                    self._hosts.back_off(host, min(err.retry_after, cfg.max_retry_after))
                 if not err.retryable or attempt == cfg.retries:
                     raise
                 if err.retry_after is not None:
                     if err.retry_after > cfg.max_retry_after:
                         raise
-                    delay = err.retry_after
-                else:
-                    delay = cfg.backoff * 2**attempt * random.uniform(0.5, 1.5)
-                time.sleep(delay)
+                    continue  # the host limiter holds every request to this host until Retry-After has passed
+                time.sleep(cfg.backoff * 2**attempt * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
 
     def _fetch(self, url: str | None, obey_opt_outs: bool = True) -> bytes:
