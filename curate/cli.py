@@ -30,7 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_pipeline(args.pipeline, args.set)
     result = run_pipeline(
         config, input_path=args.input, output=args.output, address=args.address, local=args.local,
-        progress=not args.quiet,
+        progress=not args.quiet, retry_failed=args.retry_failed,
     )
     print_funnel(result.out)
     return 0
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="an existing Ray cluster: auto or ray://HOST:10001 (default: embedded Ray)")
     p.add_argument("--local", action="store_true", help="run in this process without Ray (small inputs, debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="try again the rows whose failure was retryable (timeouts, 429, 5xx); keep the rest")
     add_set(p)
     p.set_defaults(func=_cmd_run)
 

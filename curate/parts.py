@@ -10,6 +10,7 @@ import bisect
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,21 @@ def drop_duplicate_rows(out: Path, first: int, last: int) -> int:
             write_part(remaining, str(path.parent))
         path.unlink()
     return dropped
+
+
+def forget_rows(out: Path, forget: Callable[[str | None, str | None, str | None], bool]) -> int:
+    """Remove stored rows for which ``forget(status, reason, decided_by)`` is true, so the next run processes them
+    again. The trimmed copy of a part is written before the original is removed. Returns rows forgotten."""
+    forgotten = 0
+    for path in part_files(out):
+        meta = pq.read_table(path, columns=["status", "reason", "decided_by"]).to_pylist()
+        drop = [forget(r["status"], r["reason"], r["decided_by"]) for r in meta]
+        if not any(drop):
+            continue
+        table = pq.read_table(path)
+        remaining = table.filter(pa.array([not d for d in drop]))
+        if remaining.num_rows:
+            write_part(remaining, str(path.parent))
+        path.unlink()
+        forgotten += sum(drop)
+    return forgotten

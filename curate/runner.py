@@ -27,7 +27,7 @@ from curate.config import PipelineConfig
 from curate.decide import decide_and_write
 from curate.errors import CurateError
 from curate.ledger import MANIFEST, Manifest, write_json_atomic
-from curate.stage import GlobalStage, Stage
+from curate.stage import FAILED, GlobalStage, Stage
 from curate.stages import STAGES
 from curate.stages.read import InputChunks, stage_input, staged_chunks, validate_input
 from curate.worker import StageWorker, worker_class
@@ -226,8 +226,12 @@ def run_pipeline(
     address: str | None = None,
     local: bool = False,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> RunResult:
-    """Run ``config`` end to end (or resume it) and return the published manifest."""
+    """Run ``config`` end to end (or resume it) and return the published manifest.
+
+    ``retry_failed`` processes again the stored rows whose failure was retryable (timeouts, 5xx, ...); every other
+    row keeps its stored result."""
     started = time.monotonic()
     if input_path:
         config.input.path = input_path
@@ -245,6 +249,12 @@ def run_pipeline(
     chunks = stage_input(config.input, sources, out / "input")
     # The manifest says "this output is complete"; it is not while we work on it.
     (out / MANIFEST).unlink(missing_ok=True)
+    if retry_failed:
+        by_name = {stage.name: stage for stage in stages}
+        forgotten = part_store.forget_rows(out, lambda status, reason, stage: status == FAILED and stage in by_name
+                                           and bool(reason) and by_name[stage].retryable(reason))
+        if progress:
+            print(f"[retry-failed] {forgotten} rows with a retryable failure will be tried again", file=sys.stderr)
 
     inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
     pending_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)

@@ -109,6 +109,10 @@ class Stage(ABC):
     def resources(self) -> Resources:
         return self.config.resources
 
+    def retryable(self, reason: str) -> bool:
+        """Whether a row this stage failed with ``reason`` may succeed if tried again (`curate run --retry-failed`)."""
+        return False
+
     def has_setup(self) -> bool:
         """Stages that override setup() keep state per worker, so the runner gives them an actor pool."""
         return type(self).setup is not Stage.setup

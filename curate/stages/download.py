@@ -121,6 +121,11 @@ def _retry_after(value: str | None) -> float | None:
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# Failures that say nothing about the image: the next try may work. (429 and 5xx are handled by code.)
+RETRYABLE_REASONS = frozenset({
+    "download:timeout", "download:connection_error", "download:incomplete", "download:dns_unavailable",
+    "download:robots_unavailable", "download:error",
+})
 
 
 def _host_of(url: str | None) -> str:
@@ -165,6 +170,12 @@ class DownloadStage(Stage):
             "original_width": pa.int32(),
             "original_height": pa.int32(),
         }
+
+    def retryable(self, reason: str) -> bool:
+        if reason in RETRYABLE_REASONS:
+            return True
+        code = reason.removeprefix("download:http_")
+        return code.isdigit() and (code == "429" or code.startswith("5"))
 
     def setup(self) -> None:
         import urllib3
@@ -267,7 +278,8 @@ class DownloadStage(Stage):
             except BlockedAddress:
                 raise FetchError("download:blocked_address") from None
             except ResolveError as err:
-                raise FetchError("download:dns_error", retryable=err.retryable) from None
+                reason = "download:dns_unavailable" if err.retryable else "download:dns_error"
+                raise FetchError(reason, retryable=err.retryable) from None
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host_header = parts.netloc.rsplit("@", 1)[-1]
             try:
