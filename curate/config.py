@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from curate.errors import CurateError
 from curate.stage import StageConfig
 
-InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"]
+InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "webdataset"]
 
 
 class InputConfig(BaseModel):

@@ -68,7 +68,10 @@ def reserved_column_names() -> frozenset[str]:
     """Every column name curate itself writes: the reader's, the ledger's and each registered stage's outputs."""
     from curate.stages import STAGES
 
-    names = set(BASE_COLUMNS) | set(LEDGER_SCHEMA.names)
+    from curate.stages.read_shards import SOURCE_COLUMNS
+
+    # source_* point the downloader at local files: only the shard reader may set them, never an input list
+    names = set(BASE_COLUMNS) | set(LEDGER_SCHEMA.names) | set(SOURCE_COLUMNS)
     for name, cls in STAGES.items():
         names |= set(cls(cls.Config.model_validate({"stage": name})).outputs())
     return frozenset(names)

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, ResolveError, Resolver
 from curate.imaging import ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize
 from curate.politeness import HostLimiter
+from curate.stages.read_shards import read_member
 from curate.optout import RobotsCache, RobotsUnavailable, x_robots_opts_out
 from curate.stage import FAILED, FILTERED, Resources, RowOutcomes, Stage, StageConfig
 
@@ -200,7 +201,13 @@ class DownloadStage(Stage):
     def process(self, batch: pa.Table) -> pa.Table:
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
         urls = batch.column("url").to_pylist()
-        for i, result in enumerate(self._threads.map(self._download_one, urls)):
+        if "source_file" in batch.column_names:  # rows read from existing shards: their image is in a tar
+            sources = zip(batch.column("source_file").to_pylist(), batch.column("source_offset").to_pylist(),
+                          batch.column("source_size").to_pylist())
+            jobs = [(url, source) for url, source in zip(urls, sources)]
+        else:
+            jobs = [(url, None) for url in urls]
+        for i, result in enumerate(self._threads.map(self._download_one, jobs)):
             if isinstance(result, FetchError):
                 (outcomes.filter if result.status == FILTERED else outcomes.fail)(i, result.reason)
                 continue
@@ -219,10 +226,11 @@ class DownloadStage(Stage):
                 outcomes.set(i, column, value)
         return outcomes.apply(batch)
 
-    def _download_one(self, url: str | None):
+    def _download_one(self, job: tuple[str | None, tuple | None]):
         """(DecodedImage, size, sha256) or the FetchError that stops the row; one bad row never fails its batch."""
+        url, source = job
         try:
-            raw = self._fetch_with_retries(url)
+            raw = self._read_source(*source) if source and source[0] else self._fetch_with_retries(url)
         except FetchError as err:
             return err
         except Exception:  # a failure we did not foresee is this row's, not the batch's
@@ -339,6 +347,21 @@ class DownloadStage(Stage):
                 else:
                     response.close()
         raise FetchError("download:too_many_redirects")
+
+    def _read_source(self, path: str, offset: int | None, size: int | None) -> bytes:
+        """An image already downloaded, inside an input shard: read by range, no network."""
+        cfg: DownloadConfig = self.config  # type: ignore[assignment]
+        if offset is None or size is None:
+            raise FetchError("read:no_image")
+        if size > cfg.max_bytes:
+            raise FetchError("download:too_large")
+        try:
+            data = read_member(path, offset, size)
+        except OSError:
+            raise FetchError("read:unreadable", retryable=True) from None
+        if len(data) != size:
+            raise FetchError("read:truncated")
+        return data
 
     def _check_robots(self, scheme: str, netloc: str, url: str) -> None:
         try:

@@ -23,8 +23,10 @@ from curate.config import InputConfig
 from curate.errors import CurateError
 from curate.schema import reserved_column_names
 from curate.stage import OK
+from curate.stages.read_shards import SOURCE_COLUMNS, iter_shard_rows
 
-EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
+EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt",
+              ".tar": "webdataset"}
 READ_BATCH_ROWS = 8192
 
 
@@ -106,6 +108,11 @@ def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
+    if fmt == "webdataset":  # offsets must be of the tar itself: no transparent decompression
+        with fsspec.open(source, "rb") as handle:
+            for rows in iter_shard_rows(source, handle):
+                yield _rows_to_table(rows)
+        return
     with fsspec.open(source, "rb", compression="infer") as handle:
         if fmt == "parquet":
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_BATCH_ROWS):
@@ -154,8 +161,8 @@ def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
 
 
 def _check_columns(source: str, table: pa.Table, config: InputConfig, fmt: str) -> None:
-    if fmt == "txt":
-        return  # one URL a line: no columns to name
+    if fmt in ("txt", "webdataset"):
+        return  # one URL a line, or samples with their own layout: no columns to name
     wanted = [("input.url_col", config.url_col)]
     if config.caption_col and fmt != "txt":
         wanted.append(("input.caption_col", config.caption_col))
@@ -208,14 +215,16 @@ def _keep_extra(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
 
 
 def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_row: int, row_in_file: int) -> pa.Table:
-    url_col = "url" if fmt == "txt" else config.url_col
+    url_col = "url" if fmt in ("txt", "webdataset") else config.url_col
+    caption_col = "caption" if fmt == "webdataset" else config.caption_col
     n = table.num_rows
     urls = _as_text(table.column(url_col)) if url_col in table.column_names else pa.nulls(n, pa.string())
-    if config.caption_col and config.caption_col in table.column_names and fmt != "txt":
-        captions = _as_text(table.column(config.caption_col))
+    if caption_col and caption_col in table.column_names and fmt != "txt":
+        captions = _as_text(table.column(caption_col))
     else:
         captions = pa.nulls(n, pa.string())
-    uids = [make_uid(name, row_in_file + i, url) for i, url in enumerate(urls.to_pylist())]
+    keys = table.column("source_key").to_pylist() if fmt == "webdataset" else urls.to_pylist()
+    uids = [make_uid(name, row_in_file + i, key) for i, key in enumerate(keys)]
     columns = {
         "uid": pa.array(uids, pa.string()),
         "row": pa.array(range(first_row, first_row + n), pa.int64()),
@@ -226,8 +235,11 @@ def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_
         "decided_by": pa.nulls(n, pa.string()),
     }
     reserved = reserved_column_names()
+    for name_ in SOURCE_COLUMNS:
+        if fmt == "webdataset":
+            columns[name_] = table.column(name_).cast(SOURCE_COLUMNS[name_])
     for extra in table.column_names:
-        if extra in (url_col, config.caption_col):
+        if extra in (url_col, caption_col) or (fmt == "webdataset" and extra in SOURCE_COLUMNS):
             continue
         # an input column named like one of ours (uid, key, width, ...) is kept under another name, never dropped
         target = extra if extra not in reserved else f"input_{extra}"
