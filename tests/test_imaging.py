@@ -14,7 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imp
 
 from img2dataset.resizer import Resizer  # noqa: E402
 
-from curate.demo.pool import _bomb_png  # noqa: E402
+from curate.demo.pool import bomb_png  # noqa: E402
 from curate.imaging import ImageRejected, ResizeSpec, decode_and_resize, target_size  # noqa: E402
 
 MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
@@ -134,7 +134,7 @@ def test_unsupported_format() -> None:
 
 
 def test_bomb_refused_before_decoding() -> None:
-    raw = _bomb_png(20000)
+    raw = bomb_png(20000)
     assert len(raw) < 1_000_000
     assert rejected(raw) == "decode:too_many_pixels"
     assert rejected(raw, max_image_pixels=20000 * 20000 - 1) == "decode:too_many_pixels"

@@ -139,17 +139,19 @@ def _save(img: Image.Image, path: Path, fmt: str) -> None:
     img.save(path, format=fmt, **options)
 
 
-def _bomb_png(side: int = 20000) -> bytes:
-    """A 1-bit greyscale PNG declaring side x side pixels; all-zero rows deflate ~1000:1, built in well under 1 s."""
+def bomb_png(side: int = 20000, height: int | None = None) -> bytes:
+    """A 1-bit greyscale PNG declaring side x height pixels (square by default); all-zero rows deflate ~1000:1,
+    built in well under 1 s."""
+    height = side if height is None else height
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     row = bytes(1 + (side + 7) // 8)  # filter byte 0 + packed bits
     comp = zlib.compressobj(9)
     block = row * 500  # stream in blocks so memory stays small
-    idat = b"".join(comp.compress(block) for _ in range(side // 500)) + comp.compress(row * (side % 500))
+    idat = b"".join(comp.compress(block) for _ in range(height // 500)) + comp.compress(row * (height % 500))
     idat += comp.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", side, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
@@ -223,7 +225,7 @@ def make_pool(root: Path, n: int = 1000, seed: int = 0) -> list[PoolItem]:
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 2])  # headers intact, the scan ends halfway
         elif kind == "bomb":
-            path.write_bytes(_bomb_png())
+            path.write_bytes(bomb_png())
         elif kind == "not_an_image":
             path.write_bytes(_HTML)  # a soft-404 page behind an image URL
         else:

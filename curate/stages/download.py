@@ -22,7 +22,10 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, ResolveError, Resolver
-from curate.imaging import ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize
+from curate.budget import Budget
+from curate.imaging import (
+    ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize, limit_heap_growth,
+)
 from curate.politeness import HostLimiter
 from curate.stages.read_shards import read_member
 from curate.optout import RobotsCache, RobotsUnavailable, x_robots_opts_out
@@ -68,6 +71,8 @@ class DownloadConfig(StageConfig):
     min_image_size: int = Field(0, ge=0)
     max_aspect_ratio: float = Field(math.inf, gt=0)
     max_image_pixels: int = Field(89_478_485, ge=1, description="refuse larger images before decoding them")
+    decode_memory_mb: int = Field(
+        768, ge=16, description="decoded pixels one worker may hold at once; large images wait for their turn")
 
     @model_validator(mode="after")
     def _token_in_user_agent(self) -> "DownloadConfig":
@@ -191,6 +196,8 @@ class DownloadStage(Stage):
         self._spec = cfg.resize_spec()
         self._robots = RobotsCache(self._fetch_robots, cfg.user_agent_token)
         self._hosts = HostLimiter(cfg.per_host_concurrency, cfg.per_host_rate)
+        self._decode_budget = Budget(cfg.decode_memory_mb * 2**20)
+        limit_heap_growth()
         from PIL import Image
 
         # Pillow refuses images over 2× its global limit when opening them; let ours (checked from the header,
@@ -237,7 +244,7 @@ class DownloadStage(Stage):
             log.exception("download of %s failed unexpectedly", url)
             return FetchError("download:error")
         try:
-            image = decode_and_resize(raw, self._spec)
+            image = decode_and_resize(raw, self._spec, self._decode_budget)
         except ImageRejected as err:
             return FetchError(err.reason)
         except Exception:

@@ -1,0 +1,60 @@
+"""The decode budget: concurrent decodes in one worker never hold more memory than it allows."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import pyarrow as pa
+from PIL import Image
+
+from curate.budget import Budget
+from curate.demo.server import FaultServer
+from curate.stages.download import DownloadConfig, DownloadStage
+
+
+def test_budget_bounds_what_threads_hold_at_once():
+    budget = Budget(10)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def work(amount: int) -> None:
+        with budget.hold(amount):
+            with lock:
+                inside[0] += amount
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= amount
+
+    threads = [threading.Thread(target=work, args=(a,)) for a in [4] * 8 + [15, 3, 3]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)  # an amount over capacity ran alone instead of deadlocking
+    assert most[0] == 15 and budget.peak == 15 and budget.held == 0
+    small = Budget(10)
+    with small.hold(6):
+        assert small.held == 6
+
+
+def test_download_stage_decodes_large_images_within_its_budget(tmp_path):
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(12):  # 2000 × 1500 PNGs: ~12 MB each decoded, a few KB on the wire
+        buffer = io.BytesIO()
+        Image.new("RGB", (2000, 1500), (i * 20, 100, 50)).save(buffer, "PNG")
+        (files / f"{i}.png").write_bytes(buffer.getvalue())
+    stage = DownloadStage(DownloadConfig(allow_private_networks=True, threads=12, decode_memory_mb=40,
+                                         respect_robots_txt=False, image_size=64))
+    stage.setup()
+    with FaultServer(files) as server:
+        urls = [server.url("img", f"{i}.png") for i in range(12)]
+        n = len(urls)
+        out = stage.process(pa.table({
+            "uid": [str(i) for i in range(n)], "row": list(range(n)), "url": urls, "caption": [""] * n,
+            "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "decided_by": pa.nulls(n, pa.string())}))
+    assert out.column("status").to_pylist() == ["ok"] * n
+    assert 12_000_000 <= stage._decode_budget.peak <= 40 * 2**20  # decodes overlapped, but only within the budget
