@@ -135,14 +135,14 @@ def validate_pipeline(raw: Any, source: str) -> PipelineConfig:
             raise _unknown_key_hint(source, _fmt_loc(loc[:-1]) if len(loc) > 1 else "(top level)", str(loc[-1]), known) from None
         raise _first_error(source, err) from None
     config.stages = stages
-    _check_stage_order(config, source)
+    check_stage_order(config, source)
     from curate.schema import check_column_flow
 
     check_column_flow(config, source)
     return config
 
 
-def _check_stage_order(config: PipelineConfig, source: str) -> None:
+def check_stage_order(config: PipelineConfig, source: str) -> None:
     """Per-sample stages stream first; global stages decide over what they stored."""
     from curate.stage import GlobalStage
     from curate.stages import STAGES

@@ -67,7 +67,6 @@ class ShardWriters:
         self.out, self.local, self.ray_config = out, local, ray_config
         self.entries: dict[int, ShardEntry] = {}
         self.in_flight: dict[object, int] = {}
-        self.reused = 0
         self._remote = None
 
     def _start_ray(self) -> None:
@@ -84,7 +83,6 @@ class ShardWriters:
         done = existing_shard(self.out, plan)
         if done is not None:
             self.entries[plan.index] = done
-            self.reused += 1
         elif self.local:
             self.entries[plan.index] = write_shard(str(self.out), plan)
         else:

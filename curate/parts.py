@@ -79,12 +79,19 @@ class PartIndex:
         return np.unique(every), len(every)
 
 
+def _rewrite_keeping(path: Path, table: pa.Table, keep: list[bool]) -> None:
+    """Replace a part by the rows of ``table`` marked in ``keep``: the trimmed copy is written before the original
+    is removed, so a kill in between leaves rows twice (fixed on the next run), never a lost row."""
+    remaining = table.filter(pa.array(keep))
+    if remaining.num_rows:
+        write_part(remaining, str(path.parent))
+    path.unlink()
+
+
 def drop_duplicate_rows(out: Path, first: int, last: int) -> int:
     """Make every row in [first, last] stored once: the first part file (by name) keeps it. Returns rows dropped.
 
-    Only needed when a retried task wrote the same rows under another batching; normally a no-op. The trimmed copy is
-    written before the original is removed, so a kill in between leaves duplicates (fixed on the next run), never a
-    lost row.
+    Only needed when a retried task wrote the same rows under another batching; normally a no-op.
     """
     seen: set[int] = set()
     dropped = 0
@@ -96,26 +103,19 @@ def drop_duplicate_rows(out: Path, first: int, last: int) -> int:
         if all(keep):
             continue
         dropped += keep.count(False)
-        remaining = table.filter(pa.array(keep))
-        if remaining.num_rows:
-            write_part(remaining, str(path.parent))
-        path.unlink()
+        _rewrite_keeping(path, table, keep)
     return dropped
 
 
 def forget_rows(out: Path, forget: Callable[[str | None, str | None, str | None], bool]) -> int:
     """Remove stored rows for which ``forget(status, reason, decided_by)`` is true, so the next run processes them
-    again. The trimmed copy of a part is written before the original is removed. Returns rows forgotten."""
+    again. Returns rows forgotten."""
     forgotten = 0
     for path in part_files(out):
         meta = pq.read_table(path, columns=["status", "reason", "decided_by"]).to_pylist()
         drop = [forget(r["status"], r["reason"], r["decided_by"]) for r in meta]
         if not any(drop):
             continue
-        table = pq.read_table(path)
-        remaining = table.filter(pa.array([not d for d in drop]))
-        if remaining.num_rows:
-            write_part(remaining, str(path.parent))
-        path.unlink()
+        _rewrite_keeping(path, pq.read_table(path), [not d for d in drop])
         forgotten += sum(drop)
     return forgotten

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate import parts as part_store
-from curate.config import PipelineConfig
+from curate.config import PipelineConfig, check_stage_order
 from curate.decide import decide_and_write
 from curate.errors import CurateError
 from curate.ledger import MANIFEST, Manifest, write_json_atomic
@@ -45,20 +45,10 @@ class RunResult:
 
 
 def build_stages(config: PipelineConfig) -> tuple[list[Stage], list[GlobalStage]]:
-    per_sample: list[Stage] = []
-    global_stages: list[GlobalStage] = []
-    for stage_config in config.stages:
-        stage = STAGES[stage_config.stage](stage_config)
-        if isinstance(stage, GlobalStage):
-            global_stages.append(stage)
-        else:
-            if global_stages:
-                raise CurateError(
-                    f"stages: per-sample stage '{stage.name}' comes after global stage '{global_stages[-1].name}'; "
-                    "put per-sample stages first"
-                )
-            per_sample.append(stage)
-    return per_sample, global_stages
+    check_stage_order(config, "stages")
+    built = [STAGES[stage_config.stage](stage_config) for stage_config in config.stages]
+    return ([s for s in built if not isinstance(s, GlobalStage)],  # type: ignore[misc]
+            [s for s in built if isinstance(s, GlobalStage)])
 
 
 def _per_sample_signature(config: PipelineConfig) -> dict:

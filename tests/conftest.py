@@ -66,3 +66,22 @@ def make_pipeline():
         return load_pipeline(REPO / "pipelines" / "demo.yaml", base + list(sets))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def download_outcomes():
+    """Run a DownloadStage (set up once) over URLs; return each row's (status, reason)."""
+    import pyarrow as pa
+
+    def run(stage, urls):
+        n = len(urls)
+        batch = pa.table({
+            "uid": [str(i) for i in range(n)], "row": list(range(n)), "url": urls, "caption": [""] * n,
+            "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "decided_by": pa.nulls(n, pa.string()),
+        })
+        if not hasattr(stage, "_pools"):
+            stage.setup()
+        out = stage.process(batch)
+        return list(zip(out.column("status").to_pylist(), out.column("reason").to_pylist()))
+
+    return run

@@ -6,7 +6,6 @@ import io
 import threading
 import time
 
-import pyarrow as pa
 from PIL import Image
 
 from curate.budget import Budget
@@ -40,7 +39,7 @@ def test_budget_bounds_what_threads_hold_at_once():
         assert small.held == 6
 
 
-def test_download_stage_decodes_large_images_within_its_budget(tmp_path):
+def test_download_stage_decodes_large_images_within_its_budget(tmp_path, download_outcomes):
     files = tmp_path / "files"
     files.mkdir()
     for i in range(12):  # 2000 × 1500 PNGs: ~12 MB each decoded, a few KB on the wire
@@ -49,12 +48,7 @@ def test_download_stage_decodes_large_images_within_its_budget(tmp_path):
         (files / f"{i}.png").write_bytes(buffer.getvalue())
     stage = DownloadStage(DownloadConfig(allow_private_networks=True, threads=12, decode_memory_mb=40,
                                          respect_robots_txt=False, image_size=64))
-    stage.setup()
     with FaultServer(files) as server:
-        urls = [server.url("img", f"{i}.png") for i in range(12)]
-        n = len(urls)
-        out = stage.process(pa.table({
-            "uid": [str(i) for i in range(n)], "row": list(range(n)), "url": urls, "caption": [""] * n,
-            "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "decided_by": pa.nulls(n, pa.string())}))
-    assert out.column("status").to_pylist() == ["ok"] * n
+        outcomes = download_outcomes(stage, [server.url("img", f"{i}.png") for i in range(12)])
+    assert outcomes == [("ok", None)] * 12
     assert 12_000_000 <= stage._decode_budget.peak <= 40 * 2**20  # decodes overlapped, but only within the budget

@@ -182,7 +182,7 @@ def validate_input(config: InputConfig) -> list[str]:
     try:
         sample = next(_iter_raw(first, fmt), None)
     except CurateError:
-        raise
+        raise  # already one clear line
     except Exception as err:  # pyarrow raises several types on unreadable files
         raise CurateError(f"input {first}: cannot read as {fmt}: {str(err).splitlines()[0]}") from None
     if sample is not None:

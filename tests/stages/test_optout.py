@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
 from curate.demo.server import FaultServer
@@ -29,12 +28,6 @@ def test_x_robots_tag_parsing(values, opted_out):
     assert x_robots_opts_out(values, "curate") is opted_out
 
 
-def _run(stage: DownloadStage, urls: list[str]) -> list[tuple[str, str]]:
-    n = len(urls)
-    batch = pa.table({"uid": [str(i) for i in range(n)], "row": list(range(n)), "url": urls, "caption": [""] * n,
-                      "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "decided_by": pa.nulls(n, pa.string())})
-    out = stage.process(batch)
-    return list(zip(out.column("status").to_pylist(), out.column("reason").to_pylist()))
 
 
 def _stage(**overrides) -> DownloadStage:
@@ -55,23 +48,24 @@ def image_name(demo_pool):
     ("otherbot: noai", ("ok", None)),
     ("nofollow", ("ok", None)),
 ])
-def test_x_robots_tag_filters_rows(demo_pool, image_name, tag, expected):
+def test_x_robots_tag_filters_rows(demo_pool, image_name, tag, expected, download_outcomes):
     root, _ = demo_pool
     with FaultServer(root / "files", x_robots_tag=tag) as server:
-        assert _run(_stage(), [server.url("tagged", image_name)]) == [expected]
-        assert _run(_stage(respect_x_robots_tag=False), [server.url("tagged", image_name)]) == [("ok", None)]
+        assert download_outcomes(_stage(), [server.url("tagged", image_name)]) == [expected]
+        ignoring = _stage(respect_x_robots_tag=False)
+        assert download_outcomes(ignoring, [server.url("tagged", image_name)]) == [("ok", None)]
 
 
-def test_robots_txt_is_fetched_once_and_obeyed_for_our_token(demo_pool, image_name):
+def test_robots_txt_is_fetched_once_and_obeyed_for_our_token(demo_pool, image_name, download_outcomes):
     root, _ = demo_pool
     robots = "User-agent: curate\nDisallow: /tagged/\n\nUser-agent: *\nDisallow: /\n"
     with FaultServer(root / "files", robots_txt=robots) as server:
         stage = _stage()
         urls = [server.url("img", image_name)] * 3 + [server.url("tagged", image_name)] * 3
-        assert _run(stage, urls) == [("ok", None)] * 3 + [("filtered", "optout:robots_txt")] * 3
+        assert download_outcomes(stage, urls) == [("ok", None)] * 3 + [("filtered", "optout:robots_txt")] * 3
         assert server.requests["/robots.txt"] == 1
         assert server.requests[f"/tagged/{image_name}"] == 0  # a disallowed URL is never requested
-        _run(_stage(respect_robots_txt=False), [server.url("tagged", image_name)])
+        download_outcomes(_stage(respect_robots_txt=False), [server.url("tagged", image_name)])
         assert server.requests[f"/tagged/{image_name}"] == 1
 
 

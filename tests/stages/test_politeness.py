@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pyarrow as pa
 import pytest
 
 from curate.demo.server import FaultServer
@@ -12,12 +11,6 @@ from curate.politeness import HostLimiter
 from curate.stages.download import DownloadConfig, DownloadStage
 
 
-def _run(stage: DownloadStage, urls: list[str]) -> list[tuple[str, str]]:
-    n = len(urls)
-    batch = pa.table({"uid": [str(i) for i in range(n)], "row": list(range(n)), "url": urls, "caption": [""] * n,
-                      "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "decided_by": pa.nulls(n, pa.string())})
-    out = stage.process(batch)
-    return list(zip(out.column("status").to_pylist(), out.column("reason").to_pylist()))
 
 
 def _stage(**overrides) -> DownloadStage:
@@ -35,19 +28,19 @@ def names(demo_pool):
 
 
 @pytest.mark.parametrize("limit", [2, 6])
-def test_per_host_concurrency(demo_pool, names, limit):
+def test_per_host_concurrency(demo_pool, names, limit, download_outcomes):
     root, _ = demo_pool
     with FaultServer(root / "files", slow_seconds=0.3) as server:
-        outcomes = _run(_stage(per_host_concurrency=limit), [server.url("slow", n) for n in names])
+        outcomes = download_outcomes(_stage(per_host_concurrency=limit), [server.url("slow", n) for n in names])
         assert outcomes == [("ok", None)] * len(names)
         assert 1 < server.max_in_flight <= limit
 
 
-def test_per_host_rate(demo_pool, names):
+def test_per_host_rate(demo_pool, names, download_outcomes):
     root, _ = demo_pool
     with FaultServer(root / "files") as server:
         start = time.monotonic()
-        assert _run(_stage(per_host_rate=10), [server.url("img", n) for n in names[:6]]) == [("ok", None)] * 6
+        assert download_outcomes(_stage(per_host_rate=10), [server.url("img", n) for n in names[:6]]) == [("ok", None)] * 6
         assert time.monotonic() - start >= 0.45  # 6 starts at 10/s: the last no sooner than 0.5 s after the first
 
 

@@ -12,7 +12,6 @@ import socket
 import threading
 from urllib.parse import quote
 
-import pyarrow as pa
 import pytest
 
 from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, Resolver
@@ -86,17 +85,9 @@ def canary():
     listener.close()
 
 
-def _run(stage: DownloadStage, urls: list[str]) -> list[tuple[str, str]]:
-    n = len(urls)
-    batch = pa.table({"uid": [str(i) for i in range(n)], "row": list(range(n)), "url": urls, "caption": [""] * n,
-                      "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "decided_by": pa.nulls(n, pa.string())})
-    if not hasattr(stage, "_pools"):
-        stage.setup()
-    out = stage.process(batch)
-    return list(zip(out.column("status").to_pylist(), out.column("reason").to_pylist()))
 
 
-def test_ssrf_matrix_makes_zero_connections(canary):
+def test_ssrf_matrix_makes_zero_connections(canary, download_outcomes):
     p = canary.port
     urls = {
         f"http://127.0.0.1:{p}/": "download:blocked_address",
@@ -112,11 +103,11 @@ def test_ssrf_matrix_makes_zero_connections(canary):
         f"gopher://127.0.0.1:{p}/_GET": "download:unsupported_scheme",
     }
     stage = DownloadStage(DownloadConfig(timeout=2, retries=1, backoff=0.01))
-    assert _run(stage, list(urls)) == [("failed", reason) for reason in urls.values()]
+    assert download_outcomes(stage, list(urls)) == [("failed", reason) for reason in urls.values()]
     assert canary.hits == 0
 
 
-def test_a_redirect_to_loopback_is_refused_on_the_hop(canary, fault_server):
+def test_a_redirect_to_loopback_is_refused_on_the_hop(canary, fault_server, download_outcomes):
     """An allowed first hop (a trusted name, here pinned to the fault server) redirects to the canary."""
     port = int(fault_server.base_url.rsplit(":", 1)[1])
     stage = DownloadStage(DownloadConfig(timeout=2, retries=0, allowed_hosts=["mirror.example"]))
@@ -129,14 +120,14 @@ def test_a_redirect_to_loopback_is_refused_on_the_hop(canary, fault_server):
         return sum(n for path, n in fault_server.requests.items() if path.startswith("/to/"))
 
     before = hops()
-    assert _run(stage, urls) == [("failed", "download:blocked_address")] * 3
+    assert download_outcomes(stage, urls) == [("failed", "download:blocked_address")] * 3
     assert hops() - before == 3  # the first hops were made
     assert canary.hits == 0
 
 
-def test_allow_private_networks_reaches_loopback(canary):
+def test_allow_private_networks_reaches_loopback(canary, download_outcomes):
     stage = DownloadStage(DownloadConfig(timeout=1, retries=0, allow_private_networks=True))
-    outcome = _run(stage, [f"http://127.0.0.1:{canary.port}/"])
+    outcome = download_outcomes(stage, [f"http://127.0.0.1:{canary.port}/"])
     assert canary.hits >= 1 and outcome[0][0] == "failed"  # the canary hangs up without answering
 
 
