@@ -45,22 +45,64 @@ class Measured:
     peak_rss_mib: float  # summed RSS over the process tree (shared pages, e.g. Ray's object store, count per process)
     peak_private_mib: float  # summed RSS minus shared pages: closer to what the tree really holds
     driver_maxrss_mib: float  # ru_maxrss of the child's main process
+    p50_ms: float  # per-request fetch latency (curate: fetch_seconds; img2dataset: its download_image_with_retry)
+    p99_ms: float
 
 
-def make_url_list(root: Path, n: int, base_url: str) -> tuple[Path, int]:
-    """Generate the pool under root and write a parquet (url, caption) of its fetchable images."""
+def make_url_list(root: Path, n: int, base_url: str, pool: str, sides: str) -> tuple[Path, int]:
+    """Generate the pool under root and write a parquet (url, caption) of its fetchable images; a pool already
+    generated there with the same settings (a kept --out folder) is reused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.demo.pool import make_pool
+    path, made = root / "urls.parquet", root / "pool.json"
+    settings = {"n": n, "pool": pool, "sides": sides}
+    if made.exists() and path.exists() and json.loads(made.read_text()) == settings:
+        table = pq.read_table(path)
+        urls = [f"{base_url}/img/{url.rsplit('/', 1)[1]}" for url in table.column("url").to_pylist()]
+        pq.write_table(table.set_column(0, "url", pa.array(urls, pa.string())), path)  # this run's server port
+        return path, table.num_rows
+    made.unlink(missing_ok=True)
 
-    items = [item for item in make_pool(root, n) if item.kind in FETCHABLE]
-    path = root / "urls.parquet"
+    from curate.demo.pool import make_pool, make_sized_pool
+
+    if pool == "sized":
+        items = make_sized_pool(root, n, sides=sides)
+    else:
+        items = [item for item in make_pool(root, n) if item.kind in FETCHABLE]
     pq.write_table(pa.table({
         "url": [f"{base_url}/img/{item.name}" for item in items],
         "caption": [item.caption for item in items],
     }), path)
+    made.write_text(json.dumps(settings))
     return path, len(items)
+
+
+def half_url_list(urls: Path) -> Path:
+    """The first half of the URL list, for the marginal rate (the fixed costs of both tools cancel out)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(urls)
+    path = urls.with_name("urls-half.parquet")
+    pq.write_table(table.slice(0, table.num_rows // 2), path)
+    return path
+
+
+def latencies(tool: str, out: Path, timing_dir: Path) -> list[float]:
+    """Seconds per fetched URL: curate stores them (fetch_seconds in the shard indexes); img2dataset's were logged
+    by benchmarks/i2d_timing/sitecustomize.py."""
+    if tool == "curate":
+        import pyarrow.parquet as pq
+
+        return [v for path in sorted((out / "shards").glob("*.parquet"))
+                for v in pq.read_table(path, columns=["fetch_seconds"]).column(0).to_pylist() if v is not None]
+    return [float(line) for path in sorted(timing_dir.glob("*.txt")) for line in path.read_text().split()]
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
 def count_samples(folder: Path, ext: str) -> int:
@@ -128,16 +170,21 @@ def _psutil() -> ModuleType:
     return psutil
 
 
-def run_child(tool: str, spec: dict, work: Path) -> dict:
+def run_child(tool: str, spec: dict, work: Path, timing_dir: Path) -> dict:
     """Run this script as `--child tool` and poll its process tree's memory until it exits."""
     psutil = _psutil()
 
     spec_path, result_path = work / f"{tool}.spec.json", work / f"{tool}.result.json"
     spec_path.write_text(json.dumps(spec))
     log = open(work / f"{tool}.log", "wb")
+    env = dict(os.environ)
+    if tool == "img2dataset":  # time its fetches in every process it spawns (see i2d_timing/sitecustomize.py)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent / "i2d_timing"),
+                                                          env.get("PYTHONPATH")]))
+        env["CURATE_BENCH_LATENCY_DIR"] = str(timing_dir)
     proc = psutil.Popen(
         [sys.executable, __file__, "--child", tool, "--spec", str(spec_path), "--result", str(result_path)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     peak = peak_private = 0
     while proc.poll() is None:
@@ -164,8 +211,9 @@ def run_child(tool: str, spec: dict, work: Path) -> dict:
 
 def print_table(rows: list[Measured], offered: int) -> None:
     print(f"\n{offered} fetchable URLs offered")
-    header = ("tool", "samples", "seconds", "samples/s", "peak RSS MiB", "private MiB", "driver maxrss MiB")
-    print("{:<24}{:>9}{:>9}{:>11}{:>14}{:>13}{:>19}".format(*header))
+    header = ("tool", "samples", "seconds", "samples/s", "peak RSS MiB", "private MiB", "driver maxrss MiB",
+              "p50 ms", "p99 ms")
+    print("{:<24}{:>9}{:>9}{:>11}{:>14}{:>13}{:>19}{:>9}{:>9}".format(*header))
     lines: list[tuple[str, Measured, float]] = []
     for row in rows:
         lines.append((row.tool, row, row.seconds))
@@ -173,8 +221,16 @@ def print_table(rows: list[Measured], offered: int) -> None:
             lines.append((f"{row.tool} (no Ray start)", row, row.seconds - row.startup))
     for name, row, seconds in lines:
         print(f"{name:<24}{row.samples:>9}{seconds:>9.2f}{row.samples / seconds:>11.1f}{row.peak_rss_mib:>14.0f}"
-              f"{row.peak_private_mib:>13.0f}{row.driver_maxrss_mib:>19.0f}")
+              f"{row.peak_private_mib:>13.0f}{row.driver_maxrss_mib:>19.0f}{row.p50_ms:>9.1f}{row.p99_ms:>9.1f}")
     by_tool = {row.tool: row for row in rows}
+    halves = {row.tool.removesuffix(" (half)"): row for row in rows if row.tool.endswith(" (half)")}
+    marginal = {}
+    for tool, half in halves.items():  # the rate once running: fixed costs (Ray's start, spawning) cancel out
+        full = by_tool[tool]
+        marginal[tool] = (full.samples - half.samples) / max(full.seconds - half.seconds, 1e-9)
+        print(f"{tool}: marginal samples/s (full run minus half run) {marginal[tool]:.1f}")
+    if {"curate", "img2dataset"} <= set(marginal):
+        print(f"curate/img2dataset marginal samples/s: {marginal['curate'] / marginal['img2dataset']:.2f}")
     if {"curate", "img2dataset"} <= set(by_tool):
         c, i = by_tool["curate"], by_tool["img2dataset"]
         reference = i.samples / i.seconds
@@ -186,7 +242,12 @@ def print_table(rows: list[Measured], offered: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000, help="pool rows generated (fetchable ones are served)")
+    parser.add_argument("--n", type=int, default=3000, help="pool rows generated (fetchable ones are served)")
+    parser.add_argument("--pool", choices=["sized", "demo"], default="sized",
+                        help="sized: web-sized JPEG photos and PNG graphics, 100-2000 px (make_sized_pool); "
+                             "demo: the demo pool's small images (160-640 px), planted faults left out")
+    parser.add_argument("--sides", choices=["uniform", "log"], default="uniform",
+                        help="sized pool: longer sides uniform in 100-2000 px, or log-uniform (mostly small images)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--resize-mode", default="border")
     parser.add_argument("--format", default="jpg", choices=["jpg", "png", "webp"])
@@ -196,6 +257,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=10)
     parser.add_argument("--retries", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp dir, removed after)")
+    parser.add_argument("--marginal", action="store_true",
+                        help="also run each tool on the first half of the list and print the marginal rate")
     parser.add_argument("--skip-img2dataset", action="store_true", help="run curate only")
     parser.add_argument("--set", action="append", default=[], help="extra curate pipeline override KEY=VALUE")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -218,21 +281,27 @@ def main() -> None:
     try:
         with FaultServer(work / "pool" / "files") as server:
             start = time.perf_counter()
-            urls, offered = make_url_list(work / "pool", args.n, server.base_url)
+            urls, offered = make_url_list(work / "pool", args.n, server.base_url, args.pool, args.sides)
             print(f"pool: {args.n} rows, {offered} fetchable, generated in {time.perf_counter() - start:.1f}s")
             rows: list[Measured] = []
-            tools = ["curate"] + ([] if args.skip_img2dataset else ["img2dataset"])
-            for tool in tools:
-                out = work / f"out-{tool}"
-                shutil.rmtree(out, ignore_errors=True)  # both tools resume from what they find: start empty
-                settings = vars(args) | {"out": None}  # JSON-able: the child needs only the numbers and names
-                spec = {"urls": str(urls), "out": str(out), "overrides": curate_overrides(args), "args": settings}
-                print(f"running {tool} ...", flush=True)
-                r = run_child(tool, spec, work)
-                samples = count_samples(out, args.format)
-                rows.append(Measured(tool, samples, r["seconds"], r["startup"], r["peak_rss_mib"],
-                                     r["peak_private_mib"], r["driver_maxrss_mib"]))
-                print(json.dumps(asdict(rows[-1])), flush=True)
+            lists = [("", urls)] + ([(" (half)", half_url_list(urls))] if args.marginal else [])
+            for tool in ["curate"] + ([] if args.skip_img2dataset else ["img2dataset"]):
+                for suffix, url_list in lists:
+                    name = f"{tool}{suffix}"
+                    out, timing_dir = work / f"out-{name}", work / f"latency-{name}"
+                    for folder in (out, timing_dir):  # both tools resume from what they find: start empty
+                        shutil.rmtree(folder, ignore_errors=True)
+                    timing_dir.mkdir(parents=True)
+                    settings = vars(args) | {"out": None}  # JSON-able: the child needs only the numbers and names
+                    spec = {"urls": str(url_list), "out": str(out), "overrides": curate_overrides(args),
+                            "args": settings}
+                    print(f"running {name} ...", flush=True)
+                    r = run_child(tool, spec, work, timing_dir)
+                    seconds = latencies(tool, out, timing_dir)
+                    rows.append(Measured(name, count_samples(out, args.format), r["seconds"], r["startup"],
+                                         r["peak_rss_mib"], r["peak_private_mib"], r["driver_maxrss_mib"],
+                                         percentile_ms(seconds, 50), percentile_ms(seconds, 99)))
+                    print(json.dumps(asdict(rows[-1])), flush=True)
         print_table(rows, offered)
     finally:
         if temp is not None:

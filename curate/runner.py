@@ -192,9 +192,12 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_r
         remote_args = {k: v for k, v in remote_args.items() if v is not None}
         if stage.has_setup() or res.gpus:
             size = res.concurrency or pool_size(res)
+            # a pinned concurrency starts every actor at once (growing from one costs seconds of a short run);
+            # a pool sized from the cluster grows as the other stages leave room
+            pool = ray.data.ActorPoolStrategy(min_size=res.concurrency or 1, max_size=size)
             ds = ds.map_batches(
-                worker_class(stage), batch_size=res.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), zero_copy_batch=False, **remote_args,
+                worker_class(stage), batch_size=res.batch_size, batch_format="pyarrow", compute=pool,
+                zero_copy_batch=False, **remote_args,
             )
         else:
             ds = ds.map_batches(

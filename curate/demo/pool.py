@@ -98,8 +98,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tu
     ]
 
 
-def _draw(rng: np.random.Generator, w: int, h: int, shape: str, colour: str, bg: str, alpha: bool = False
-          ) -> tuple[Image.Image, str]:
+def _draw(rng: np.random.Generator, w: int, h: int, shape: str, colour: str, bg: str, alpha: bool = False,
+          noise: bool = True) -> tuple[Image.Image, str]:
     """Renders one scene; returns the image and a size word ("small", "medium", "large") for the caption."""
     frac = float(rng.uniform(0.3, 0.9))
     r = frac * min(w, h) / 2
@@ -123,7 +123,7 @@ def _draw(rng: np.random.Generator, w: int, h: int, shape: str, colour: str, bg:
         draw.ellipse(box, outline=fill, width=max(2, int(r * 0.3)))
     else:
         draw.polygon(_polygon(shape, cx, cy, r, turn), fill=fill)
-    if not alpha:  # mild sensor-like noise: near-duplicate detection must look past it
+    if noise and not alpha:  # mild sensor-like noise: near-duplicate detection must look past it
         arr = np.asarray(img, dtype=np.int16) + rng.integers(-4, 5, size=(h, w, 3), dtype=np.int16)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     return img, "small" if frac < 0.5 else "medium" if frac < 0.72 else "large"
@@ -234,6 +234,31 @@ def make_pool(root: Path, n: int = 1000, seed: int = 0) -> list[PoolItem]:
         items.append(item)
         if kind == "clean":
             clean.append(item)
+    return items
+
+
+def make_sized_pool(root: Path, n: int, seed: int = 0, min_side: int = 100, max_side: int = 2000,
+                    png_share: float = 0.2, sides: str = "uniform") -> list[PoolItem]:
+    """A clean pool of web-sized images for throughput benchmarks: the longer side uniform (or, with
+    sides="log", log-uniform: mostly small) in [min_side, max_side], aspect 0.5-2, JPEG photos with sensor-like
+    noise and a `png_share` of flat-coloured PNG graphics (noisy PNGs would be unrealistically large)."""
+    if sides not in ("uniform", "log"):
+        raise ValueError(f"sides must be 'uniform' or 'log', got {sides!r}")
+    files = Path(root) / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    items: list[PoolItem] = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 1, i])
+        shape, colour, bg = _pick_scene(rng)
+        side = (rng.uniform(min_side, max_side) if sides == "uniform"
+                else math.exp(rng.uniform(math.log(min_side), math.log(max_side))))
+        aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+        w, h = (int(side), max(1, int(side / aspect))) if aspect >= 1 else (max(1, int(side * aspect)), int(side))
+        fmt = "PNG" if rng.random() < png_share else "JPEG"
+        img, size = _draw(rng, w, h, shape, colour, bg, noise=fmt == "JPEG")
+        name = f"{i:06d}.{_EXT[fmt]}"
+        _save(img, files / name, fmt)
+        items.append(PoolItem(name, "img", _caption(rng, shape, colour, bg, size), "clean"))
     return items
 
 

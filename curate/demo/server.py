@@ -1,7 +1,8 @@
 """A loopback HTTP server with planted faults, used by `curate demo`, tests and benchmarks.
 
 Each route plants one failure a real crawl meets (404, 403, 500, a 503 that clears on retry, a slow host,
-redirects, a redirect loop, a reset connection, a body shorter than its Content-Length), so the download stage
+redirects, a redirect loop, a reset connection, a body shorter than its Content-Length, a 429 with Retry-After,
+an endless chunked body that declares no length), so the download stage
 can be exercised end to end without the network. Standard library only.
 
     with FaultServer(root) as server:
@@ -11,6 +12,7 @@ can be exercised end to end without the network. Standard library only.
 from __future__ import annotations
 
 import collections
+import itertools
 import mimetypes
 import socket
 import struct
@@ -22,8 +24,8 @@ from types import TracebackType
 from urllib.parse import quote, unquote, urlsplit
 
 _ROUTES = frozenset(
-    {"img", "missing", "forbidden", "error", "flaky", "slow", "redirect", "loop", "reset", "lying", "drip", "to",
-     "tagged"}
+    {"img", "missing", "forbidden", "error", "flaky", "busy", "slow", "redirect", "loop", "reset", "lying", "drip",
+     "bloated", "to", "tagged"}
 )
 DRIP_SECONDS = 0.2  # the drip route sends one byte this often: every read succeeds, the whole never ends in time
 _STATUS_ONLY = {"missing": 404, "forbidden": 403, "error": 500}
@@ -41,11 +43,14 @@ class FaultServer:
         root: Path,
         *,
         slow_seconds: float = 30.0,
+        busy_retry_after: int = 1,
         robots_txt: str | None = None,
         x_robots_tag: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.slow_seconds = slow_seconds
+        self.busy_retry_after = busy_retry_after  # the Retry-After seconds of the busy route's first answer
+        self.bytes_sent: collections.Counter[str] = collections.Counter()  # body bytes of the bloated route
         self.robots_txt = robots_txt  # served at /robots.txt (404 when None)
         self.x_robots_tag = x_robots_tag  # sent with files served by the "tagged" route
         self.requests: collections.Counter[str] = collections.Counter()
@@ -53,7 +58,7 @@ class FaultServer:
         self.max_in_flight = 0  # the most requests handled at once, for per-host concurrency tests
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._flaky_seen: set[str] = set()
+        self._first_seen: set[str] = set()
         self._conns: set[socket.socket] = set()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -119,10 +124,10 @@ class FaultServer:
         with self._lock:
             self.requests[path] += 1
 
-    def _first_flaky(self, path: str) -> bool:
+    def _first_request(self, path: str) -> bool:
         with self._lock:
-            first = path not in self._flaky_seen
-            self._flaky_seen.add(path)
+            first = path not in self._first_seen
+            self._first_seen.add(path)
             return first
 
     def _track(self, conn: socket.socket, alive: bool) -> None:
@@ -202,8 +207,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.close()
             return None
-        if route == "flaky" and fault._first_flaky(path):
+        if route == "flaky" and fault._first_request(path):
             return self._reply(503, b"try again\n", headers={"Retry-After": "0"}, send_body=send_body)
+        if route == "busy" and fault._first_request(path):
+            return self._reply(429, b"slow down\n", headers={"Retry-After": str(fault.busy_retry_after)},
+                               send_body=send_body)
         if route == "slow" and fault._stop.wait(fault.slow_seconds):
             self.close_connection = True  # stopped while sleeping: hang up without answering
             return None
@@ -226,9 +234,31 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             self.close_connection = True
             return None
+        if route == "bloated":
+            return self._bloat(path, data, ctype)
         if route == "tagged" and fault.x_robots_tag is not None:
             return self._reply(200, data, ctype=ctype, send_body=send_body, headers={"X-Robots-Tag": fault.x_robots_tag})
         return self._reply(200, data, ctype=ctype, send_body=send_body)
+
+    def _bloat(self, path: str, data: bytes, ctype: str) -> None:
+        """The file, then zeros without end, chunked with no Content-Length: only the client's own byte cap stops
+        it. Bytes sent are counted per path."""
+        fault = self.server.fault
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.close_connection = True
+        filler = bytes(64 * 1024)
+        try:
+            for piece in itertools.chain([data], itertools.repeat(filler)):
+                if fault._stop.is_set():
+                    break
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                with fault._lock:
+                    fault.bytes_sent[path] += len(piece)
+        except OSError:
+            pass  # the client hung up: what it should do
 
     def _reply(
         self,

@@ -175,6 +175,7 @@ class DownloadStage(Stage):
             "height": pa.int32(),
             "original_width": pa.int32(),
             "original_height": pa.int32(),
+            "fetch_seconds": pa.float32(),  # this row's fetch, retries and waits for the host included
         }
 
     def retryable(self, reason: str) -> bool:
@@ -218,7 +219,7 @@ class DownloadStage(Stage):
             if isinstance(result, FetchError):
                 (outcomes.filter if result.status == FILTERED else outcomes.fail)(i, result.reason)
                 continue
-            image, raw_size, digest = result
+            image, raw_size, digest, fetch_seconds = result
             for column, value in (
                 ("image", image.data),
                 ("image_ext", image.ext),
@@ -229,13 +230,16 @@ class DownloadStage(Stage):
                 ("height", image.height),
                 ("original_width", image.original_width),
                 ("original_height", image.original_height),
+                ("fetch_seconds", fetch_seconds),
             ):
                 outcomes.set(i, column, value)
         return outcomes.apply(batch)
 
     def _download_one(self, job: tuple[str | None, tuple | None]):
-        """(DecodedImage, size, sha256) or the FetchError that stops the row; one bad row never fails its batch."""
+        """(DecodedImage, size, sha256, fetch seconds) or the FetchError that stops the row; one bad row never fails
+        its batch."""
         url, source = job
+        start = time.monotonic()
         try:
             raw = self._read_source(*source) if source and source[0] else self._fetch_with_retries(url)
         except FetchError as err:
@@ -243,6 +247,7 @@ class DownloadStage(Stage):
         except Exception:  # a failure we did not foresee is this row's, not the batch's
             log.exception("download of %s failed unexpectedly", url)
             return FetchError("download:error")
+        fetched = time.monotonic()
         try:
             image = decode_and_resize(raw, self._spec, self._decode_budget)
         except ImageRejected as err:
@@ -250,7 +255,7 @@ class DownloadStage(Stage):
         except Exception:
             log.exception("decoding %s failed unexpectedly", url)
             return FetchError("decode:error")
-        return image, len(raw), hashlib.sha256(raw).hexdigest()
+        return image, len(raw), hashlib.sha256(raw).hexdigest(), fetched - start
 
     def _fetch_with_retries(self, url: str | None) -> bytes:
         cfg: DownloadConfig = self.config  # type: ignore[assignment]

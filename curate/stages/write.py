@@ -23,8 +23,8 @@ from curate.ledger import ShardEntry
 from curate.schema import NOT_IN_SAMPLE_JSON, is_timing_column
 
 SHARDS = "shards"
-# A fixed mtime makes reruns produce byte-identical tars.
-TAR_MTIME = 0.0
+# A fixed mtime makes reruns produce byte-identical tars; an int, as a float mtime gets a pax header per member.
+TAR_MTIME = 0
 
 
 @dataclass

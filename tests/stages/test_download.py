@@ -214,3 +214,32 @@ def test_a_server_that_trickles_bytes_cannot_outlast_the_total_timeout(fault_ser
     elapsed = time.monotonic() - start
     assert outcomes(out) == [("failed", "download:timeout")]
     assert elapsed <= TIMEOUT + 1.0
+
+
+def test_429_retry_after_is_waited_out_then_succeeds(fault_server: FaultServer, names) -> None:
+    url = fault_server.url("busy", names["clean"][3])
+    start = time.monotonic()
+    out = make_stage(retries=1).process(batch([url]))
+    assert outcomes(out) == [("ok", None)]
+    assert fault_server.requests[path_of(url)] == 2
+    assert time.monotonic() - start >= fault_server.busy_retry_after * 0.95
+
+
+def test_429_without_retries_left_is_a_retryable_failure(fault_server: FaultServer, names) -> None:
+    url = fault_server.url("busy", names["clean"][4])
+    stage = make_stage(retries=0)
+    assert outcomes(stage.process(batch([url]))) == [("failed", "download:http_429")]
+    assert stage.retryable("download:http_429")
+
+
+def test_endless_body_without_length_stops_at_max_bytes(fault_server: FaultServer, names) -> None:
+    """Chunked, no Content-Length, never ending: the byte cap, not the deadline, ends it, and we stop reading."""
+    url = fault_server.url("bloated", names["clean"][5])
+    max_bytes = 1 << 20
+    start = time.monotonic()
+    out = make_stage(max_bytes=max_bytes, timeout=20).process(batch([url]))
+    assert outcomes(out) == [("failed", "download:too_large")]
+    assert time.monotonic() - start < 10
+    time.sleep(0.2)  # let the server notice the hang-up
+    # what the server got out before the hang-up: the cap plus what socket buffers hold, not a stream read to the end
+    assert max_bytes < fault_server.bytes_sent[path_of(url)] < 32 * max_bytes
