@@ -82,6 +82,8 @@ def _first_error(source: str, err: ValidationError, prefix: tuple[Any, ...] = ()
         return CurateError(f"{source}: {loc}: unknown key")
     if e["type"] == "missing":
         return CurateError(f"{source}: {loc}: required key missing")
+    if e["type"] == "value_error":  # our own validators: the message already says what was given and expected
+        return CurateError(f"{source}: {loc}: {e['msg'].removeprefix('Value error, ')}")
     return CurateError(f"{source}: {loc}: {e['msg']}; got {e['input']!r}")
 
 

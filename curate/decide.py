@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from curate import parts as part_store
 from curate.config import PipelineConfig, RayConfig
+from curate.embeddings import EmbeddingWriter
 from curate.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
 from curate.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
 from curate.stages.write import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
@@ -140,6 +141,7 @@ def decide_and_write(
     width = key_width(per_shard)
     writers = ShardWriters(out, local, config.ray)
     ledger = LedgerWriter(out)
+    embeddings = EmbeddingWriter(out)
     seconds: Counter[str] = Counter()
     stopped_by: Counter[str] = Counter()
     plan = ShardPlan(index=0)
@@ -150,6 +152,7 @@ def decide_and_write(
             table = pq.read_table(part, columns=names)
             table = table.take(pc.sort_indices(table.column("row")))
             table = _apply_decisions(table, decisions)
+            embeddings.write(table)
             for name in names:
                 if name.endswith("_seconds"):
                     seconds[name[: -len("_seconds")]] += pc.sum(table.column(name)).as_py() or 0.0
@@ -182,6 +185,7 @@ def decide_and_write(
         ledger.abort()
         raise
     _remove_stale_shards(out, keep=len(entries))
+    embeddings.close()
     ledger.close()
     write_seconds = time.perf_counter() - write_start
 
@@ -200,6 +204,7 @@ def decide_and_write(
         created=created,
         input_rows=input_rows,
         shards=entries,
+        embeddings=embeddings.files,
         totals_by_status={s: ledger.by_status.get(s, 0) for s in ("kept", "filtered", "failed")},
         totals_by_reason=dict(sorted(ledger.by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
         stages=stats,

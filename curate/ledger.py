@@ -43,6 +43,7 @@ class Manifest(BaseModel):
     created: str
     input_rows: int
     shards: list[ShardEntry]
+    embeddings: list[str] = []  # embeddings/ files (uid + vectors), when a stage stored embeddings
     totals_by_status: dict[str, int]
     totals_by_reason: dict[str, int]
     stages: list[StageStats]

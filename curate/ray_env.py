@@ -48,8 +48,9 @@ def worker_cpus(resources: Resources) -> float:
     return max(0.05, min(resources.cpus, largest - RESERVED_CPUS))
 
 
-def pool_size(resources: Resources) -> int:
-    """Actors a stage can have at once on this cluster, leaving room for the lightweight tasks around it."""
+def pool_size(resources: Resources, stage: str = "a stage") -> int:
+    """Actors a stage can have at once on this cluster, leaving room for the lightweight tasks around it; refuses
+    GPUs or custom resources the cluster does not have (Ray would wait for them forever)."""
     import ray
 
     available = ray.cluster_resources()
@@ -59,13 +60,13 @@ def pool_size(resources: Resources) -> int:
         gpus = available.get("GPU", 0.0)
         if gpus < resources.gpus:
             raise CurateError(
-                f"a stage asks for {resources.gpus} GPU per worker but the cluster has {gpus:g} GPUs; "
-                "set resources.gpus: 0 to run it on CPUs"
+                f"{stage} asks for {resources.gpus:g} GPU per worker but the cluster has {gpus:g} GPUs; "
+                f"set {stage}.resources.gpus: 0 to run it on CPUs"
             )
         size = min(size, int(gpus / resources.gpus))
     for name, amount in resources.custom.items():
         have = available.get(name, 0.0)
         if have < amount:
-            raise CurateError(f"a stage asks for custom resource '{name}: {amount}' but the cluster has {have:g}")
+            raise CurateError(f"{stage} asks for custom resource '{name}: {amount:g}' but the cluster has {have:g}")
         size = min(size, int(have / amount))
     return size

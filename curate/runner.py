@@ -191,10 +191,11 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_r
             remote_args["resources"] = res.custom
         remote_args = {k: v for k, v in remote_args.items() if v is not None}
         if stage.has_setup() or res.gpus:
-            size = res.concurrency or pool_size(res)
-            # a pinned concurrency starts every actor at once (growing from one costs seconds of a short run);
-            # a pool sized from the cluster grows as the other stages leave room
-            pool = ray.data.ActorPoolStrategy(min_size=res.concurrency or 1, max_size=size)
+            fits = pool_size(res, stage.name)  # also refuses GPUs or custom resources the cluster lacks, before any work
+            # a pinned concurrency starts as many actors at once as fit now (growing from one costs seconds of a
+            # short run) and may grow to the pin as nodes join; otherwise the pool grows as other stages leave room
+            pool = ray.data.ActorPoolStrategy(min_size=min(res.concurrency, fits) if res.concurrency else 1,
+                                              max_size=res.concurrency or fits)
             ds = ds.map_batches(
                 worker_class(stage), batch_size=res.batch_size, batch_format="pyarrow", compute=pool,
                 zero_copy_batch=False, **remote_args,
@@ -237,6 +238,8 @@ def run_pipeline(
     # absolute: workers on other nodes (or in other working directories) write to the same place
     out = Path(config.output.path).expanduser().resolve()
     stages, global_stages = build_stages(config)
+    for stage in stages:
+        stage.preflight()  # model specs, weights, files: one clear line before any work starts
     sources = validate_input(config.input)
     prepare_output(out, config, sources)
     chunks = stage_input(config.input, sources, out / "input")

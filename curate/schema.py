@@ -81,6 +81,11 @@ def is_timing_column(name: str) -> bool:
     return name.endswith("_seconds")
 
 
+def is_embedding_column(name: str) -> bool:
+    """Vectors (``image_embedding``, ``text_embedding``): published under embeddings/, not in shards or ledger."""
+    return name.endswith("_embedding")
+
+
 def check_column_flow(config: Any, source: str) -> None:
     """Every stage's input columns must be produced by the reader or an earlier stage; the writer's too."""
     from curate.stages import STAGES

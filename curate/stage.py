@@ -113,6 +113,10 @@ class Stage(ABC):
         """Whether a row this stage failed with ``reason`` may succeed if tried again (`curate run --retry-failed`)."""
         return False
 
+    def preflight(self) -> None:
+        """Runs once in the driver before any work: check what config validation cannot (files, model specs,
+        weights) and raise CurateError with one line a person can act on."""
+
     def has_setup(self) -> bool:
         """Stages that override setup() keep state per worker, so the runner gives them an actor pool."""
         return type(self).setup is not Stage.setup

@@ -57,13 +57,17 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def make_pipeline():
-    """pipelines/demo.yaml with test-friendly timeouts and small shards, plus any `--set` strings given."""
+    """pipelines/demo.yaml with test-friendly timeouts and small shards, plus any `--set` strings given; `score`
+    (a ScoreConfig) appends a score stage."""
     from curate.config import load_pipeline
 
-    def make(*sets: str):
+    def make(*sets: str, score=None):
         base = ["download.timeout=1.5", "download.retries=1", "download.backoff=0.05",
                 "output.samples_per_shard=40", "input.rows_per_chunk=50"]
-        return load_pipeline(REPO / "pipelines" / "demo.yaml", base + list(sets))
+        config = load_pipeline(REPO / "pipelines" / "demo.yaml", base + list(sets))
+        if score is not None:
+            config.stages.append(score)
+        return config
 
     return make
 
@@ -85,3 +89,27 @@ def download_outcomes():
         return list(zip(out.column("status").to_pylist(), out.column("reason").to_pylist()))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random-init curate-tiny CLIP saved as a checkpoint folder (open_clip_config.json + safetensors)."""
+    import json
+
+    import open_clip
+    import torch
+
+    from curate.models.clip import BUNDLED_CONFIGS, save_checkpoint_dir
+
+    torch.manual_seed(0)
+    config = BUNDLED_CONFIGS / "curate-tiny.json"
+    open_clip.add_model_config(config)
+    model = open_clip.create_model("curate-tiny")
+    return save_checkpoint_dir(model, json.loads(config.read_text()), tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def pool_images(demo_pool):
+    """(image bytes, caption) of the demo pool's clean rows, as the score stage receives them."""
+    root, items = demo_pool
+    return [((root / "files" / item.name).read_bytes(), item.caption) for item in items if item.kind == "clean"]

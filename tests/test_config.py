@@ -202,3 +202,13 @@ def test_cli_subprocess_exit_codes(tmp_path: Path) -> None:
     assert bad.returncode == 2
     lines = bad.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("curate: error:") and "timeout" in lines[0], bad.stderr
+
+
+def test_resize_mode_no_survives_yaml(tmp_path) -> None:
+    """YAML 1.1 reads a bare `no` as false; `resize_mode: no` must still mean img2dataset's "no"."""
+    from curate.config import load_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\nstages:\n  - stage: download\n    resize_mode: no\n")
+    assert load_pipeline(path, []).stages[0].resize_mode == "no"
+    assert load_pipeline(path, ["download.resize_mode=no"]).stages[0].resize_mode == "no"

@@ -81,6 +81,11 @@ class DownloadConfig(StageConfig):
                              "robots.txt rules can address it")
         return self
 
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
     @field_validator("allowed_networks")
     @classmethod
     def _networks_parse(cls, value: list[str]) -> list[str]:

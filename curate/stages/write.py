@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.ledger import ShardEntry
-from curate.schema import NOT_IN_SAMPLE_JSON, is_timing_column
+from curate.schema import NOT_IN_SAMPLE_JSON, is_embedding_column, is_timing_column
 
 SHARDS = "shards"
 # A fixed mtime makes reruns produce byte-identical tars; an int, as a float mtime gets a pax header per member.
@@ -83,7 +83,8 @@ def _json_value(value: Any) -> Any:
 def _load_rows(plan: ShardPlan) -> pa.Table:
     tables = []
     for part, rows in plan.parts:
-        table = pq.read_table(part, filters=[("row", "in", rows)])  # only the rows (and images) this shard needs
+        columns = [c for c in pq.ParquetFile(part).schema_arrow.names if not is_embedding_column(c)]
+        table = pq.read_table(part, columns=columns, filters=[("row", "in", rows)])  # only the rows (and images) this shard needs
         # keep the plan's order, which is the row order within the part
         order = pc.sort_indices(table.column("row"))
         tables.append(table.take(order))

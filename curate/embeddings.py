@@ -1,0 +1,67 @@
+"""Embeddings published under ``embeddings/``: uid plus L2-normalised float16 vectors, one parquet file per stored
+part, the model that made them in each file's metadata. Every row that was embedded is there, whatever was later
+decided about it, so decisions over embeddings (semantic dedup, thresholds) can be redone without a GPU.
+
+Read them with pyarrow (the folder is one dataset)::
+
+    t = pq.read_table("out/embeddings"); vectors = np.stack(t["image_embedding"].to_numpy(zero_copy_only=False))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.schema import is_embedding_column
+
+EMBEDDINGS = "embeddings"
+MODEL_KEY = b"model"
+
+
+class EmbeddingWriter:
+    """Writes the embedded rows of each part as the decide phase streams the parts; removes leftovers at close."""
+
+    def __init__(self, out: Path) -> None:
+        self.folder = Path(out) / EMBEDDINGS
+        self.files: list[str] = []
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        columns = [c for c in table.column_names if is_embedding_column(c)]
+        if not columns:
+            return
+        table = table.filter(pc.is_valid(table.column(columns[0])))
+        if not table.num_rows:
+            return
+        metadata = {}
+        if "clip_model" in table.column_names:
+            metadata[MODEL_KEY] = str(table.column("clip_model")[0].as_py()).encode()
+        rows = table.select(["uid", *columns]).replace_schema_metadata(metadata)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{len(self.files):05d}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        pq.write_table(rows, tmp)
+        os.replace(tmp, self.folder / name)
+        self.files.append(f"{EMBEDDINGS}/{name}")
+        self.rows += rows.num_rows
+
+    def close(self) -> None:
+        """Files past this run's last one are an earlier run's (e.g. before a rerun with fewer parts)."""
+        if not self.folder.exists():
+            return
+        keep = {Path(f).name for f in self.files}
+        for path in self.folder.iterdir():
+            if path.name not in keep:
+                path.unlink()
+
+
+def read_embeddings(out: Path, column: str = "image_embedding") -> tuple[list[str], np.ndarray]:
+    """(uids, float16 matrix of shape (n, dim)) from a run's embeddings/ folder."""
+    table = pq.read_table(Path(out) / EMBEDDINGS, columns=["uid", column])
+    values = table.column(column).combine_chunks()
+    return table.column("uid").to_pylist(), values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)

@@ -1,0 +1,1 @@
+"""Model loading (open_clip) and checkpoint formats."""

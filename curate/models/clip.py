@@ -1,0 +1,220 @@
+"""Loading CLIP models for scoring, through open_clip's own loading code.
+
+A model is named by a ``ClipSpec``:
+
+- an open_clip architecture with a pretrained tag (``ViT-B-32`` + ``laion2b_s34b_b79k``: downloaded where the hub is
+  reachable) or a path to a weights file (``pretrained: /ckpt/epoch_5.pt``);
+- ``hf-hub:org/repo`` (open_clip_config.json and weights from the hub);
+- a local checkpoint folder (``local-dir:/path`` or just the path): open_clip_config.json + weights, the layout the
+  bundled trainer and open_clip's push_to_hub write;
+- a custom architecture: ``architecture_file: tiny.json`` registers that model-config JSON under its file stem.
+
+Weights load with ``torch.load(weights_only=True)`` or safetensors only: a checkpoint carrying pickled objects is
+refused with a message, never unpickled. Nothing here imports torch until a model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+
+HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# Architectures that ship with curate (tiny ones for tests, demos and CPU benchmarks), by file stem.
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    model: str
+    pretrained: str | None = None
+    architecture_file: str | None = None
+
+    def open_clip_name(self) -> str:
+        """The name open_clip's create_model gets: a bare folder path becomes ``local-dir:<absolute path>``."""
+        if self.model.startswith((HF_HUB, LOCAL_DIR)):
+            if self.model.startswith(LOCAL_DIR):
+                return LOCAL_DIR + str(Path(self.model[len(LOCAL_DIR):]).expanduser().resolve())
+            return self.model
+        if Path(self.model).expanduser().is_dir():
+            return LOCAL_DIR + str(Path(self.model).expanduser().resolve())
+        return self.model
+
+    def describe(self) -> str:
+        """What a score was computed with, as stored beside it: ``ViT-B-32/laion2b_s34b_b79k``, ``hf-hub:org/x``,
+        ``local-dir:/abs/path``."""
+        name = self.open_clip_name()
+        if name.startswith((HF_HUB, LOCAL_DIR)) or not self.pretrained:
+            return name
+        tag = str(Path(self.pretrained).expanduser().resolve()) if _looks_like_path(self.pretrained) else self.pretrained
+        return f"{name}/{tag}"
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith(WEIGHT_SUFFIXES) or "/" in value or Path(value).expanduser().exists()
+
+
+def builtin_architectures() -> list[str]:
+    """open_clip's architecture names, read from its model_configs folder without importing it (and torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.origin:
+        raise CurateError("open_clip is not installed: pip install open-clip-torch")
+    return sorted(p.stem for p in (Path(spec.origin).parent / "model_configs").glob("*.json"))
+
+
+def bundled_architecture(name: str) -> Path | None:
+    path = BUNDLED_CONFIGS / f"{name}.json"
+    return path if path.is_file() else None
+
+
+def check_spec(spec: ClipSpec) -> None:
+    """Checks what can be checked without torch or the network; raises ValueError with a message to act on."""
+    name = spec.open_clip_name()
+    if name.startswith(HF_HUB):
+        if not name[len(HF_HUB):].strip("/") or name.count("/") != 1:
+            raise ValueError(f"'{spec.model}': an hf-hub id looks like 'hf-hub:org/repo'")
+        return
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name[len(LOCAL_DIR):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ValueError(f"'{spec.model}': no open_clip_config.json in {folder} (a checkpoint folder holds "
+                             "open_clip_config.json and the weights)")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+            raise ValueError(f"'{spec.model}': no weights file ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+        return
+    if name.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"checkpoint folder {spec.model} does not exist")
+    known = builtin_architectures() + [p.stem for p in BUNDLED_CONFIGS.glob("*.json")]
+    if spec.architecture_file:
+        path = Path(spec.architecture_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"architecture_file {path} does not exist")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"architecture_file {path} is not a readable JSON model config ({err})") from None
+        if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
+            raise ValueError(f"architecture_file {path}: a model config needs embed_dim, vision_cfg and text_cfg")
+        known.append(path.stem)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+        hint = f"; closest known: {', '.join(close)}" if close else "; `open_clip.list_models()` lists them"
+        raise ValueError(f"unknown architecture '{spec.model}'{hint}")
+    if spec.pretrained and _looks_like_path(spec.pretrained) and not Path(spec.pretrained).expanduser().is_file():
+        raise ValueError(f"pretrained weights file {spec.pretrained} does not exist")
+
+
+def _register_architecture(spec: ClipSpec) -> None:
+    import open_clip
+
+    if spec.architecture_file:
+        open_clip.add_model_config(Path(spec.architecture_file).expanduser())
+    elif bundled_architecture(spec.model) is not None:
+        open_clip.add_model_config(bundled_architecture(spec.model))
+
+
+def _weights_files(spec: ClipSpec) -> list[Path]:
+    """Local weight files this spec will load (hub downloads are checked as they load)."""
+    name = spec.open_clip_name()
+    if name.startswith(LOCAL_DIR):
+        return [p for p in Path(name[len(LOCAL_DIR):]).iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if spec.pretrained and _looks_like_path(spec.pretrained):
+        return [Path(spec.pretrained).expanduser()]
+    return []
+
+
+def check_weights_only(path: Path) -> None:
+    """Refuse a checkpoint that is more than tensors and plain containers (a pickle could run any code)."""
+    if path.suffix == ".safetensors":
+        return  # tensors and a JSON header by construction
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CurateError(
+            f"{path}: refusing to load a checkpoint that holds pickled objects, not only tensors ({first}); "
+            "re-save its state_dict with torch.save or as safetensors") from None
+    except RuntimeError:
+        # mmap needs the zipfile format (torch >= 1.6); older files are read without it, still weights-only
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CurateError(f"{path}: refusing to load a checkpoint that holds pickled objects ({err})") from None
+
+
+def preflight(spec: ClipSpec) -> None:
+    """In the driver, before any work: the spec resolves, its tag exists, local weights are weights only."""
+    try:
+        check_spec(spec)
+    except ValueError as err:
+        raise CurateError(str(err)) from None
+    name = spec.open_clip_name()
+    if spec.pretrained and not name.startswith((HF_HUB, LOCAL_DIR)) and not _looks_like_path(spec.pretrained):
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if spec.pretrained not in tags:
+            close = difflib.get_close_matches(spec.pretrained, tags, n=4, cutoff=0.3) or tags[:6]
+            raise CurateError(f"no pretrained tag '{spec.pretrained}' for {name}; known: {', '.join(close) or 'none'}")
+    for path in _weights_files(spec):
+        check_weights_only(path)
+
+
+@dataclass
+class LoadedClip:
+    model: Any  # open_clip CLIP / CustomTextCLIP, eval mode, on its device
+    preprocess: Any  # PIL image -> CHW float tensor (the model's own eval transform)
+    tokenizer: Any  # list[str] -> LongTensor
+    name: str  # ClipSpec.describe()
+
+
+def load_clip(spec: ClipSpec, device: str = "cpu") -> LoadedClip:
+    """The model, its eval preprocessing and tokenizer, by open_clip's loading code (weights only)."""
+    import open_clip
+
+    _register_architecture(spec)
+    name = spec.open_clip_name()
+    for path in _weights_files(spec):
+        check_weights_only(path)
+    pretrained = None if name.startswith((HF_HUB, LOCAL_DIR)) else spec.pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=True, load_weights=True,
+        )
+    except pickle.UnpicklingError as err:
+        raise CurateError(f"{spec.describe()}: refusing to load a checkpoint that holds pickled objects ({err})") \
+            from None
+    model.eval()
+    return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), spec.describe())
+
+
+def save_checkpoint_dir(model: Any, model_cfg: dict, folder: Path, extra: dict | None = None) -> Path:
+    """Save ``model`` as a checkpoint folder any ClipSpec (and open_clip's ``local-dir:``) loads: its config with
+    the model's eval preprocessing, and safetensors weights. Written to a temporary folder, then renamed."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess, **(extra or {})}
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder

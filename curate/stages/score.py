@@ -1,0 +1,163 @@
+"""The score stage: CLIP image and text embeddings, once per sample, and their cosine as ``clip_score``.
+
+Every later decision (thresholds, top-k%, semantic dedup, caption choice) is a query over what this stage stores:
+``clip_score`` and ``clip_model`` in the metadata (and each sample's .json), and L2-normalised float16
+``image_embedding`` / ``text_embedding`` that the writer publishes under ``embeddings/`` keyed by uid.
+
+The model loads once per actor in ``setup()``. Images are decoded and put through the model's own eval transform by
+a thread pool (Pillow releases the GIL) while the previous chunk runs on the device, so the GPU is not left waiting
+on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from curate.errors import CurateError
+from curate.models.clip import ClipSpec, check_spec, load_clip, preflight
+from curate.stage import Resources, RowOutcomes, Stage, StageConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = pa.list_(pa.float16())
+
+
+class ScoreConfig(StageConfig):
+    stage: Literal["score"] = "score"
+    resources: Resources = Field(default_factory=lambda: Resources(cpus=1.0, batch_size=256))
+    model: str = Field("ViT-B-32", description="open_clip architecture, 'hf-hub:org/repo', or a checkpoint folder "
+                                               "('local-dir:/path' or the path: open_clip_config.json + weights)")
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="pretrained tag or weights file for an architecture name (null: random "
+                                         "init); ignored for hf-hub and checkpoint folders")
+    architecture_file: str | None = Field(
+        None, description="model-config JSON of a custom architecture, registered under its file stem")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it (else fp16), fp32 on CPU")
+    store_embeddings: bool = Field(True, description="keep image and text embeddings (float16) under embeddings/")
+    preprocess_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images per worker")
+    chunk_size: int = Field(64, ge=1, description="rows per forward pass (a batch is cut into chunks)")
+
+    @model_validator(mode="after")
+    def _spec_resolves(self) -> ScoreConfig:
+        try:
+            check_spec(self.spec())
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def spec(self) -> ClipSpec:
+        return ClipSpec(self.model, self.pretrained, self.architecture_file)
+
+
+class ScoreStage(Stage):
+    name = "score"
+    Config = ScoreConfig
+    funnel = (("score", "scored"),)
+
+    def inputs(self) -> list[str]:
+        return ["image", "caption"]
+
+    def outputs(self) -> dict[str, pa.DataType]:
+        columns: dict[str, pa.DataType] = {"clip_score": pa.float32(), "clip_model": pa.string()}
+        if self.config.store_embeddings:  # type: ignore[attr-defined]
+            columns |= {"image_embedding": EMBEDDING, "text_embedding": EMBEDDING}
+        return columns
+
+    def preflight(self) -> None:
+        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        preflight(cfg.spec())
+
+    def setup(self) -> None:
+        import torch
+
+        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        self._torch = torch
+        if cfg.resources.gpus > 0:
+            if not torch.cuda.is_available():
+                raise CurateError(f"score.resources.gpus is {cfg.resources.gpus:g} but this worker sees no CUDA "
+                                  "device; set score.resources.gpus: 0 to score on CPUs")
+            self._device = "cuda"
+        else:
+            self._device = "cpu"
+            torch.set_num_threads(max(1, int(round(cfg.resources.cpus))))  # not every core of a shared node
+        self._clip = load_clip(cfg.spec(), self._device)
+        self._autocast = self._autocast_dtype(cfg.precision)
+        self._threads = ThreadPoolExecutor(cfg.preprocess_threads, thread_name_prefix="score-preprocess")
+
+    def _autocast_dtype(self, precision: str):
+        torch = self._torch
+        if precision == "fp32" or (precision == "auto" and self._device == "cpu"):
+            return None
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def _pixels(self, data: bytes | None):
+        """The model's input tensor for one stored image, or None for bytes that do not decode."""
+        from PIL import Image
+
+        if not data:
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return self._clip.preprocess(img.convert("RGB"))
+        except Exception:  # a stored image that no longer decodes is this row's failure, not the batch's
+            return None
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        outcomes = RowOutcomes(batch.num_rows, self.outputs())
+        captions = [c or "" for c in batch.column("caption").to_pylist()]
+        pixels = self._threads.map(self._pixels, batch.column("image").to_pylist())  # lazily, in order
+        chunk: list[tuple[int, object]] = []
+        for i, tensor in enumerate(pixels):
+            if tensor is None:
+                outcomes.fail(i, "score:bad_image")
+                continue
+            chunk.append((i, tensor))
+            if len(chunk) == cfg.chunk_size:
+                self._score(chunk, captions, outcomes)
+                chunk = []
+        if chunk:
+            self._score(chunk, captions, outcomes)
+        return outcomes.apply(batch)
+
+    def _score(self, chunk: list[tuple[int, object]], captions: list[str], outcomes: RowOutcomes) -> None:
+        torch = self._torch
+        rows = [i for i, _ in chunk]
+        images = torch.stack([t for _, t in chunk]).to(self._device, non_blocking=True)
+        texts = self._clip.tokenizer([captions[i] for i in rows]).to(self._device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(self._device, dtype=self._autocast or torch.float32,
+                                                    enabled=self._autocast is not None):
+            image_features = self._clip.model.encode_image(images)
+            text_features = self._clip.model.encode_text(texts)
+        # normalise and compare in fp32 whatever the forward ran in
+        image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
+        text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
+        scores = (image_features * text_features).sum(dim=-1).cpu().numpy()
+        image_half = image_features.half().cpu().numpy()
+        text_half = text_features.half().cpu().numpy()
+        store = "image_embedding" in outcomes.columns
+        for j, i in enumerate(rows):
+            outcomes.set(i, "clip_score", float(scores[j]))
+            outcomes.set(i, "clip_model", self._clip.name)
+            if store:
+                outcomes.set(i, "image_embedding", image_half[j])
+                outcomes.set(i, "text_embedding", text_half[j])
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list<halffloat> column as an (n, dim) float16 array (rows must all be present)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.null_count:
+        raise ValueError("embedding column has missing rows")
+    flat = array.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(array), -1) if len(array) else flat.reshape(0, 0)
