@@ -49,6 +49,35 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return inspect_run(Path(args.output), sample=args.sample, reason=args.reason, verify=args.verify)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from curate.train.config import load_train_config
+    from curate.train.loop import train
+
+    sets = list(args.set) + ([f"data={args.data}"] if args.data else []) + (
+        [f"output={args.output}"] if args.output else [])
+    config = load_train_config(args.config, sets)
+    result = train(config, progress=not args.quiet)
+    terms = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
+    print(f"trained to step {result.step}: {result.samples_seen} samples seen, {result.skipped} skipped, {terms}; "
+          f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from curate.models.clip import ClipSpec
+    from curate.train.eval import evaluate, print_table
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+    results = evaluate(ClipSpec(args.model, args.pretrained, args.architecture_file), args.data,
+                       classnames=classes, templates=args.template or ["a photo of a {}."], label_key=args.label_key)
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from curate.schema import write_schemas
 
@@ -96,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="print rows with this reason (or status: kept, filtered, failed)")
     p.add_argument("--verify", action="store_true", help="also check the ledger against the tars")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("train", help="train a CLIP-style model on WebDataset shards (resumes from --output)")
+    p.add_argument("config", nargs="?", help="train config YAML (default: the built-in defaults)")
+    p.add_argument("--data", help="shards: folder, glob or file (overrides data)")
+    p.add_argument("--output", help="folder for checkpoints and the log (overrides output)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. steps=2000 or objectives=[clip,siglip]")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="retrieval recall@K and zero-shot accuracy of a model on an eval set")
+    p.add_argument("--model", required=True, help="checkpoint folder, architecture name or hf-hub:org/repo")
+    p.add_argument("--pretrained", help="tag or weights file, for an architecture name")
+    p.add_argument("--architecture-file", help="model-config JSON of a custom architecture")
+    p.add_argument("--data", required=True, help="eval shards (folder/glob) or a parquet of image_path, caption")
+    p.add_argument("--classes", help="comma-separated class names: adds zero-shot accuracy over the samples' labels")
+    p.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    p.add_argument("--label-key", default="label", help="the label's key in each sample's .json or parquet column")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("schema", help="write the JSON schemas of pipelines, records, ledger and manifest")
     p.add_argument("--write", default="schemas", metavar="DIR")

@@ -113,3 +113,13 @@ def pool_images(demo_pool):
     """(image bytes, caption) of the demo pool's clean rows, as the score stage receives them."""
     root, items = demo_pool
     return [((root / "files" / item.name).read_bytes(), item.caption) for item in items if item.kind == "clean"]
+
+
+@pytest.fixture(scope="session")
+def curated_shards(url_list, make_pipeline, tmp_path_factory, fault_server) -> Path:
+    """The demo pool curated in-process (no Ray): its shards folder, ~90 kept samples in 3 tars."""
+    from curate.runner import run_pipeline
+
+    out = tmp_path_factory.mktemp("curated") / "run"
+    run_pipeline(make_pipeline(), input_path=str(url_list), output=out, local=True, progress=False)
+    return out / "shards"

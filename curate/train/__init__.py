@@ -1,0 +1,1 @@
+"""`curate train` and `curate eval`: open_clip models trained and evaluated on curated WebDataset shards."""

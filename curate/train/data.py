@@ -1,0 +1,94 @@
+"""WebDataset shards as training batches, with open_clip's conventions: image + caption per sample, the model's
+own train transform and tokenizer, shards shuffled per epoch, a shuffle buffer, loader workers.
+
+Works on curate's shards and on img2dataset / DataComp layouts (``{key}.jpg|png|webp`` + ``{key}.txt``). A sample
+that does not decode is skipped and counted, never a crash. The stream is deterministic given (seed, epoch), so a
+resumed run skips the batches its epoch already consumed and continues with the same data.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+BAD = "bad sample"  # what a sample that does not decode becomes (webdataset's map drops a None silently)
+
+
+def shard_list(spec: str | list[str] | None) -> list[str]:
+    """Tar paths from a folder, a glob, one path, or a list of any of these; sorted, at least one."""
+    if not spec:
+        raise CurateError("data: no shards given (set data: in the config or pass --data)")
+    paths: list[str] = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*.tar"))
+        elif any(ch in item for ch in "*?["):
+            found = sorted(glob.glob(str(path), recursive=True))
+        else:
+            found = [str(path)] if path.is_file() else []
+        if not found:
+            raise CurateError(f"data: no .tar shards at {item}")
+        paths += found
+    return paths
+
+
+@dataclass
+class Batch:
+    images: Any  # float tensor (n, 3, H, W)
+    texts: Any  # long tensor (n, context_length)
+    skipped: int  # samples of this stretch of the stream that did not decode
+
+
+def _decode(sample: dict[str, Any], preprocess: Callable, tokenize: Callable) -> tuple | str:
+    from PIL import Image
+
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None or "txt" not in sample:
+        return BAD
+    try:
+        with Image.open(io.BytesIO(sample[key])) as img:
+            pixels = preprocess(img.convert("RGB"))
+        caption = sample["txt"].decode("utf-8", "replace")
+    except Exception:  # a bad sample is skipped and counted, whatever Pillow raised
+        return BAD
+    return pixels, tokenize([caption])[0]
+
+
+def _collate(samples: list[tuple | str]) -> Batch | None:
+    import torch
+
+    good = [s for s in samples if s is not BAD]
+    if len(good) < 2:  # a contrastive batch needs negatives
+        return Batch(None, None, len(samples) - len(good)) if samples else None
+    return Batch(torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]), len(samples) - len(good))
+
+
+def epoch_batches(urls: list[str], preprocess: Callable, tokenize: Callable, *, batch_size: int, shuffle_buffer: int,
+                  seed: int, epoch: int, workers: int) -> Iterator[Batch]:
+    """One pass over the shards: shard order shuffled by (seed, epoch), samples through a seeded buffer."""
+    import torch
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.detshuffle(bufsize=len(urls), seed=seed, epoch=epoch),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),  # an unreadable tar costs its samples, not the run
+        wds.shuffle(shuffle_buffer, rng=random.Random(seed * 1_000_003 + epoch)),
+        wds.map(lambda sample: _decode(sample, preprocess, tokenize)),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+    )
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=min(workers, len(urls)),
+                                         persistent_workers=False)
+    for batch in loader:
+        if batch is not None:
+            yield batch

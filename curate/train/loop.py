@@ -1,0 +1,191 @@
+"""The training loop: one open_clip model, one optimizer, summed ``*_loss`` terms, checkpoints that resume.
+
+Reads top to bottom: set up (model, data, optimizer, what to resume), then the loop (schedule, forward, losses,
+step, log, checkpoint). Single process, CPU or one GPU (bf16 autocast there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+from curate.models.clip import ClipSpec, _register_architecture, preflight
+from curate.train import checkpoint
+from curate.train.config import TrainConfig
+from curate.train.data import Batch, epoch_batches, shard_list
+from curate.train.losses import make_losses
+
+SIGLIP_INIT_BIAS = -10.0  # SigLIP's initial logit bias: most pairs start as negatives
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    samples_seen: int
+    skipped: int
+    checkpoint: Path | None
+    losses: dict[str, float] = field(default_factory=dict)
+    samples_per_second: float = 0.0
+
+
+def build_model(spec: ClipSpec, objectives: list[str], device: str) -> tuple[Any, Any, Any, dict]:
+    """(model with output_dict, train transform, tokenizer, model config to save) through open_clip's factory."""
+    import open_clip
+
+    _register_architecture(spec)
+    name = spec.open_clip_name()
+    model_cfg = dict(open_clip.get_model_config(name))
+    extra = {"init_logit_bias": SIGLIP_INIT_BIAS} if "siglip" in objectives and "init_logit_bias" not in model_cfg else {}
+    pretrained = None if name.startswith(("hf-hub:", "local-dir:")) else spec.pretrained
+    model, preprocess_train, _ = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device, output_dict=True, weights_only=True, **extra)
+    return model, preprocess_train, open_clip.get_tokenizer(name), {**model_cfg, **extra}
+
+
+def make_optimizer(model: Any, config: TrainConfig) -> Any:
+    """AdamW; gains, biases, norms and the temperature are not decayed (open_clip's split)."""
+    import torch
+
+    def no_decay(name: str, param: Any) -> bool:
+        return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": config.weight_decay}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_stream(urls: list[str], preprocess: Any, tokenizer: Any, config: TrainConfig,
+                 position: dict[str, int]) -> Iterator[Batch]:
+    """Batches forever, epoch after epoch, continuing from ``position`` (updated in place as batches are taken)."""
+    skip = position["batch_in_epoch"]
+    while True:
+        produced = False
+        for index, batch in enumerate(epoch_batches(
+                urls, preprocess, tokenizer, batch_size=config.batch_size, shuffle_buffer=config.shuffle_buffer,
+                seed=config.seed, epoch=position["epoch"], workers=config.workers)):
+            produced = True
+            if index < skip:  # consumed before the checkpoint this run resumed from
+                continue
+            position["batch_in_epoch"] = index + 1
+            yield batch
+        if not produced:
+            raise CurateError(f"data: {len(urls)} shard(s) hold fewer than batch_size={config.batch_size} "
+                              "decodable samples")
+        position["epoch"], position["batch_in_epoch"], skip = position["epoch"] + 1, 0, 0
+
+
+def resolve_device(config: TrainConfig) -> str:
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise CurateError("device: cuda asked for, but torch sees no CUDA device")
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    import torch
+
+    # --- set up: output, data, device, model (fresh or resumed), optimizer, losses ---
+    if not config.output:
+        raise CurateError("output: no folder for checkpoints (set output: in the config or pass --output)")
+    out = Path(config.output).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    urls = shard_list(config.data)
+    device = resolve_device(config)
+    resume = checkpoint.latest(out)
+    spec = ClipSpec(str(resume)) if resume else config.spec()
+    preflight(spec)
+    torch.manual_seed(config.seed)
+    model, preprocess, tokenizer, model_cfg = build_model(spec, config.objectives, device)
+    optimizer = make_optimizer(model, config)
+    position = {"epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "skipped": 0}
+    step = 0
+    if resume:
+        state = checkpoint.load_state(resume)
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        position = {k: int(state.get(k, 0)) for k in position}
+        if progress:
+            print(f"[train] resuming from {resume} at step {step}", file=sys.stderr)
+    (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    losses = make_losses(config.objectives)
+    gpu = device == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    if config.precision == "auto" and gpu:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if gpu and dtype == torch.float16 else None
+    batches = batch_stream(urls, preprocess, tokenizer, config, position)
+    saved, last, log = resume, {}, open(out / "log.jsonl", "a")
+    window_start, window_samples, run_start, run_samples = time.perf_counter(), 0, time.perf_counter(), 0
+
+    # --- the loop ---
+    model.train()
+    while step < config.steps:
+        batch = next(batches)
+        position["skipped"] += batch.skipped
+        if batch.images is None:
+            continue
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            terms = losses(model(images, texts))
+            total = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        with torch.no_grad():  # CLIP's temperature stays below 100
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        position["samples_seen"] += len(images)
+        window_samples += len(images)
+        run_samples += len(images)
+        last = {name: float(value.detach()) for name, value in terms.items()}
+
+        if step % config.log_every == 0 or step == config.steps:
+            rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+            record = {"step": step, **last, "loss": sum(last.values()), "lr": learning_rate(step - 1, config),
+                      "samples_per_second": round(rate, 1), "samples_seen": position["samples_seen"],
+                      "skipped": position["skipped"]}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if progress:
+                terms_text = " ".join(f"{k}={v:.4f}" for k, v in last.items())
+                print(f"[train] step {step}/{config.steps} {terms_text} {rate:.0f} samples/s", file=sys.stderr)
+            window_start, window_samples = time.perf_counter(), 0
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            saved = checkpoint.save(out, step, model, model_cfg, optimizer, position,
+                                    config.model_dump(mode="json"), config.keep_checkpoints)
+    log.close()
+    return TrainResult(out=out, step=step, samples_seen=position["samples_seen"], skipped=position["skipped"],
+                       checkpoint=saved, losses=last,
+                       samples_per_second=run_samples / max(time.perf_counter() - run_start, 1e-9))
