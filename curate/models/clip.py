@@ -112,6 +112,25 @@ def check_spec(spec: ClipSpec) -> None:
         raise ValueError(f"pretrained weights file {spec.pretrained} does not exist")
 
 
+def architecture_config(spec: ClipSpec) -> dict | None:
+    """The model config a spec builds (read from JSON, no torch), or None where it lives on the hub."""
+    name = spec.open_clip_name()
+    if name.startswith(HF_HUB):
+        return None
+    if name.startswith(LOCAL_DIR):
+        path = Path(name[len(LOCAL_DIR):]) / CONFIG_FILE
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        return config.get("model_cfg", config)
+    if spec.architecture_file:
+        return json.loads(Path(spec.architecture_file).expanduser().read_text())
+    bundled = bundled_architecture(name)
+    if bundled is not None:
+        return json.loads(bundled.read_text())
+    origin = importlib.util.find_spec("open_clip")
+    path = Path(origin.origin).parent / "model_configs" / f"{name}.json" if origin and origin.origin else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
 def _register_architecture(spec: ClipSpec) -> None:
     import open_clip
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -44,6 +45,8 @@ class ScoreConfig(StageConfig):
     store_embeddings: bool = Field(True, description="keep image and text embeddings (float16) under embeddings/")
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images per worker")
     chunk_size: int = Field(64, ge=1, description="rows per forward pass (a batch is cut into chunks)")
+    itm: bool = Field(False, description="also itm_score: the match probability of the checkpoint's image-text "
+                                         "matching head (a folder trained with objectives [clip, itm])")
 
     @model_validator(mode="after")
     def _spec_resolves(self) -> ScoreConfig:
@@ -67,6 +70,8 @@ class ScoreStage(Stage):
 
     def outputs(self) -> dict[str, pa.DataType]:
         columns: dict[str, pa.DataType] = {"clip_score": pa.float32(), "clip_model": pa.string()}
+        if self.config.itm:  # type: ignore[attr-defined]
+            columns["itm_score"] = pa.float32()
         if self.config.store_embeddings:  # type: ignore[attr-defined]
             columns |= {"image_embedding": EMBEDDING, "text_embedding": EMBEDDING}
         return columns
@@ -74,6 +79,17 @@ class ScoreStage(Stage):
     def preflight(self) -> None:
         cfg: ScoreConfig = self.config  # type: ignore[assignment]
         preflight(cfg.spec())
+        if cfg.itm:
+            self._itm_folder()
+
+    def _itm_folder(self) -> Path:
+        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        name = cfg.spec().open_clip_name()
+        folder = Path(name.removeprefix("local-dir:"))
+        if not name.startswith("local-dir:") or not (folder / "itm_head.safetensors").exists():
+            raise CurateError(f"score.itm: {cfg.model} has no image-text matching head (itm_head.safetensors); "
+                              "train one with `curate train --set objectives=[clip,itm]` and score with its folder")
+        return folder
 
     def setup(self) -> None:
         import torch
@@ -89,6 +105,11 @@ class ScoreStage(Stage):
             self._device = "cpu"
             torch.set_num_threads(max(1, int(round(cfg.resources.cpus))))  # not every core of a shared node
         self._clip = load_clip(cfg.spec(), self._device)
+        self._itm_head = None
+        if cfg.itm:
+            from curate.train.itm import load_head
+
+            self._itm_head = load_head(self._itm_folder(), self._device)
         self._autocast = self._autocast_dtype(cfg.precision)
         self._threads = ThreadPoolExecutor(cfg.preprocess_threads, thread_name_prefix="score-preprocess")
 
@@ -135,10 +156,20 @@ class ScoreStage(Stage):
         rows = [i for i, _ in chunk]
         images = torch.stack([t for _, t in chunk]).to(self._device, non_blocking=True)
         texts = self._clip.tokenizer([captions[i] for i in rows]).to(self._device, non_blocking=True)
+        match = None
         with torch.inference_mode(), torch.autocast(self._device, dtype=self._autocast or torch.float32,
                                                     enabled=self._autocast is not None):
-            image_features = self._clip.model.encode_image(images)
-            text_features = self._clip.model.encode_text(texts)
+            if self._itm_head is None:
+                image_features = self._clip.model.encode_image(images)
+                text_features = self._clip.model.encode_text(texts)
+            else:  # one pass of both towers gives the embeddings and the tokens the fusion head reads
+                from curate.train.itm import encode_with_tokens
+
+                out = encode_with_tokens(self._clip.model, images, texts)
+                image_features, text_features = out["image_features"], out["text_features"]
+                logits = self._itm_head(out["image_tokens"], out["text_tokens"], out["text_padding"],
+                                        image_features, text_features)
+                match = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
         # normalise and compare in fp32 whatever the forward ran in
         image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
         text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
@@ -149,6 +180,8 @@ class ScoreStage(Stage):
         for j, i in enumerate(rows):
             outcomes.set(i, "clip_score", float(scores[j]))
             outcomes.set(i, "clip_model", self._clip.name)
+            if match is not None:
+                outcomes.set(i, "itm_score", float(match[j]))
             if store:
                 outcomes.set(i, "image_embedding", image_half[j])
                 outcomes.set(i, "text_embedding", text_half[j])

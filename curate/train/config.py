@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from curate.config import _first_error, parse_override, read_yaml
 from curate.errors import CurateError
-from curate.models.clip import ClipSpec, check_spec
+from curate.models.clip import ClipSpec, architecture_config, check_spec
 
-Objective = Literal["clip", "siglip"]
+Objective = Literal["clip", "siglip", "coca", "itm"]
 
 
 class TrainConfig(BaseModel):
@@ -22,7 +22,9 @@ class TrainConfig(BaseModel):
     architecture_file: str | None = Field(None, description="model-config JSON of a custom architecture")
     pretrained: str | None = Field(None, description="pretrained tag or weights file to start from (null: random)")
     objectives: list[Objective] = Field(["clip"], min_length=1, description="loss terms, summed: clip (InfoNCE, "
-                                                                           "learnable temperature), siglip (sigmoid)")
+                                                                           "learnable temperature), siglip (sigmoid), "
+                                                                           "coca (contrastive + captioning decoder), itm "
+                                                                           "(a fusion matching head on hard negatives)")
     data: str | list[str] | None = Field(None, description="WebDataset shards: folder, glob or list; --data overrides")
     output: str | None = Field(None, description="folder for checkpoints and the log; --output overrides")
     steps: int = Field(1000, ge=1)
@@ -50,6 +52,17 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _model_resolves(self) -> TrainConfig:
         check_spec(self.spec())
+        if "itm" in self.objectives and not {"clip", "siglip"} & set(self.objectives):
+            raise ValueError("objectives: itm mines its hard negatives from a contrastive term: add clip or siglip")
+        if "itm" in self.objectives and "coca" in self.objectives:
+            raise ValueError("objectives: itm and coca each add a fusion model; pick one")
+        if "coca" in self.objectives:
+            if "clip" in self.objectives:
+                raise ValueError("objectives: coca already has a contrastive term; use [coca] or [coca, siglip]")
+            config = architecture_config(self.spec())
+            if config is not None and "multimodal_cfg" not in config:
+                raise ValueError(f"objectives: coca needs a CoCa architecture (a model config with multimodal_cfg, "
+                                 f"e.g. curate-tiny-coca or coca_ViT-B-32); {self.model} has none")
         return self
 
     def spec(self) -> ClipSpec:

@@ -23,6 +23,7 @@ from curate.train.data import Batch, epoch_batches, shard_list
 from curate.train.losses import make_losses
 
 SIGLIP_INIT_BIAS = -10.0  # SigLIP's initial logit bias: most pairs start as negatives
+MAX_NONFINITE = 10  # non-finite losses in a row before the run stops
 
 
 @dataclass
@@ -50,14 +51,14 @@ def build_model(spec: ClipSpec, objectives: list[str], device: str) -> tuple[Any
     return model, preprocess_train, open_clip.get_tokenizer(name), {**model_cfg, **extra}
 
 
-def make_optimizer(model: Any, config: TrainConfig) -> Any:
+def make_optimizer(modules: list[Any], config: TrainConfig) -> Any:
     """AdamW; gains, biases, norms and the temperature are not decayed (open_clip's split)."""
     import torch
 
     def no_decay(name: str, param: Any) -> bool:
         return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [(n, p) for module in modules for n, p in module.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
               {"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": config.weight_decay}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -91,6 +92,27 @@ def batch_stream(urls: list[str], preprocess: Any, tokenizer: Any, config: Train
         position["epoch"], position["batch_in_epoch"], skip = position["epoch"] + 1, 0, 0
 
 
+def forward(model: Any, images: Any, texts: Any, with_tokens: bool) -> dict[str, Any]:
+    """open_clip's output dict; with the towers' token states as well when a fusion head needs them."""
+    if not with_tokens:
+        return model(images, texts)
+    from curate.train.itm import encode_with_tokens
+
+    out = encode_with_tokens(model, images, texts)
+    out["image_features"] = torch_normalize(out["image_features"])
+    out["text_features"] = torch_normalize(out["text_features"])
+    out["logit_scale"] = model.logit_scale.exp()
+    if getattr(model, "logit_bias", None) is not None:
+        out["logit_bias"] = model.logit_bias
+    return out
+
+
+def torch_normalize(x: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.normalize(x, dim=-1)
+
+
 def resolve_device(config: TrainConfig) -> str:
     import torch
 
@@ -116,7 +138,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     preflight(spec)
     torch.manual_seed(config.seed)
     model, preprocess, tokenizer, model_cfg = build_model(spec, config.objectives, device)
-    optimizer = make_optimizer(model, config)
+    head = None
+    if "itm" in config.objectives:
+        from curate.train.itm import head_for, load_head
+
+        head = (load_head(resume, device) if resume else None) or head_for(model).to(device)
+        head.train()
+    optimizer = make_optimizer([model] + ([head] if head is not None else []), config)
     position = {"epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "skipped": 0}
     step = 0
     if resume:
@@ -127,14 +155,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         if progress:
             print(f"[train] resuming from {resume} at step {step}", file=sys.stderr)
     (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-    losses = make_losses(config.objectives)
+    losses = make_losses(config.objectives, head)
     gpu = device == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     if config.precision == "auto" and gpu:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if gpu and dtype == torch.float16 else None
     batches = batch_stream(urls, preprocess, tokenizer, config, position)
-    saved, last, log = resume, {}, open(out / "log.jsonl", "a")
+    saved, last, log, nonfinite = resume, {}, open(out / "log.jsonl", "a"), 0
     window_start, window_samples, run_start, run_samples = time.perf_counter(), 0, time.perf_counter(), 0
 
     # --- the loop ---
@@ -148,16 +176,24 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             group["lr"] = learning_rate(step, config)
         images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            terms = losses(model(images, texts))
+            terms = losses(forward(model, images, texts, with_tokens=head is not None))
             total = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(total):  # one bad batch must not poison the weights: skip its update
+            nonfinite += 1
+            if nonfinite >= MAX_NONFINITE:
+                raise CurateError(f"step {step}: the loss was not finite {nonfinite} times in a row; lower lr or "
+                                  "use precision: fp32")
+            continue
+        nonfinite = 0
         if scaler is not None:
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
         else:
             total.backward()
         if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                           config.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -184,7 +220,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             window_start, window_samples = time.perf_counter(), 0
         if step % config.checkpoint_every == 0 or step == config.steps:
             saved = checkpoint.save(out, step, model, model_cfg, optimizer, position,
-                                    config.model_dump(mode="json"), config.keep_checkpoints)
+                                    config.model_dump(mode="json"), config.keep_checkpoints, head)
     log.close()
     return TrainResult(out=out, step=step, samples_seen=position["samples_seen"], skipped=position["skipped"],
                        checkpoint=saved, losses=last,

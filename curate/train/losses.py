@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def make_losses(objectives: list[str]) -> Any:
-    """A callable: model outputs (open_clip's output dict) -> {"clip_loss": ..., "siglip_loss": ...}."""
-    from open_clip.loss import ClipLoss, SigLipLoss
+def make_losses(objectives: list[str], itm_head: Any = None) -> Any:
+    """A callable: model outputs (open_clip's output dict, plus token states for itm) -> {"clip_loss": ..., ...}."""
+    from open_clip.loss import ClipLoss, CoCaLoss, SigLipLoss
 
-    terms = {"clip": ClipLoss(), "siglip": SigLipLoss()}
+    terms = {"clip": ClipLoss(), "siglip": SigLipLoss(),
+             "coca": CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)}  # CoCa paper's weights
 
     def losses(out: dict[str, Any]) -> dict[str, Any]:
         result = {}
@@ -19,6 +20,15 @@ def make_losses(objectives: list[str]) -> Any:
             elif name == "siglip":  # a sigmoid per pair, with a learned bias
                 result["siglip_loss"] = terms["siglip"](out["image_features"], out["text_features"],
                                                         out["logit_scale"], out["logit_bias"])
+            elif name == "coca":  # contrastive over pooled embeddings + next-token captioning through the
+                # multimodal decoder, which cross-attends from text tokens to image tokens (the fusion part)
+                contrastive, caption = terms["coca"](out["image_features"], out["text_features"], out["logits"],
+                                                     out["labels"], out["logit_scale"])
+                result["coca_contrastive_loss"], result["coca_caption_loss"] = contrastive, caption
+            elif name == "itm":  # matched / not matched through the fusion head, on mined hard negatives
+                from curate.train.itm import itm_loss
+
+                result["itm_loss"] = itm_loss(itm_head, out)
         return result
 
     return losses
