@@ -109,9 +109,11 @@ def test_resume_continues_from_the_saved_step(curated_shards, tmp_path) -> None:
     assert again.step == 20 and [r["step"] for r in logged(out)] == steps
 
 
-def test_resumed_data_stream_continues_where_it_stopped(curated_shards) -> None:
-    """The batches after a checkpoint are the ones an uninterrupted run would have seen (captions compared)."""
-    cfg = config(curated_shards, Path("/unused"), "batch_size=8")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_data_stream_continues_where_it_stopped(curated_shards, workers: int) -> None:
+    """The batches after a checkpoint are the ones an uninterrupted run would have seen (captions compared), also
+    with loader worker processes."""
+    cfg = config(curated_shards, Path("/unused"), "batch_size=8", f"workers={workers}")
     _, preprocess, tokenizer, _ = build_model(ClipSpec("curate-tiny"), ["clip"], "cpu")
     urls = sorted(str(p) for p in curated_shards.glob("*.tar"))
     position = {"epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "skipped": 0}
