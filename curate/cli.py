@@ -39,7 +39,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from curate.demo.run import run_demo
 
-    run_demo(n=args.n, output=Path(args.output), seed=args.seed, local=args.local, overrides=args.set)
+    run_demo(n=args.n, output=Path(args.output), seed=args.seed, local=args.local, overrides=args.set,
+             score=args.score)
     return 0
 
 
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="curate-demo", help="folder for the pool and the run (default ./curate-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local", action="store_true", help="run without Ray")
+    p.add_argument("--score", action="store_true",
+                   help="also score alignment with CLIPs cross-fitted on the pool (score.model: bootstrap; ~2 min)")
     add_set(p)
     p.set_defaults(func=_cmd_demo)
 

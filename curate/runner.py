@@ -252,21 +252,30 @@ def run_pipeline(
         if progress:
             print(f"[retry-failed] {forgotten} rows with a retryable failure will be tried again", file=sys.stderr)
 
+    streaming = [s for s in stages if not getattr(s, "deferred", False)]
+    if streaming and any(getattr(s, "deferred", False) for s in stages[: stages.index(streaming[-1])]):
+        raise CurateError("stages: a bootstrapped score stage scores the stored pool after the per-sample stream; "
+                          "put it after every other per-sample stage")
     inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
     pending_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
     bar = Progress("samples", pending_rows, progress)
     part_rows = min(PART_ROWS, config.input.rows_per_chunk)
     if pending_rows:
         if local:
-            run_samples_local(stages, inputs, out, bar, part_rows)
+            run_samples_local(streaming, inputs, out, bar, part_rows)
         else:
             from curate.ray_env import ensure_ray
 
             ensure_ray(config.ray)
-            for summary in _iter_ray_samples(stages, inputs, out, part_rows):
+            for summary in _iter_ray_samples(streaming, inputs, out, part_rows):
                 bar.update(pc.sum(summary.column("rows")).as_py() or 0)
     shutil.rmtree(out / "pending", ignore_errors=True)
     check_all_stored(out, chunks, config.input.rows_per_chunk)
+    for stage in stages:
+        if getattr(stage, "deferred", False):  # scorers trained on the stored pool itself (score.model: bootstrap)
+            from curate.bootstrap import bootstrap_scores
+
+            bootstrap_scores(out, stage, progress)
 
     manifest = decide_and_write(
         out, config, stages, global_stages, chunks.rows, local=local,

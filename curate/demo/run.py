@@ -21,13 +21,33 @@ def demo_pipeline_path() -> Path:
     return path
 
 
-def run_demo(n: int, output: Path, seed: int = 0, local: bool = False, overrides: list[str] | None = None) -> Path:
+def print_alignment(run_dir: Path) -> None:
+    """Mean clip_score of the kept rows by planted kind: misaligned captions should score lowest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    index = pa.concat_tables([pq.read_table(p, columns=["kind", "clip_score"])
+                              for p in sorted((run_dir / "shards").glob("*.parquet"))])
+    by_kind: dict[str, list[float]] = {}
+    for kind, score in zip(index.column("kind").to_pylist(), index.column("clip_score").to_pylist()):
+        by_kind.setdefault(kind, []).append(score)
+    print("\nbootstrapped CLIP score (mean, kept rows) by planted kind:")
+    for kind, scores in sorted(by_kind.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
+        print(f"  {kind:<16} {sum(scores) / len(scores):7.3f}  ({len(scores)} rows)")
+
+
+def run_demo(n: int, output: Path, seed: int = 0, local: bool = False, overrides: list[str] | None = None,
+             score: bool = False) -> Path:
     from curate.demo.pool import make_pool, write_url_list
     from curate.demo.server import FaultServer
 
     if n < 20:
         raise CurateError(f"--n {n}: the demo pool needs at least 20 rows to plant every kind of fault")
     config = load_pipeline(demo_pipeline_path(), overrides)
+    if score:  # no pretrained weights needed: small CLIPs cross-fitted on the pool score it
+        from curate.stages.score import ScoreConfig
+
+        config.stages.append(ScoreConfig(model="bootstrap", bootstrap={"steps": 200, "batch_size": 32}))
     output = output.resolve()
     marker = output / ".curate-demo"
     if output.is_dir() and any(output.iterdir()) and not marker.exists():
@@ -46,6 +66,8 @@ def run_demo(n: int, output: Path, seed: int = 0, local: bool = False, overrides
         print(f"demo: serving it at {server.base_url} (loopback only)", file=sys.stderr)
         run_pipeline(config, input_path=str(urls), output=run_dir, local=local)
     print_funnel(run_dir)
+    if score:
+        print_alignment(run_dir)
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s; output: {run_dir}")
     print(f"  read it: python -c \"import webdataset as wds; print(next(iter(wds.WebDataset('{run_dir}/shards/00000.tar'))).keys())\"")
     return run_dir

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate.errors import CurateError
 from curate.models.clip import ClipSpec, check_spec, load_clip, preflight
@@ -30,11 +30,28 @@ log = logging.getLogger(__name__)
 EMBEDDING = pa.list_(pa.float16())
 
 
+BOOTSTRAP = "bootstrap"
+
+
+class BootstrapConfig(BaseModel):
+    """How `model: bootstrap` trains its cross-fitted scorers on the pool itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folds: int = Field(3, ge=2, le=20, description="K: each fold is scored by a model trained on the other K-1")
+    architecture: str = Field("curate-tiny", description="the scorers' architecture (a small one trains on CPUs)")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
 class ScoreConfig(StageConfig):
     stage: Literal["score"] = "score"
     resources: Resources = Field(default_factory=lambda: Resources(cpus=1.0, batch_size=256))
-    model: str = Field("ViT-B-32", description="open_clip architecture, 'hf-hub:org/repo', or a checkpoint folder "
-                                               "('local-dir:/path' or the path: open_clip_config.json + weights)")
+    model: str = Field("ViT-B-32", description="open_clip architecture, 'hf-hub:org/repo', a checkpoint folder "
+                                               "('local-dir:/path' or the path: open_clip_config.json + weights), "
+                                               "or 'bootstrap': small CLIPs cross-fitted on the pool itself")
     pretrained: str | None = Field(
         "laion2b_s34b_b79k", description="pretrained tag or weights file for an architecture name (null: random "
                                          "init); ignored for hf-hub and checkpoint folders")
@@ -45,11 +62,17 @@ class ScoreConfig(StageConfig):
     store_embeddings: bool = Field(True, description="keep image and text embeddings (float16) under embeddings/")
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images per worker")
     chunk_size: int = Field(64, ge=1, description="rows per forward pass (a batch is cut into chunks)")
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig, description="used by model: bootstrap")
     itm: bool = Field(False, description="also itm_score: the match probability of the checkpoint's image-text "
                                          "matching head (a folder trained with objectives [clip, itm])")
 
     @model_validator(mode="after")
     def _spec_resolves(self) -> ScoreConfig:
+        if self.model == BOOTSTRAP:
+            if self.itm:
+                raise ValueError("itm: the bootstrapped scorers are two-tower CLIPs without a matching head")
+            check_spec(ClipSpec(self.bootstrap.architecture))
+            return self
         try:
             check_spec(self.spec())
         except ValueError as err:
@@ -76,8 +99,16 @@ class ScoreStage(Stage):
             columns |= {"image_embedding": EMBEDDING, "text_embedding": EMBEDDING}
         return columns
 
+    @property
+    def deferred(self) -> bool:
+        """Bootstrapped scores need the whole pool stored first: the runner scores after the per-sample stream."""
+        return self.config.model == BOOTSTRAP  # type: ignore[attr-defined]
+
     def preflight(self) -> None:
         cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        if self.deferred:
+            preflight(ClipSpec(cfg.bootstrap.architecture))
+            return
         preflight(cfg.spec())
         if cfg.itm:
             self._itm_folder()

@@ -1,0 +1,135 @@
+"""``score.model: bootstrap`` — CLIP scores and embeddings without any pretrained model, by K-fold cross-fitting.
+
+When no pretrained model suits the domain (or none can be downloaded), the pool trains its own scorers: its rows are
+split into K folds by uid, a small CLIP is trained on every K-1 folds, and each fold is scored by the model that
+never saw it (so a model cannot vouch for pairs it memorised). The scores, model names and embeddings land in the
+stored parts exactly as the pretrained path writes them, before any decision, so everything downstream is the same.
+
+The runner calls ``bootstrap_scores`` after the per-sample stream has stored every row. Each step resumes: fold
+shards are rewritten only if missing, training resumes from its checkpoints, scored parts are skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import parts as part_store
+from curate.stage import OK, Stage
+from curate.stages.score import ScoreConfig, ScoreStage
+from curate.worker import StageWorker
+
+FOLDER = "bootstrap"
+
+
+def fold_of(uid: str, folds: int) -> int:
+    return int(uid[:12], 16) % folds  # uids are hex digests: a stable, even split
+
+
+def _scored(path: Path) -> bool:
+    return "clip_score" in pq.ParquetFile(path).schema_arrow.names
+
+
+def write_fold_shards(out: Path, folds: int) -> list[Path]:
+    """One tar per fold with every live row's stored image and caption (written once; temp name, then renamed)."""
+    folder = Path(out) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"fold_{k}.tar" for k in range(folds)]
+    if all(p.exists() for p in paths):
+        return paths
+    tmps = [p.with_name(f".{p.name}.tmp") for p in paths]
+    tars = [tarfile.open(t, "w") for t in tmps]
+    try:
+        for part in part_store.part_files(out):
+            table = pq.read_table(part, columns=["uid", "status", "image", "image_ext", "caption"])
+            table = table.filter(pc.equal(table.column("status"), OK))
+            for row in table.to_pylist():
+                tar = tars[fold_of(row["uid"], folds)]
+                for ext, data in ((row["image_ext"], row["image"]), ("txt", (row["caption"] or "").encode())):
+                    info = tarfile.TarInfo(f"{row['uid']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    finally:
+        for tar in tars:
+            tar.close()
+    for tmp, path in zip(tmps, paths):
+        os.replace(tmp, path)
+    return paths
+
+
+def train_fold_models(out: Path, config: ScoreConfig, shards: list[Path], progress: bool) -> list[Path]:
+    """Model k trained on every fold but k; returns their checkpoint folders."""
+    from curate.train.config import TrainConfig
+    from curate.train.loop import train
+
+    boot = config.bootstrap
+    models = []
+    for k in range(len(shards)):
+        if progress:
+            print(f"[bootstrap] training scorer {k + 1}/{len(shards)} on the other folds", file=sys.stderr)
+        train_config = TrainConfig(
+            model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
+            output=str(Path(out) / FOLDER / f"model_{k}"), steps=boot.steps, batch_size=boot.batch_size,
+            lr=boot.lr, warmup_steps=min(20, boot.steps // 10), seed=boot.seed + k, log_every=max(1, boot.steps // 5),
+            checkpoint_every=boot.steps, keep_checkpoints=1, device="cuda" if config.resources.gpus else "cpu")
+        models.append(train(train_config, progress=progress).checkpoint)
+    return models  # type: ignore[return-value]
+
+
+class _ScoreByFold(Stage):
+    """The score stage with one model per fold: each row goes to the model that did not train on it."""
+
+    name = "score"
+    Config = ScoreConfig
+
+    def __init__(self, config: ScoreConfig, scorers: list[ScoreStage]) -> None:
+        super().__init__(config)
+        self.scorers = scorers
+
+    def inputs(self) -> list[str]:
+        return self.scorers[0].inputs()
+
+    def outputs(self) -> dict[str, pa.DataType]:
+        return self.scorers[0].outputs()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        folds = pa.array([fold_of(uid, len(self.scorers)) for uid in batch.column("uid").to_pylist()])
+        pieces, order = [], []
+        for k, scorer in enumerate(self.scorers):
+            picked = pc.equal(folds, k)
+            indices = pc.indices_nonzero(picked)
+            if len(indices):
+                pieces.append(scorer.process(batch.filter(picked)))
+                order.append(indices)
+        merged = pa.concat_tables(pieces, promote_options="permissive")
+        return merged.take(pc.sort_indices(pa.concat_arrays(order)))
+
+
+def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> None:
+    """Score every stored live row with cross-fitted models, adding the score stage's columns to the parts."""
+    out = Path(out)
+    parts = part_store.part_files(out)
+    if all(_scored(p) for p in parts):
+        return
+    config: ScoreConfig = stage.config  # type: ignore[assignment]
+    shards = write_fold_shards(out, config.bootstrap.folds)
+    models = train_fold_models(out, config, shards, progress)
+    scorers = []
+    for model in models:
+        scorer = ScoreStage(config.model_copy(update={"model": str(model)}))
+        scorer.setup()
+        scorers.append(scorer)
+    worker = StageWorker(_ScoreByFold(config, scorers))
+    worker._ready = True  # the fold scorers are set up above
+    for path in parts:
+        if not _scored(path):
+            part_store.write_part(worker(pq.read_table(path)), str(path.parent))  # same rows: same name, replaced
+    if progress:
+        print(f"[bootstrap] scored {len(parts)} parts with {len(models)} cross-fitted models", file=sys.stderr)

@@ -1,0 +1,67 @@
+"""score.model: bootstrap — cross-fitted scorers trained on the pool itself separate shuffled from aligned pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.demo.pool import make_pool, write_url_list
+from curate.demo.server import FaultServer
+from curate.embeddings import read_embeddings
+from curate.errors import CurateError
+from curate.ledger import check_run, read_ledger
+from curate.runner import run_pipeline
+from curate.stages.score import ScoreConfig
+
+
+@pytest.fixture(scope="module")
+def shuffled_pool(tmp_path_factory):
+    """400 rows, 30% of the clean ones with another row's caption; returns (url list, uids' truth by url)."""
+    root = tmp_path_factory.mktemp("boot")
+    items = [i for i in make_pool(root, 400, seed=3) if i.kind == "clean"]
+    rng = np.random.default_rng(0)
+    shuffled = set(rng.choice(len(items), size=int(0.3 * len(items)), replace=False).tolist())
+    order = sorted(shuffled)
+    captions = [item.caption for item in items]
+    for a, b in zip(order, order[1:] + order[:1]):  # rotate captions among the chosen rows
+        captions[a] = items[b].caption
+    with FaultServer(root / "files") as server:
+        table = pa.table({"url": [server.url("img", item.name) for item in items], "caption": captions,
+                          "shuffled": [i in shuffled for i in range(len(items))]})
+        path = root / "urls.parquet"
+        pq.write_table(table, path)
+        yield path, server
+
+
+def test_bootstrapped_scores_separate_shuffled_from_aligned(shuffled_pool, make_pipeline, tmp_path) -> None:
+    urls, _ = shuffled_pool
+    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 3, "steps": 200, "batch_size": 32})
+    out = tmp_path / "run"
+    run_pipeline(make_pipeline("input.rows_per_chunk=100", score=score), input_path=str(urls), output=out,
+                 local=True, progress=False)
+    assert check_run(out) == []
+    index = pa.concat_tables([pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))])
+    scores = np.asarray(index.column("clip_score").to_pylist())
+    shuffled = np.asarray(index.column("shuffled").to_pylist())
+    auc = (scores[~shuffled][:, None] > scores[shuffled][None, :]).mean()
+    print(f"bootstrap ROC AUC, aligned over shuffled: {auc:.3f}")
+    assert auc > 0.75, auc
+    models = set(index.column("clip_model").to_pylist())
+    assert len(models) == 3 and all("bootstrap/model_" in m for m in models)  # each row by the model of its fold
+    uids, _ = read_embeddings(out)
+    assert sorted(uids) == sorted(index.column("uid").to_pylist())
+    # a rerun trains and scores nothing again
+    before = {p: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")}
+    run_pipeline(make_pipeline("input.rows_per_chunk=100", score=score), input_path=str(urls), output=out,
+                 local=True, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")} == before
+    assert read_ledger(out).num_rows == pq.read_metadata(urls).num_rows
+
+
+def test_bootstrap_must_come_last(make_pipeline, url_list, tmp_path) -> None:
+    config = make_pipeline(score=ScoreConfig(model="bootstrap"))
+    config.stages.insert(0, config.stages.pop())  # score before download
+    with pytest.raises(CurateError):
+        run_pipeline(config, input_path=str(url_list), output=tmp_path / "run", local=True, progress=False)
