@@ -64,27 +64,36 @@ def write_fold_shards(out: Path, folds: int) -> list[Path]:
     return paths
 
 
-def train_fold_models(out: Path, config: ScoreConfig, shards: list[Path], progress: bool) -> list[Path]:
+def train_fold_models(out: Path, config: ScoreConfig, shards: list[Path], batch_size: int,
+                      progress: bool) -> list[Path]:
     """Model k trained on every fold but k; returns their checkpoint folders."""
+    import torch
+
     from curate.train.config import TrainConfig
     from curate.train.loop import train
 
     boot = config.bootstrap
+    # this runs in the driver: a GPU only if the driver has one (a CPU-only head node trains on its CPUs)
+    device = "cuda" if config.resources.gpus and torch.cuda.is_available() else "cpu"
     models = []
     for k in range(len(shards)):
         if progress:
             print(f"[bootstrap] training scorer {k + 1}/{len(shards)} on the other folds", file=sys.stderr)
         train_config = TrainConfig(
             model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
-            output=str(Path(out) / FOLDER / f"model_{k}"), steps=boot.steps, batch_size=boot.batch_size,
+            output=str(Path(out) / FOLDER / f"model_{k}"), steps=boot.steps, batch_size=batch_size,
             lr=boot.lr, warmup_steps=min(20, boot.steps // 10), seed=boot.seed + k, log_every=max(1, boot.steps // 5),
-            checkpoint_every=boot.steps, keep_checkpoints=1, device="cuda" if config.resources.gpus else "cpu")
+            checkpoint_every=boot.steps, keep_checkpoints=1, device=device)
         models.append(train(train_config, progress=progress).checkpoint)
     return models  # type: ignore[return-value]
 
 
+MIN_TRAINING_ROWS = 8  # fewer live rows per training set than this cannot train a contrastive scorer
+
+
 class _ScoreByFold(Stage):
-    """The score stage with one model per fold: each row goes to the model that did not train on it."""
+    """The score stage with one model per fold: each row goes to the model that did not train on it. With no
+    scorers (a pool too small to train on), every live row fails with score:pool_too_small."""
 
     name = "score"
     Config = ScoreConfig
@@ -94,12 +103,19 @@ class _ScoreByFold(Stage):
         self.scorers = scorers
 
     def inputs(self) -> list[str]:
-        return self.scorers[0].inputs()
+        return ["image", "caption"]
 
     def outputs(self) -> dict[str, pa.DataType]:
-        return self.scorers[0].outputs()
+        return self.scorers[0].outputs() if self.scorers else ScoreStage(self.config).outputs()
 
     def process(self, batch: pa.Table) -> pa.Table:
+        if not self.scorers:
+            from curate.stage import RowOutcomes
+
+            outcomes = RowOutcomes(batch.num_rows, self.outputs())
+            for i in range(batch.num_rows):
+                outcomes.fail(i, "score:pool_too_small")
+            return outcomes.apply(batch)
         folds = pa.array([fold_of(uid, len(self.scorers)) for uid in batch.column("uid").to_pylist()])
         pieces, order = [], []
         for k, scorer in enumerate(self.scorers):
@@ -119,17 +135,25 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
     if all(_scored(p) for p in parts):
         return
     config: ScoreConfig = stage.config  # type: ignore[assignment]
-    shards = write_fold_shards(out, config.bootstrap.folds)
-    models = train_fold_models(out, config, shards, progress)
+    folds = config.bootstrap.folds
+    live = sum(pc.sum(pc.equal(pq.read_table(p, columns=["status"]).column("status"), OK)).as_py() or 0
+               for p in parts)
+    training_rows = live * (folds - 1) // folds
     scorers = []
-    for model in models:
-        scorer = ScoreStage(config.model_copy(update={"model": str(model)}))
-        scorer.setup()
-        scorers.append(scorer)
+    if training_rows >= MIN_TRAINING_ROWS:
+        shards = write_fold_shards(out, folds)
+        models = train_fold_models(out, config, shards, min(config.bootstrap.batch_size, training_rows), progress)
+        for model in models:
+            scorer = ScoreStage(config.model_copy(update={"model": str(model)}))
+            scorer.setup()
+            scorers.append(scorer)
+    elif progress:
+        print(f"[bootstrap] {live} live rows are too few to train scorers on; they fail as score:pool_too_small",
+              file=sys.stderr)
     worker = StageWorker(_ScoreByFold(config, scorers))
     worker._ready = True  # the fold scorers are set up above
     for path in parts:
         if not _scored(path):
             part_store.write_part(worker(pq.read_table(path)), str(path.parent))  # same rows: same name, replaced
     if progress:
-        print(f"[bootstrap] scored {len(parts)} parts with {len(models)} cross-fitted models", file=sys.stderr)
+        print(f"[bootstrap] scored {len(parts)} parts with {len(scorers)} cross-fitted models", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""Embeddings published under ``embeddings/``: uid plus L2-normalised float16 vectors, one parquet file per stored
-part, the model that made them in each file's metadata. Every row that was embedded is there, whatever was later
-decided about it, so decisions over embeddings (semantic dedup, thresholds) can be redone without a GPU.
+"""Embeddings published under ``embeddings/``: uid, the model that made them, and L2-normalised float16 vectors,
+one parquet file per stored part. Compare vectors of one model only (a bootstrapped run has one model per fold).
+Every row that was embedded is there, whatever was later decided about it, so decisions over embeddings (semantic
+dedup, thresholds) can be redone without a GPU.
 
 Read them with pyarrow (the folder is one dataset)::
 
@@ -41,7 +42,9 @@ class EmbeddingWriter:
         metadata = {}
         if "clip_model" in table.column_names:
             metadata[MODEL_KEY] = str(table.column("clip_model")[0].as_py()).encode()
-        rows = table.select(["uid", *columns]).replace_schema_metadata(metadata)
+        # each row's model too: bootstrapped scores come from one model per fold, whose spaces differ
+        kept = ["uid", *(["clip_model"] if "clip_model" in table.column_names else []), *columns]
+        rows = table.select(kept).replace_schema_metadata(metadata)
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{len(self.files):05d}.parquet"
         tmp = self.folder / f".{name}.tmp"

@@ -65,3 +65,12 @@ def test_bootstrap_must_come_last(make_pipeline, url_list, tmp_path) -> None:
     config.stages.insert(0, config.stages.pop())  # score before download
     with pytest.raises(CurateError):
         run_pipeline(config, input_path=str(url_list), output=tmp_path / "run", local=True, progress=False)
+
+
+def test_a_pool_with_nothing_to_train_on_still_finishes(make_pipeline, url_list, tmp_path) -> None:
+    """Every download filtered (min_image_size too high): no scorer can be trained, the ledger is still written."""
+    out = tmp_path / "run"
+    config = make_pipeline("download.min_image_size=100000", score=ScoreConfig(model="bootstrap"))
+    run_pipeline(config, input_path=str(url_list), output=out, local=True, progress=False)
+    assert check_run(out) == []
+    assert read_ledger(out).num_rows == pq.read_metadata(url_list).num_rows

@@ -27,6 +27,8 @@ from curate.errors import CurateError
 
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+FOLDER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip's local-dir loader looks for
+NOT_MODEL_WEIGHTS = ("itm_head.safetensors",)  # other files a curate checkpoint folder holds
 # Architectures that ship with curate (tiny ones for tests, demos and CPU benchmarks), by file stem.
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
@@ -87,8 +89,14 @@ def check_spec(spec: ClipSpec) -> None:
         if not (folder / "open_clip_config.json").is_file():
             raise ValueError(f"'{spec.model}': no open_clip_config.json in {folder} (a checkpoint folder holds "
                              "open_clip_config.json and the weights)")
-        if not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
-            raise ValueError(f"'{spec.model}': no weights file ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+        try:
+            config = json.loads((folder / "open_clip_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"'{spec.model}': {folder}/open_clip_config.json is not readable JSON ({err})") from None
+        if not isinstance(config, dict) or "model_cfg" not in config:
+            raise ValueError(f"'{spec.model}': {folder}/open_clip_config.json has no model_cfg")
+        if not _folder_weights(folder):
+            raise ValueError(f"'{spec.model}': no weights file ({', '.join(FOLDER_WEIGHT_SUFFIXES)}) in {folder}")
         return
     if name.startswith(("/", "./", "../", "~")):
         raise ValueError(f"checkpoint folder {spec.model} does not exist")
@@ -131,6 +139,10 @@ def architecture_config(spec: ClipSpec) -> dict | None:
     return json.loads(path.read_text()) if path and path.is_file() else None
 
 
+def _folder_weights(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in FOLDER_WEIGHT_SUFFIXES and p.name not in NOT_MODEL_WEIGHTS)
+
+
 def _register_architecture(spec: ClipSpec) -> None:
     import open_clip
 
@@ -144,7 +156,7 @@ def _weights_files(spec: ClipSpec) -> list[Path]:
     """Local weight files this spec will load (hub downloads are checked as they load)."""
     name = spec.open_clip_name()
     if name.startswith(LOCAL_DIR):
-        return [p for p in Path(name[len(LOCAL_DIR):]).iterdir() if p.suffix in WEIGHT_SUFFIXES]
+        return _folder_weights(Path(name[len(LOCAL_DIR):]))
     if spec.pretrained and _looks_like_path(spec.pretrained):
         return [Path(spec.pretrained).expanduser()]
     return []
@@ -209,6 +221,7 @@ def load_clip(spec: ClipSpec, device: str = "cpu") -> LoadedClip:
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, weights_only=True, load_weights=True,
+            require_pretrained=bool(pretrained) or name.startswith((HF_HUB, LOCAL_DIR)),  # never silently random
         )
     except pickle.UnpicklingError as err:
         raise CurateError(f"{spec.describe()}: refusing to load a checkpoint that holds pickled objects ({err})") \
@@ -217,7 +230,8 @@ def load_clip(spec: ClipSpec, device: str = "cpu") -> LoadedClip:
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), spec.describe())
 
 
-def save_checkpoint_dir(model: Any, model_cfg: dict, folder: Path, extra: dict | None = None) -> Path:
+def save_checkpoint_dir(model: Any, model_cfg: dict, folder: Path, extra: dict | None = None,
+                        tokenizer: Any = None) -> Path:
     """Save ``model`` as a checkpoint folder any ClipSpec (and open_clip's ``local-dir:``) loads: its config with
     the model's eval preprocessing, and safetensors weights. Written to a temporary folder, then renamed."""
     import shutil
@@ -233,7 +247,12 @@ def save_checkpoint_dir(model: Any, model_cfg: dict, folder: Path, extra: dict |
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
-    if folder.exists():
-        shutil.rmtree(folder)
+    if hasattr(tokenizer, "save_pretrained"):  # HF tokenizers: a local-dir model loads its tokenizer from the folder
+        tokenizer.save_pretrained(str(tmp))
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():  # set aside, not deleted, until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -68,6 +68,12 @@ class ScoreConfig(StageConfig):
 
     @model_validator(mode="after")
     def _spec_resolves(self) -> ScoreConfig:
+        # paths absolute here, in the driver: workers elsewhere (other nodes, other working folders) get the same
+        for key in ("model", "pretrained", "architecture_file"):
+            value = getattr(self, key)
+            if value and value != BOOTSTRAP and not value.startswith(("hf-hub:", "local-dir:")) \
+                    and Path(value).expanduser().exists():
+                object.__setattr__(self, key, str(Path(value).expanduser().resolve()))
         if self.model == BOOTSTRAP:
             if self.itm:
                 raise ValueError("itm: the bootstrapped scorers are two-tower CLIPs without a matching head")

@@ -16,14 +16,14 @@ STATE_FILE, LATEST = "train_state.pt", "latest.json"
 
 
 def save(out: Path, step: int, model: Any, model_cfg: dict, optimizer: Any, position: dict[str, int],
-         train_config: dict, keep: int, itm_head: Any = None) -> Path:
+         train_config: dict, keep: int, itm_head: Any = None, tokenizer: Any = None) -> Path:
     import torch
 
     folder = Path(out) / "checkpoints" / f"step_{step:08d}"
     curate = {"step": step, "train_config": train_config}
     if itm_head is not None:
         curate["itm_head"] = itm_head.shape
-    save_checkpoint_dir(model, model_cfg, folder, extra={"curate": curate})
+    save_checkpoint_dir(model, model_cfg, folder, extra={"curate": curate}, tokenizer=tokenizer)
     if itm_head is not None:
         from curate.train.itm import save_head
 

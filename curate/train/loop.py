@@ -81,7 +81,7 @@ def batch_stream(urls: list[str], preprocess: Any, tokenizer: Any, config: Train
         for index, batch in enumerate(epoch_batches(
                 urls, preprocess, tokenizer, batch_size=config.batch_size, shuffle_buffer=config.shuffle_buffer,
                 seed=config.seed, epoch=position["epoch"], workers=config.workers)):
-            produced = True
+            produced = produced or batch.images is not None
             if index < skip:  # consumed before the checkpoint this run resumed from
                 continue
             position["batch_in_epoch"] = index + 1
@@ -162,66 +162,68 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if gpu and dtype == torch.float16 else None
     batches = batch_stream(urls, preprocess, tokenizer, config, position)
-    saved, last, log, nonfinite = resume, {}, open(out / "log.jsonl", "a"), 0
-    window_start, window_samples, run_start, run_samples = time.perf_counter(), 0, time.perf_counter(), 0
+    saved = resume
+    run_start, samples_before = time.perf_counter(), position["samples_seen"]
 
     # --- the loop ---
     model.train()
-    while step < config.steps:
-        batch = next(batches)
-        position["skipped"] += batch.skipped
-        if batch.images is None:
-            continue
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
-        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            terms = losses(forward(model, images, texts, with_tokens=head is not None))
-            total = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(total):  # one bad batch must not poison the weights: skip its update
-            nonfinite += 1
-            if nonfinite >= MAX_NONFINITE:
-                raise CurateError(f"step {step}: the loss was not finite {nonfinite} times in a row; lower lr or "
-                                  "use precision: fp32")
-            continue
-        nonfinite = 0
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            total.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
-                                           config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        with torch.no_grad():  # CLIP's temperature stays below 100
-            model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        position["samples_seen"] += len(images)
-        window_samples += len(images)
-        run_samples += len(images)
-        last = {name: float(value.detach()) for name, value in terms.items()}
+    last: dict[str, float] = {}
+    nonfinite, window_start, window_samples = 0, time.perf_counter(), 0
+    with open(out / "log.jsonl", "a") as log:
+        while step < config.steps:
+            batch = next(batches)
+            position["skipped"] += batch.skipped
+            if batch.images is None:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                terms = losses(forward(model, images, texts, with_tokens=head is not None))
+                total = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(total):  # one bad batch must not poison the weights: skip its update
+                nonfinite += 1
+                if nonfinite >= MAX_NONFINITE:
+                    raise CurateError(f"step {step}: the loss was not finite {nonfinite} times in a row; lower lr or "
+                                      "use precision: fp32")
+                continue
+            nonfinite = 0
+            if scaler is not None:
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)
+            else:
+                total.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                               config.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            with torch.no_grad():  # CLIP's temperature stays below 100
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            position["samples_seen"] += len(images)
+            window_samples += len(images)
+            last = {name: float(value.detach()) for name, value in terms.items()}
 
-        if step % config.log_every == 0 or step == config.steps:
-            rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
-            record = {"step": step, **last, "loss": sum(last.values()), "lr": learning_rate(step - 1, config),
-                      "samples_per_second": round(rate, 1), "samples_seen": position["samples_seen"],
-                      "skipped": position["skipped"]}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if progress:
-                terms_text = " ".join(f"{k}={v:.4f}" for k, v in last.items())
-                print(f"[train] step {step}/{config.steps} {terms_text} {rate:.0f} samples/s", file=sys.stderr)
-            window_start, window_samples = time.perf_counter(), 0
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            saved = checkpoint.save(out, step, model, model_cfg, optimizer, position,
-                                    config.model_dump(mode="json"), config.keep_checkpoints, head)
-    log.close()
+            if step % config.log_every == 0 or step == config.steps:
+                rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                record = {"step": step, **last, "loss": sum(last.values()), "lr": learning_rate(step - 1, config),
+                          "samples_per_second": round(rate, 1), "samples_seen": position["samples_seen"],
+                          "skipped": position["skipped"]}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if progress:
+                    terms_text = " ".join(f"{k}={v:.4f}" for k, v in last.items())
+                    print(f"[train] step {step}/{config.steps} {terms_text} {rate:.0f} samples/s", file=sys.stderr)
+                window_start, window_samples = time.perf_counter(), 0
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                saved = checkpoint.save(out, step, model, model_cfg, optimizer, position,
+                                        config.model_dump(mode="json"), config.keep_checkpoints, head, tokenizer)
     return TrainResult(out=out, step=step, samples_seen=position["samples_seen"], skipped=position["skipped"],
                        checkpoint=saved, losses=last,
-                       samples_per_second=run_samples / max(time.perf_counter() - run_start, 1e-9))
+                       samples_per_second=(position["samples_seen"] - samples_before) /
+                       max(time.perf_counter() - run_start, 1e-9))

@@ -210,3 +210,18 @@ def test_pixels_come_from_the_stored_image(tiny_clip) -> None:
     Image.new("L", (40, 30), 90).save(grey, "JPEG")
     out = make_stage(model=str(tiny_clip)).process(batch([(rgba.getvalue(), "red"), (grey.getvalue(), "grey")]))
     assert out.column("status").to_pylist() == ["ok", "ok"]
+
+
+def test_folder_whose_only_weights_open_clip_would_ignore_is_refused(tiny_clip, tmp_path) -> None:
+    """open_clip's local-dir loader looks for .safetensors/.bin/.pth; a folder with only a .pt would load random."""
+    folder = tmp_path / "pt-only"
+    folder.mkdir()
+    shutil.copy(tiny_clip / "open_clip_config.json", folder)
+    torch.save({}, folder / "train_state.pt")
+    with pytest.raises(ValidationError, match="no weights file"):
+        ScoreConfig(model=str(folder))
+
+
+def test_relative_paths_become_absolute_in_the_driver(tiny_clip, monkeypatch) -> None:
+    monkeypatch.chdir(tiny_clip.parent)
+    assert ScoreConfig(model=tiny_clip.name).model == str(tiny_clip.resolve())
