@@ -55,21 +55,42 @@ def load_pairs(data: str | list[str], label_key: str = "label") -> list[dict[str
     return pairs
 
 
+def decodable(pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The pairs whose image decodes, and how many did not (they are left out of every metric, and counted)."""
+    from PIL import Image
+
+    good = []
+    for pair in pairs:
+        try:
+            with Image.open(io.BytesIO(pair["image"])) as img:
+                img.convert("RGB")
+            good.append(pair)
+        except Exception:  # whatever Pillow raises on a bad file: the pair is skipped, not the eval
+            continue
+    return good, len(pairs) - len(good)
+
+
 def embed(clip: LoadedClip, images: Sequence[bytes], texts: Sequence[str], device: str = "cpu",
           batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised float32 embeddings of images and texts."""
-    import torch
     from PIL import Image
 
-    image_out, text_out = [], []
+    def images_of(chunk: Sequence[bytes]):
+        import torch
+
+        return torch.stack([clip.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in chunk])
+
+    return _encode(clip.model.encode_image, images, images_of, device, batch), _embed_texts(clip, texts, device, batch)
+
+
+def _encode(encoder: Any, items: Sequence[Any], to_tensor: Any, device: str, batch: int) -> np.ndarray:
+    import torch
+
+    out = []
     with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            pixels = torch.stack([clip.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[i:i + batch]])
-            image_out.append(clip.model.encode_image(pixels.to(device), normalize=True).float().cpu())
-        for i in range(0, len(texts), batch):
-            tokens = clip.tokenizer(list(texts[i:i + batch])).to(device)
-            text_out.append(clip.model.encode_text(tokens, normalize=True).float().cpu())
-    return torch.cat(image_out).numpy(), torch.cat(text_out).numpy()
+        for i in range(0, len(items), batch):
+            out.append(encoder(to_tensor(items[i:i + batch]).to(device), normalize=True).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def retrieval(image: np.ndarray, text: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -99,20 +120,21 @@ def zero_shot(clip: LoadedClip, image: np.ndarray, labels: Sequence[str], classn
     return float((predicted == np.asarray(labels)).mean())
 
 
-def _embed_texts(clip: LoadedClip, texts: Sequence[str], device: str) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return clip.model.encode_text(clip.tokenizer(list(texts)).to(device), normalize=True).float().cpu().numpy()
+def _embed_texts(clip: LoadedClip, texts: Sequence[str], device: str, batch: int = 256) -> np.ndarray:
+    """In batches: 1000 classes × 80 templates is 80,000 prompts."""
+    return _encode(clip.model.encode_text, texts, lambda chunk: clip.tokenizer(list(chunk)), device, batch)
 
 
 def evaluate(spec: ClipSpec, data: str | list[str], *, classnames: Sequence[str] = (),
              templates: Sequence[str] = ("a photo of a {}.",), label_key: str = "label",
              device: str = "cpu") -> dict[str, Any]:
-    pairs = load_pairs(data, label_key)
+    pairs, undecodable = decodable(load_pairs(data, label_key))
+    if len(pairs) < 2:
+        raise CurateError(f"eval data {data}: fewer than two pairs whose image decodes")
     clip = load_clip(spec, device)
     image, text = embed(clip, [p["image"] for p in pairs], [p["caption"] for p in pairs], device)
-    results: dict[str, Any] = {"model": clip.name, "pairs": len(pairs), **retrieval(image, text)}
+    results: dict[str, Any] = {"model": clip.name, "pairs": len(pairs), "undecodable": undecodable,
+                               **retrieval(image, text)}
     if classnames:
         labelled = [i for i, p in enumerate(pairs) if p["label"] is not None]
         if not labelled:

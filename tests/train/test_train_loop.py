@@ -54,11 +54,12 @@ def test_a_few_hundred_steps_lift_retrieval_far_above_chance(trained, curated_sh
 ])
 def test_each_objective_trains_and_its_loss_falls(curated_shards, tmp_path, objective, model, terms) -> None:
     out = tmp_path / objective
-    train(config(curated_shards, out, "steps=40", f"objectives=[{objective}]", f"model={model}"), progress=False)
+    train(config(curated_shards, out, "steps=60", f"objectives=[{objective}]", f"model={model}"), progress=False)
     records = logged(out)
-    assert len(records) == 40 and set(records[0]) >= {*terms, "loss", "samples_per_second"}
+    assert len(records) == 60 and set(records[0]) >= {*terms, "loss", "samples_per_second"}
     for term in terms:
         losses = [record[term] for record in records]
+        print(f"{term}: first {np.mean(losses[:8]):.3f} last {np.mean(losses[-8:]):.3f}")
         assert np.mean(losses[-8:]) < 0.95 * np.mean(losses[:8]), term
 
 
@@ -210,3 +211,16 @@ def test_itm_needs_a_folder_with_a_head(tiny_clip) -> None:
 
     with pytest.raises(CurateError, match="has no image-text matching head"):
         ScoreStage(ScoreConfig(model=str(tiny_clip), itm=True)).preflight()
+
+
+def test_eval_skips_and_counts_images_that_do_not_decode(trained, demo_pool, tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, items = demo_pool
+    clean = [item for item in items if item.kind == "clean"][:10]
+    rows = [{"image": (root / "files" / item.name).read_bytes(), "caption": item.caption} for item in clean]
+    rows.append({"image": b"<html>gone</html>", "caption": "a broken link"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "eval.parquet")
+    results = evaluate(ClipSpec(str(trained / "checkpoints" / "step_00000150")), str(tmp_path / "eval.parquet"))
+    assert results["pairs"] == 10 and results["undecodable"] == 1
