@@ -105,6 +105,10 @@ class _ScoreByFold(Stage):
     def inputs(self) -> list[str]:
         return ["image", "caption"]
 
+    def setup(self) -> None:
+        for scorer in self.scorers:
+            scorer.setup()
+
     def outputs(self) -> dict[str, pa.DataType]:
         return self.scorers[0].outputs() if self.scorers else ScoreStage(self.config).outputs()
 
@@ -143,15 +147,11 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
     if training_rows >= MIN_TRAINING_ROWS:
         shards = write_fold_shards(out, folds)
         models = train_fold_models(out, config, shards, min(config.bootstrap.batch_size, training_rows), progress)
-        for model in models:
-            scorer = ScoreStage(config.model_copy(update={"model": str(model)}))
-            scorer.setup()
-            scorers.append(scorer)
+        scorers = [ScoreStage(config.model_copy(update={"model": str(model)})) for model in models]
     elif progress:
         print(f"[bootstrap] {live} live rows are too few to train scorers on; they fail as score:pool_too_small",
               file=sys.stderr)
-    worker = StageWorker(_ScoreByFold(config, scorers))
-    worker._ready = True  # the fold scorers are set up above
+    worker = StageWorker(_ScoreByFold(config, scorers))  # sets the fold scorers up before the first part
     for path in parts:
         if not _scored(path):
             part_store.write_part(worker(pq.read_table(path)), str(path.parent))  # same rows: same name, replaced

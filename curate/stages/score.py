@@ -174,7 +174,7 @@ class ScoreStage(Stage):
         cfg: ScoreConfig = self.config  # type: ignore[assignment]
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
         captions = [c or "" for c in batch.column("caption").to_pylist()]
-        pixels = self._threads.map(self._pixels, batch.column("image").to_pylist())  # lazily, in order
+        pixels = self._threads.map(self._pixels, batch.column("image").to_pylist())  # all submitted now, taken in order
         chunk: list[tuple[int, object]] = []
         for i, tensor in enumerate(pixels):
             if tensor is None:

@@ -96,21 +96,17 @@ def forward(model: Any, images: Any, texts: Any, with_tokens: bool) -> dict[str,
     """open_clip's output dict; with the towers' token states as well when a fusion head needs them."""
     if not with_tokens:
         return model(images, texts)
+    import torch.nn.functional as F
+
     from curate.train.itm import encode_with_tokens
 
     out = encode_with_tokens(model, images, texts)
-    out["image_features"] = torch_normalize(out["image_features"])
-    out["text_features"] = torch_normalize(out["text_features"])
+    out["image_features"] = F.normalize(out["image_features"], dim=-1)
+    out["text_features"] = F.normalize(out["text_features"], dim=-1)
     out["logit_scale"] = model.logit_scale.exp()
     if getattr(model, "logit_bias", None) is not None:
         out["logit_bias"] = model.logit_bias
     return out
-
-
-def torch_normalize(x: Any) -> Any:
-    import torch.nn.functional as F
-
-    return F.normalize(x, dim=-1)
 
 
 def resolve_device(config: TrainConfig) -> str:
