@@ -11,10 +11,7 @@ shards are rewritten only if missing, training resumes from its checkpoints, sco
 
 from __future__ import annotations
 
-import io
-import os
 import sys
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import parts as part_store
+from curate.pair_tars import write_pair_tars
 from curate.stage import OK, Stage
 from curate.stages.score import ScoreConfig, ScoreStage
 from curate.worker import StageWorker
@@ -38,30 +36,10 @@ def _scored(path: Path) -> bool:
 
 
 def write_fold_shards(out: Path, folds: int) -> list[Path]:
-    """One tar per fold with every live row's stored image and caption (written once; temp name, then renamed)."""
-    folder = Path(out) / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"fold_{k}.tar" for k in range(folds)]
-    if all(p.exists() for p in paths):
-        return paths
-    tmps = [p.with_name(f".{p.name}.tmp") for p in paths]
-    tars = [tarfile.open(t, "w") for t in tmps]
-    try:
-        for part in part_store.part_files(out):
-            table = pq.read_table(part, columns=["uid", "status", "image", "image_ext", "caption"])
-            table = table.filter(pc.equal(table.column("status"), OK))
-            for row in table.to_pylist():
-                tar = tars[fold_of(row["uid"], folds)]
-                for ext, data in ((row["image_ext"], row["image"]), ("txt", (row["caption"] or "").encode())):
-                    info = tarfile.TarInfo(f"{row['uid']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    finally:
-        for tar in tars:
-            tar.close()
-    for tmp, path in zip(tmps, paths):
-        os.replace(tmp, path)
-    return paths
+    """One tar per fold with every live row's stored image and caption (written once)."""
+    paths = [Path(out) / FOLDER / f"fold_{k}.tar" for k in range(folds)]
+    return write_pair_tars(out, paths, lambda uid: (fold_of(uid, folds),),
+                           lambda table: pc.equal(table.column("status"), OK))
 
 
 def train_fold_models(out: Path, config: ScoreConfig, shards: list[Path], batch_size: int,

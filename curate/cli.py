@@ -40,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from curate.demo.run import run_demo
 
     run_demo(n=args.n, output=Path(args.output), seed=args.seed, local=args.local, overrides=args.set,
-             score=args.score)
+             download_only=args.download_only, experiment_steps=args.experiment_steps)
     return 0
 
 
@@ -79,6 +79,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from curate.train.experiment import ExperimentConfig, print_comparison, run_experiment
+
+    fields = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "seed": args.seed, "eval_every": args.eval_every, "eval_data": args.eval, "holdout": args.holdout,
+              "device": args.device, "workers": args.workers}
+    try:
+        config = ExperimentConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise CurateError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    print_comparison(run_experiment(Path(args.output), config, progress=not args.quiet))
+    print(f"curves: {Path(args.output).resolve() / 'experiment' / 'curves.png'}")
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from curate.schema import write_schemas
 
@@ -112,13 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("demo", help="generate a synthetic pool, serve it on loopback and curate it")
+    p = sub.add_parser("demo", help="generate a synthetic pool, serve it on loopback, curate it, and train on raw vs "
+                       "curated to show what curation buys")
     p.add_argument("--n", type=int, default=1000, help="pool size (default 1000)")
     p.add_argument("--output", default="curate-demo", help="folder for the pool and the run (default ./curate-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local", action="store_true", help="run without Ray")
-    p.add_argument("--score", action="store_true",
-                   help="also score alignment with CLIPs cross-fitted on the pool (score.model: bootstrap; ~2 min)")
+    p.add_argument("--download-only", action="store_true",
+                   help="only download (pipelines/demo.yaml): no scoring, filtering or experiment (seconds, not minutes)")
+    p.add_argument("--experiment-steps", type=int, default=300, help="training steps per arm of the experiment")
     add_set(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -148,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", default="label", help="the label's key in each sample's .json or parquet column")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("experiment", help="train on raw vs curated at equal samples seen and compare on held-out data")
+    p.add_argument("output", help="a finished run's output folder")
+    p.add_argument("--model", help="architecture trained from scratch in both arms (default curate-tiny)")
+    p.add_argument("--steps", type=int, help="training steps per arm (default 300)")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 50)")
+    p.add_argument("--eval", help="held-out eval set: shards or a parquet (default: hold out part of the kept rows)")
+    p.add_argument("--holdout", type=float, help="share of kept rows held out when --eval is not given (default 0.1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, help="data loader workers per arm")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("schema", help="write the JSON schemas of pipelines, records, ledger and manifest")
     p.add_argument("--write", default="schemas", metavar="DIR")

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from curate.errors import CurateError
+from curate.stage import GlobalStage
 
 # Columns every row has from the moment it is read.
 BASE_COLUMNS: dict[str, pa.DataType] = {
@@ -72,8 +73,8 @@ def reserved_column_names() -> frozenset[str]:
 
     # source_* point the downloader at local files: only the shard reader may set them, never an input list
     names = set(BASE_COLUMNS) | set(LEDGER_SCHEMA.names) | set(SOURCE_COLUMNS)
-    for name, cls in STAGES.items():
-        names |= set(cls(cls.Config.model_validate({"stage": name})).outputs())
+    for name, cls in STAGES.items():  # defaults without validation: some stages require a choice (alignment)
+        names |= set(cls(cls.Config.model_construct(stage=name)).outputs())
     return frozenset(names)
 
 
@@ -136,7 +137,9 @@ def generated_schemas() -> dict[str, dict[str, Any]]:
 
     record_columns: list[dict[str, str]] = _columns_doc(BASE_COLUMNS, BASE_DESCRIPTIONS)
     for name, cls in sorted(STAGES.items()):
-        config = cls.Config.model_validate({"stage": name})
+        if issubclass(cls, GlobalStage):  # decisions land in the ledger, not in the stored records
+            continue
+        config = cls.Config.model_construct(stage=name)
         for column, dtype in cls(config).outputs().items():
             record_columns.append({"name": column, "type": str(dtype), "description": f"set by the {name} stage"})
         record_columns.append({"name": f"{name}_seconds", "type": "double", "description": f"{name} wall time per row"})

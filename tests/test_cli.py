@@ -22,13 +22,31 @@ def curate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=REPO)
 
 
-def test_demo_runs_end_to_end_and_inspect_reads_it(tmp_path):
+def test_demo_curates_and_curated_training_beats_raw(tmp_path):
+    """The whole demo: download with planted faults, bootstrapped scores, the alignment filter, then raw vs curated
+    training at equal samples seen. Curation must pay on held-out retrieval."""
+    import json
+
     out = tmp_path / "demo"
-    done = curate("demo", "--n", "60", "--output", str(out))
+    done = curate("demo", "--n", "400", "--output", str(out), "--experiment-steps", "120",
+                  "--set", "score.bootstrap.steps=120", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rows in" in done.stdout and "download:http_404" in done.stdout and str(out / "run") in done.stdout
     assert " downloaded -> " in done.stdout and " decoded -> " in done.stdout and " kept" in done.stdout
     assert check_run(out / "run") == []
+
+    misaligned = next(line for line in done.stdout.splitlines() if line.strip().startswith("misaligned"))
+    removed_share = int(misaligned.split("(")[1].split("%")[0])
+    assert removed_share >= 75, misaligned  # the filter finds the planted misaligned captions
+    results = json.loads((out / "run" / "experiment" / "results.json").read_text())
+    raw, curated = results["arms"]["raw"], results["arms"]["curated"]
+    print(f"demo experiment: mean recall raw {raw['final']['mean_recall']:.3f}, "
+          f"curated {curated['final']['mean_recall']:.3f}")
+    assert curated["final"]["mean_recall"] > raw["final"]["mean_recall"]
+    assert "curated wins on mean recall" in done.stdout
+    assert raw["rows"] > curated["rows"]  # the same samples seen from fewer rows
+    assert raw["log"][-1]["samples_seen"] == curated["log"][-1]["samples_seen"] == results["samples_seen"]
+    assert (out / "run" / "experiment" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     shown = curate("inspect", str(out / "run"), "--reason", "download:http_404", "--sample", "2", "--verify")
     assert shown.returncode == 0, shown.stderr
@@ -116,4 +134,4 @@ def test_refuses_a_folder_that_is_not_a_curate_output_and_inputs_inside_the_outp
     _assert_one_line_failure(curate("run", DEMO, "--input", str(inside / "urls.parquet"), "--output",
                                     str(tmp_path / "out")), "inside the output folder")
     assert (inside / "urls.parquet").exists()
-    _assert_one_line_failure(curate("demo", "--n", "20", "--output", str(busy)), "not a curate demo")
+    _assert_one_line_failure(curate("demo", "--n", "20", "--output", str(busy), "--download-only"), "not a curate demo")

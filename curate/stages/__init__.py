@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from curate.stage import GlobalStage, Stage
+from curate.stages.alignment import AlignmentFilter
 from curate.stages.download import DownloadStage
 from curate.stages.score import ScoreStage
 
 STAGES: dict[str, type[Stage] | type[GlobalStage]] = {
-    stage.name: stage for stage in (DownloadStage, ScoreStage)
+    stage.name: stage for stage in (DownloadStage, ScoreStage, AlignmentFilter)
 }

@@ -1,0 +1,48 @@
+"""Stored pairs as plain WebDataset tars (``{uid}.{ext}`` + ``{uid}.txt``), for training on parts of a run.
+
+The bootstrapped scorer trains on folds of the pool and ``curate experiment`` on its raw and curated sets; both read
+the images the per-sample pass stored, so nothing is downloaded or decoded twice.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import parts as part_store
+
+
+def write_pair_tars(out: Path, paths: list[Path], route: Callable[[str], Iterable[int]],
+                    where: Callable[[pa.Table], pa.Array]) -> list[Path]:
+    """Write every stored row that ``where`` selects (a boolean mask over a part's uid/status/image columns) into
+    the tars ``route(uid)`` names (indexes into ``paths``; none, one or several). All tars are written under temp
+    names and renamed at the end, so a crash leaves either every tar or none; tars that already exist are kept."""
+    if all(p.exists() for p in paths):
+        return paths
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmps = [p.with_name(f".{p.name}.tmp") for p in paths]
+    tars = [tarfile.open(t, "w") for t in tmps]
+    try:
+        for part in part_store.part_files(out):
+            table = pq.read_table(part, columns=["uid", "status", "image", "image_ext", "caption"])
+            table = table.filter(pc.fill_null(where(table), False))
+            for row in table.to_pylist():
+                for index in route(row["uid"]):
+                    for ext, data in ((row["image_ext"], row["image"]), ("txt", (row["caption"] or "").encode())):
+                        info = tarfile.TarInfo(f"{row['uid']}.{ext}")
+                        info.size = len(data)
+                        tars[index].addfile(info, io.BytesIO(data))
+    finally:
+        for tar in tars:
+            tar.close()
+    for tmp, path in zip(tmps, paths):
+        os.replace(tmp, path)
+    return paths
