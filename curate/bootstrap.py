@@ -35,14 +35,25 @@ def _scored(path: Path) -> bool:
     return "clip_score" in pq.ParquetFile(path).schema_arrow.names
 
 
-def write_fold_shards(out: Path, folds: int) -> list[Path]:
-    """One tar per fold with every live row's stored image and caption (written once)."""
-    paths = [Path(out) / FOLDER / f"fold_{k}.tar" for k in range(folds)]
-    return write_pair_tars(out, paths, lambda uid: (fold_of(uid, folds),),
-                           lambda table: pc.equal(table.column("status"), OK))
+def round_folder(out: Path, round_: int) -> Path:
+    return Path(out) / FOLDER if round_ == 1 else Path(out) / FOLDER / f"round_{round_}"
 
 
-def train_fold_models(out: Path, config: ScoreConfig, shards: list[Path], batch_size: int,
+def write_fold_shards(out: Path, folds: int, folder: Path, trusted: set[str] | None = None) -> list[Path]:
+    """One tar per fold with the stored image and caption of every live row (every ``trusted`` one, in later
+    rounds); written once."""
+    paths = [folder / f"fold_{k}.tar" for k in range(folds)]
+
+    def where(table: pa.Table) -> pa.Array:
+        live = pc.equal(table.column("status"), OK)
+        if trusted is None:
+            return live
+        return pc.and_(live, pc.is_in(table.column("uid"), value_set=pa.array(sorted(trusted), pa.string())))
+
+    return write_pair_tars(out, paths, lambda uid: (fold_of(uid, folds),), where)
+
+
+def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], batch_size: int,
                       progress: bool) -> list[Path]:
     """Model k trained on every fold but k; returns their checkpoint folders."""
     import torch
@@ -56,10 +67,11 @@ def train_fold_models(out: Path, config: ScoreConfig, shards: list[Path], batch_
     models = []
     for k in range(len(shards)):
         if progress:
-            print(f"[bootstrap] training scorer {k + 1}/{len(shards)} on the other folds", file=sys.stderr)
+            print(f"[bootstrap] training scorer {k + 1}/{len(shards)} on the other folds ({folder.name})",
+                  file=sys.stderr)
         train_config = TrainConfig(
             model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
-            output=str(Path(out) / FOLDER / f"model_{k}"), steps=boot.steps, batch_size=batch_size,
+            output=str(folder / f"model_{k}"), steps=boot.steps, batch_size=batch_size,
             lr=boot.lr, warmup_steps=min(20, boot.steps // 10), seed=boot.seed + k, log_every=max(1, boot.steps // 5),
             checkpoint_every=boot.steps, keep_checkpoints=1, device=device)
         models.append(train(train_config, progress=progress).checkpoint)
@@ -110,25 +122,63 @@ class _ScoreByFold(Stage):
         return merged.take(pc.sort_indices(pa.concat_arrays(order)))
 
 
+def trusted_rows(scores: pa.Table, keep_top: float) -> set[str]:
+    """The uids a round ranked in the top ``keep_top`` of their fold (one model per fold: ranks stay on one scale)."""
+    from curate.stages.alignment import AlignmentFilter
+
+    uids = scores.column("uid").to_numpy(zero_copy_only=False).astype(object)
+    values = scores.column("clip_score").to_numpy(zero_copy_only=False).astype("float64")
+    removed = AlignmentFilter.outside_top(uids, values, scores.column("clip_model").to_pylist(), keep_top)
+    return set(uids[~removed].tolist())
+
+
+def _round_scores(out: Path, worker: StageWorker, folder: Path) -> pa.Table:
+    """uid, clip_score, clip_model of every live row under one round's models (kept in the round's folder)."""
+    path = folder / "scores.parquet"
+    if not path.exists():
+        pieces = []
+        for part in part_store.part_files(out):
+            table = pq.read_table(part)
+            scored = worker(table.filter(pc.equal(table.column("status"), OK)))
+            pieces.append(scored.filter(pc.equal(scored.column("status"), OK)).select(
+                ["uid", "clip_score", "clip_model"]))
+        tmp = folder / ".scores.parquet.tmp"
+        pq.write_table(pa.concat_tables(pieces), tmp)
+        tmp.replace(path)
+    return pq.read_table(path)
+
+
 def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> None:
-    """Score every stored live row with cross-fitted models, adding the score stage's columns to the parts."""
+    """Score every stored live row with cross-fitted models, adding the score stage's columns to the parts.
+
+    With ``bootstrap.rounds > 1``, BLIP's bootstrapping (DFN's filter networks): each further round trains its fold
+    models only on the rows the previous round trusted (its top ``keep_top`` per fold), and the last round's models
+    score the pool. A fold is still never scored by a model that trained on it."""
     out = Path(out)
     parts = part_store.part_files(out)
     if all(_scored(p) for p in parts):
         return
     config: ScoreConfig = stage.config  # type: ignore[assignment]
-    folds = config.bootstrap.folds
+    boot = config.bootstrap
     live = sum(pc.sum(pc.equal(pq.read_table(p, columns=["status"]).column("status"), OK)).as_py() or 0
                for p in parts)
-    training_rows = live * (folds - 1) // folds
-    scorers = []
-    if training_rows >= MIN_TRAINING_ROWS:
-        shards = write_fold_shards(out, folds)
-        models = train_fold_models(out, config, shards, min(config.bootstrap.batch_size, training_rows), progress)
+    scorers: list[ScoreStage] = []
+    trusted: set[str] | None = None
+    for round_ in range(1, boot.rounds + 1):
+        training_rows = (live if trusted is None else len(trusted)) * (boot.folds - 1) // boot.folds
+        if training_rows < MIN_TRAINING_ROWS:
+            if progress:
+                print(f"[bootstrap] {training_rows} rows are too few to train round {round_}'s scorers on"
+                      + ("; the live rows fail as score:pool_too_small" if round_ == 1 else
+                         f"; round {round_ - 1}'s scores stand"), file=sys.stderr)
+            break
+        folder = round_folder(out, round_)
+        shards = write_fold_shards(out, boot.folds, folder, trusted)
+        models = train_fold_models(folder, config, shards, min(boot.batch_size, training_rows), progress)
         scorers = [ScoreStage(config.model_copy(update={"model": str(model)})) for model in models]
-    elif progress:
-        print(f"[bootstrap] {live} live rows are too few to train scorers on; they fail as score:pool_too_small",
-              file=sys.stderr)
+        if round_ < boot.rounds:
+            trusted = trusted_rows(_round_scores(out, StageWorker(_ScoreByFold(config, scorers)), folder),
+                                   boot.keep_top)
     worker = StageWorker(_ScoreByFold(config, scorers))  # sets the fold scorers up before the first part
     for path in parts:
         if not _scored(path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,9 +38,15 @@ def shuffled_pool(tmp_path_factory):
         yield path, server
 
 
+def _auc(scores: np.ndarray, shuffled: np.ndarray) -> float:
+    return float((scores[~shuffled][:, None] > scores[shuffled][None, :]).mean())
+
+
 def test_bootstrapped_scores_separate_shuffled_from_aligned(shuffled_pool, make_pipeline, tmp_path) -> None:
+    """Two rounds: the second trains only on the rows the first trusted, and its models score the pool."""
     urls, _ = shuffled_pool
-    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 3, "steps": 200, "batch_size": 32})
+    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 3, "steps": 150, "batch_size": 32, "rounds": 2,
+                                                      "keep_top": 0.7})
     out = tmp_path / "run"
     run_pipeline(make_pipeline("input.rows_per_chunk=100", score=score), input_path=str(urls), output=out,
                  local=True, progress=False)
@@ -45,11 +54,30 @@ def test_bootstrapped_scores_separate_shuffled_from_aligned(shuffled_pool, make_
     index = pa.concat_tables([pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))])
     scores = np.asarray(index.column("clip_score").to_pylist())
     shuffled = np.asarray(index.column("shuffled").to_pylist())
-    auc = (scores[~shuffled][:, None] > scores[shuffled][None, :]).mean()
-    print(f"bootstrap ROC AUC, aligned over shuffled: {auc:.3f}")
-    assert auc > 0.75, auc
+    truth = dict(zip(index.column("uid").to_pylist(), shuffled.tolist()))
+    first = pq.read_table(out / "bootstrap" / "scores.parquet")
+    first_auc = _auc(np.asarray(first.column("clip_score").to_pylist()),
+                     np.asarray([truth[u] for u in first.column("uid").to_pylist()]))
+    auc = _auc(scores, shuffled)
+    print(f"bootstrap ROC AUC, aligned over shuffled: round 1 {first_auc:.3f}, round 2 {auc:.3f}")
+    assert first_auc > 0.75 and auc > 0.75, (first_auc, auc)
+
+    # round 2 trained on round 1's top 70% of each fold: fewer rows, and fewer shuffled ones among them
+    def fold_uids(folder: Path) -> list[str]:
+        uids = []
+        for tar in sorted(folder.glob("fold_*.tar")):
+            with tarfile.open(tar) as t:
+                uids += [m.name.split(".")[0] for m in t if m.name.endswith(".txt")]
+        return uids
+
+    round_1, round_2 = fold_uids(out / "bootstrap"), fold_uids(out / "bootstrap" / "round_2")
+    assert set(round_2) < set(round_1) and len(round_2) <= 0.71 * len(round_1) + 3
+    share_1 = np.mean([truth[u] for u in round_1])
+    share_2 = np.mean([truth[u] for u in round_2])
+    assert share_2 < share_1 / 2, (share_1, share_2)
+
     models = set(index.column("clip_model").to_pylist())
-    assert len(models) == 3 and all("bootstrap/model_" in m for m in models)  # each row by the model of its fold
+    assert len(models) == 3 and all("bootstrap/round_2/model_" in m for m in models)  # each row by its fold's model
     uids, _ = read_embeddings(out)
     assert sorted(uids) == sorted(index.column("uid").to_pylist())
     # a rerun trains and scores nothing again

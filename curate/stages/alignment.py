@@ -49,14 +49,14 @@ class AlignmentFilter(GlobalStage):
         if config.min_score is not None:
             removed, reason = scores < config.min_score, BELOW_MIN
         else:
-            removed, reason = self._outside_top(uids, scores, metadata.column("clip_model").to_pylist(),
+            removed, reason = self.outside_top(uids, scores, metadata.column("clip_model").to_pylist(),
                                                 config.keep_top), BELOW_TOP  # type: ignore[arg-type]
         out = uids[removed].tolist()
         return pa.table({"uid": pa.array(out, pa.string()), "status": pa.array([FILTERED] * len(out), pa.string()),
                          "reason": pa.array([reason] * len(out), pa.string())})
 
     @staticmethod
-    def _outside_top(uids: np.ndarray, scores: np.ndarray, models: list[str | None], fraction: float) -> np.ndarray:
+    def outside_top(uids: np.ndarray, scores: np.ndarray, models: list[str | None], fraction: float) -> np.ndarray:
         """Per model, all but the ceil(fraction × n) best rows; equal scores are ranked by uid so the cut is
         the same whatever order the rows come in."""
         removed = np.zeros(len(uids), dtype=bool)

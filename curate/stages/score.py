@@ -44,6 +44,10 @@ class BootstrapConfig(BaseModel):
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
+    rounds: int = Field(1, ge=1, le=5, description="rounds of BLIP-style bootstrapping: each round after the first "
+                        "trains only on the rows the previous round ranked in its top `keep_top`, then rescores all")
+    keep_top: float = Field(0.7, gt=0, le=1, description="share of each fold (by the previous round's scores) that "
+                            "the next round trains on")
 
 
 class ScoreConfig(StageConfig):
