@@ -31,7 +31,8 @@ def data_wait_share(config, steps: int) -> float:
 
     from curate.models.clip import ClipSpec
     from curate.train.data import shard_list
-    from curate.train.loop import batch_stream, build_model, forward, make_optimizer, resolve_device
+    from curate.train.loop import batch_stream, build_model, make_optimizer, resolve_device
+    from curate.train.step import forward
     from curate.train.losses import make_losses
 
     device = resolve_device(config)

@@ -14,6 +14,18 @@ from curate.models.clip import ClipSpec, architecture_config, check_spec
 Objective = Literal["clip", "siglip", "coca", "itm"]
 
 
+class DistributedConfig(BaseModel):
+    """Data-parallel training on Ray Train (TorchTrainer, DDP): one process per worker, gradients all-reduced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(0, ge=0, description="Ray Train workers; 0: train in this process")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (device: auto uses 1 when the cluster "
+                                   "has GPUs)")
+    address: str | None = Field(None, description="an existing Ray cluster (auto, ray://HOST:10001); null: embedded")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +53,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (the last step always saves)")
     keep_checkpoints: int = Field(2, ge=1, description="newest step checkpoints kept")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="several GPUs or nodes: the output folder must be shared")
 
     @field_validator("objectives")
     @classmethod

@@ -72,9 +72,21 @@ def _collate(samples: list[tuple | str]) -> Batch | None:
     return Batch(torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]), len(samples) - len(good))
 
 
+def _every_nth(rank: int, world: int) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Rank r of w keeps samples r, r+w, ...: every rank reads the same deterministic stream, so the ranks' parts
+    are disjoint and together cover it, whatever the number of shards."""
+    def select(samples: Iterator[dict]) -> Iterator[dict]:
+        for index, sample in enumerate(samples):
+            if index % world == rank:
+                yield sample
+
+    return select
+
+
 def epoch_batches(urls: list[str], preprocess: Callable, tokenize: Callable, *, batch_size: int, shuffle_buffer: int,
-                  seed: int, epoch: int, workers: int) -> Iterator[Batch]:
-    """One pass over the shards: shard order shuffled by (seed, epoch), samples through a seeded buffer."""
+                  seed: int, epoch: int, workers: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+    """One pass over the shards: shard order shuffled by (seed, epoch), samples through a seeded buffer; with
+    several training ranks, this rank's share of the samples."""
     import torch
     import webdataset as wds
 
@@ -83,6 +95,7 @@ def epoch_batches(urls: list[str], preprocess: Callable, tokenize: Callable, *, 
         wds.detshuffle(bufsize=len(urls), seed=seed, epoch=epoch),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=wds.warn_and_continue),  # an unreadable tar costs its samples, not the run
+        *([_every_nth(rank, world)] if world > 1 else []),
         wds.shuffle(shuffle_buffer, rng=random.Random(seed * 1_000_003 + epoch)),
         wds.map(lambda sample: _decode(sample, preprocess, tokenize)),
         wds.batched(batch_size, collation_fn=_collate, partial=False),

@@ -1,11 +1,13 @@
 """The training loop: one open_clip model, one optimizer, summed ``*_loss`` terms, checkpoints that resume.
 
 Reads top to bottom: set up (model, data, optimizer, what to resume), then the loop (schedule, forward, losses,
-step, log, checkpoint). Single process, CPU or one GPU (bf16 autocast there).
+step, log, checkpoint). One process on a CPU or one GPU (bf16 autocast there), or one rank of a Ray Train run
+(curate.train.distributed): then the forward goes through DDP and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -20,6 +22,7 @@ from curate.models.clip import ClipSpec, _register_architecture, preflight
 from curate.train import checkpoint
 from curate.train.config import TrainConfig
 from curate.train.data import Batch, epoch_batches, shard_list
+from curate.train.distributed import Workers
 from curate.train.losses import make_losses
 
 SIGLIP_INIT_BIAS = -10.0  # SigLIP's initial logit bias: most pairs start as negatives
@@ -73,14 +76,14 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def batch_stream(urls: list[str], preprocess: Any, tokenizer: Any, config: TrainConfig,
-                 position: dict[str, int]) -> Iterator[Batch]:
+                 position: dict[str, int], rank: int = 0, world: int = 1) -> Iterator[Batch]:
     """Batches forever, epoch after epoch, continuing from ``position`` (updated in place as batches are taken)."""
     skip = position["batch_in_epoch"]
     while True:
         produced = False
         for index, batch in enumerate(epoch_batches(
                 urls, preprocess, tokenizer, batch_size=config.batch_size, shuffle_buffer=config.shuffle_buffer,
-                seed=config.seed, epoch=position["epoch"], workers=config.workers)):
+                seed=config.seed, epoch=position["epoch"], workers=config.workers, rank=rank, world=world)):
             produced = produced or batch.images is not None
             if index < skip:  # consumed before the checkpoint this run resumed from
                 continue
@@ -90,23 +93,6 @@ def batch_stream(urls: list[str], preprocess: Any, tokenizer: Any, config: Train
             raise CurateError(f"data: {len(urls)} shard(s) hold fewer than batch_size={config.batch_size} "
                               "decodable samples")
         position["epoch"], position["batch_in_epoch"], skip = position["epoch"] + 1, 0, 0
-
-
-def forward(model: Any, images: Any, texts: Any, with_tokens: bool) -> dict[str, Any]:
-    """open_clip's output dict; with the towers' token states as well when a fusion head needs them."""
-    if not with_tokens:
-        return model(images, texts)
-    import torch.nn.functional as F
-
-    from curate.train.itm import encode_with_tokens
-
-    out = encode_with_tokens(model, images, texts)
-    out["image_features"] = F.normalize(out["image_features"], dim=-1)
-    out["text_features"] = F.normalize(out["text_features"], dim=-1)
-    out["logit_scale"] = model.logit_scale.exp()
-    if getattr(model, "logit_bias", None) is not None:
-        out["logit_bias"] = model.logit_bias
-    return out
 
 
 def resolve_device(config: TrainConfig) -> str:
@@ -119,8 +105,17 @@ def resolve_device(config: TrainConfig) -> str:
     return config.device
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None = None) -> TrainResult:
+    """Train ``config`` here, or on Ray Train workers when ``config.distributed.workers`` is set."""
     import torch
+
+    from curate.train.step import TrainStep
+
+    if workers is None and config.distributed.workers:
+        from curate.train.distributed import train_on_ray
+
+        return train_on_ray(config, progress)
+    workers = workers or Workers()
 
     # --- set up: output, data, device, model (fresh or resumed), optimizer, losses ---
     if not config.output:
@@ -128,7 +123,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     out = Path(config.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     urls = shard_list(config.data)
-    device = resolve_device(config)
+    device = workers.device or resolve_device(config)
+    device_type = torch.device(device).type
     resume = checkpoint.latest(out)
     spec = ClipSpec(str(resume)) if resume else config.spec()
     preflight(spec)
@@ -150,14 +146,16 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         position = {k: int(state.get(k, 0)) for k in position}
         if progress:
             print(f"[train] resuming from {resume} at step {step}", file=sys.stderr)
-    (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-    losses = make_losses(config.objectives, head)
-    gpu = device == "cuda"
+    if workers.main:
+        (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    step_module = workers.wrap(TrainStep(model, head, make_losses(config.objectives, head, workers.rank,
+                                                                  workers.world)))
+    gpu = device_type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     if config.precision == "auto" and gpu:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if gpu and dtype == torch.float16 else None
-    batches = batch_stream(urls, preprocess, tokenizer, config, position)
+    batches = batch_stream(urls, preprocess, tokenizer, config, position, workers.rank, workers.world)
     saved = resume
     run_start, samples_before = time.perf_counter(), position["samples_seen"]
 
@@ -165,20 +163,21 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     model.train()
     last: dict[str, float] = {}
     nonfinite, window_start, window_samples = 0, time.perf_counter(), 0
-    with open(out / "log.jsonl", "a") as log:
+    with open(out / "log.jsonl", "a") if workers.main else contextlib.nullcontext() as log:
         while step < config.steps:
             batch = next(batches)
-            position["skipped"] += batch.skipped
-            if batch.images is None:
+            position["skipped"] += int(workers.total(batch.skipped))
+            if not workers.all_agree(batch.images is not None):  # every rank steps, or none does
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
-            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-                terms = losses(forward(model, images, texts, with_tokens=head is not None))
+            with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                terms = step_module(images, texts)
                 total = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(total):  # one bad batch must not poison the weights: skip its update
+            # one bad batch must not poison the weights: skip its update (on every rank)
+            if not workers.all_agree(bool(torch.isfinite(total))):
                 nonfinite += 1
                 if nonfinite >= MAX_NONFINITE:
                     raise CurateError(f"step {step}: the loss was not finite {nonfinite} times in a row; lower lr or "
@@ -201,11 +200,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             with torch.no_grad():  # CLIP's temperature stays below 100
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
-            position["samples_seen"] += len(images)
-            window_samples += len(images)
+            global_batch = int(workers.total(len(images)))
+            position["samples_seen"] += global_batch
+            window_samples += global_batch
             last = {name: float(value.detach()) for name, value in terms.items()}
 
-            if step % config.log_every == 0 or step == config.steps:
+            if workers.main and (step % config.log_every == 0 or step == config.steps):
                 rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
                 record = {"step": step, **last, "loss": sum(last.values()), "lr": learning_rate(step - 1, config),
                           "samples_per_second": round(rate, 1), "samples_seen": position["samples_seen"],
@@ -216,7 +216,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                     terms_text = " ".join(f"{k}={v:.4f}" for k, v in last.items())
                     print(f"[train] step {step}/{config.steps} {terms_text} {rate:.0f} samples/s", file=sys.stderr)
                 window_start, window_samples = time.perf_counter(), 0
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if workers.main and (step % config.checkpoint_every == 0 or step == config.steps):
                 saved = checkpoint.save(out, step, model, model_cfg, optimizer, position,
                                         config.model_dump(mode="json"), config.keep_checkpoints, head, tokenizer)
     return TrainResult(out=out, step=step, samples_seen=position["samples_seen"], skipped=position["skipped"],

@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 
-def make_losses(objectives: list[str], itm_head: Any = None) -> Any:
-    """A callable: model outputs (open_clip's output dict, plus token states for itm) -> {"clip_loss": ..., ...}."""
+def make_losses(objectives: list[str], itm_head: Any = None, rank: int = 0, world: int = 1) -> Any:
+    """A callable: model outputs (open_clip's output dict, plus token states for itm) -> {"clip_loss": ..., ...}.
+
+    With several ranks, the contrastive terms gather every rank's features (open_clip's way): the negatives are the
+    global batch's. The ITM head mines its hard negatives within each rank's batch."""
     from open_clip.loss import ClipLoss, CoCaLoss, SigLipLoss
 
-    terms = {"clip": ClipLoss(), "siglip": SigLipLoss(),
-             "coca": CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)}  # CoCa paper's weights
+    ranks = {"rank": rank, "world_size": world}
+    terms = {"clip": ClipLoss(**ranks), "siglip": SigLipLoss(**ranks),
+             "coca": CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, **ranks)}  # CoCa paper's weights
 
     def losses(out: dict[str, Any]) -> dict[str, Any]:
         result = {}
