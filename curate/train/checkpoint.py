@@ -1,5 +1,5 @@
 """Checkpoints: a folder any ClipSpec and open_clip's ``local-dir:`` load (open_clip_config.json + safetensors),
-plus ``train_state.pt`` (optimizer, scheduler position, step, data position) for resuming. Everything loads with
+plus ``train_state.pt`` (optimizer, step, data position, RNG, loss scaler, objectives) for resuming. Everything loads with
 ``weights_only=True``; the newest complete one is named in ``latest.json``, written last."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ STATE_FILE, LATEST = "train_state.pt", "latest.json"
 
 
 def save(out: Path, step: int, model: Any, model_cfg: dict, optimizer: Any, position: dict[str, int],
-         train_config: dict, keep: int, itm_head: Any = None, tokenizer: Any = None) -> Path:
+         train_config: dict, keep: int, itm_head: Any = None, tokenizer: Any = None,
+         extra_state: dict[str, Any] | None = None) -> Path:
     import torch
 
     folder = Path(out) / "checkpoints" / f"step_{step:08d}"
@@ -28,7 +29,7 @@ def save(out: Path, step: int, model: Any, model_cfg: dict, optimizer: Any, posi
         from curate.train.itm import save_head
 
         save_head(itm_head, folder)
-    state = {"optimizer": optimizer.state_dict(), "step": step, **position}
+    state = {"optimizer": optimizer.state_dict(), "step": step, **position, **(extra_state or {})}
     tmp = folder / f".{STATE_FILE}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, folder / STATE_FILE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import io
 import random
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +49,19 @@ class Batch:
     skipped: int  # samples of this stretch of the stream that did not decode
 
 
-def _decode(sample: dict[str, Any], preprocess: Callable, tokenize: Callable) -> tuple | str:
+def _decode(sample: dict[str, Any], preprocess: Callable, tokenize: Callable, stream_seed: str) -> tuple | str:
+    import torch
     from PIL import Image
 
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None or "txt" not in sample:
         return BAD
+    # The random crop of a sample is a function of (seed, epoch, shard, key) alone, and drawing it leaves the
+    # training RNG untouched: a resumed run, or one with another number of loader workers, sees the same pixels.
+    sample_seed = zlib.crc32(f"{stream_seed}:{sample.get('__url__')}:{sample.get('__key__')}".encode())
     try:
-        with Image.open(io.BytesIO(sample[key])) as img:
+        with Image.open(io.BytesIO(sample[key])) as img, torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed)
             pixels = preprocess(img.convert("RGB"))
         caption = sample["txt"].decode("utf-8", "replace")
     except Exception:  # a bad sample is skipped and counted, whatever Pillow raised
@@ -97,11 +103,13 @@ def epoch_batches(urls: list[str], preprocess: Callable, tokenize: Callable, *, 
         wds.tarfile_to_samples(handler=wds.warn_and_continue),  # an unreadable tar costs its samples, not the run
         *([_every_nth(rank, world)] if world > 1 else []),
         wds.shuffle(shuffle_buffer, rng=random.Random(seed * 1_000_003 + epoch)),
-        wds.map(lambda sample: _decode(sample, preprocess, tokenize)),
+        wds.map(lambda sample: _decode(sample, preprocess, tokenize, f"{seed}:{epoch}")),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
+    # its own generator: starting an epoch's loader must not draw from the training RNG
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=min(workers, len(urls)),
-                                         persistent_workers=False)
+                                         persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     for batch in loader:
         if batch is not None:
             yield batch

@@ -139,9 +139,25 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
     optimizer = make_optimizer([model] + ([head] if head is not None else []), config)
     position = {"epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "skipped": 0}
     step = 0
+    gpu = device_type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    if config.precision == "auto" and gpu:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if gpu and dtype == torch.float16 else None
     if resume:
         state = checkpoint.load_state(resume)
+        saved_objectives = state.get("objectives", config.objectives)
+        if sorted(saved_objectives) != sorted(config.objectives):
+            raise CurateError(f"objectives: {out} holds a run trained with {saved_objectives}, not "
+                              f"{config.objectives}; use another --output, or start a new run from the checkpoint "
+                              f"with model: {resume}")
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if "rng" in state:  # dropout and the ITM head's negative sampling continue as if never stopped
+            torch.set_rng_state(state["rng"])
+        if gpu and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], torch.device(device))
         step = int(state["step"])
         position = {k: int(state.get(k, 0)) for k in position}
         if progress:
@@ -150,11 +166,6 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
         (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     step_module = workers.wrap(TrainStep(model, head, make_losses(config.objectives, head, workers.rank,
                                                                   workers.world)))
-    gpu = device_type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-    if config.precision == "auto" and gpu:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if gpu and dtype == torch.float16 else None
     batches = batch_stream(urls, preprocess, tokenizer, config, position, workers.rank, workers.world)
     saved = resume
     run_start, samples_before = time.perf_counter(), position["samples_seen"]
@@ -217,8 +228,12 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
                     print(f"[train] step {step}/{config.steps} {terms_text} {rate:.0f} samples/s", file=sys.stderr)
                 window_start, window_samples = time.perf_counter(), 0
             if workers.main and (step % config.checkpoint_every == 0 or step == config.steps):
+                state = {"objectives": list(config.objectives), "rng": torch.get_rng_state(),
+                         **({"cuda_rng": torch.cuda.get_rng_state(torch.device(device))} if gpu else {}),
+                         **({"scaler": scaler.state_dict()} if scaler is not None else {})}
                 saved = checkpoint.save(out, step, model, model_cfg, optimizer, position,
-                                        config.model_dump(mode="json"), config.keep_checkpoints, head, tokenizer)
+                                        config.model_dump(mode="json"), config.keep_checkpoints, head, tokenizer,
+                                        state)
     return TrainResult(out=out, step=step, samples_seen=position["samples_seen"], skipped=position["skipped"],
                        checkpoint=saved, losses=last,
                        samples_per_second=(position["samples_seen"] - samples_before) /
