@@ -37,25 +37,37 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def run_global_stages(parts: list[Path], global_stages: list[GlobalStage]) -> dict[str, tuple[str, str, str]]:
-    """uid → (status, reason, stage) for every row a global stage removes."""
-    decisions: dict[str, tuple[str, str, str]] = {}
+Decision = tuple[str, str, str, "str | None"]  # status, reason, stage, the uid it duplicates
+
+
+def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
+                      stages: list[Stage] | None = None) -> dict[str, Decision]:
+    """uid → (status, reason, stage, duplicate_of) for every row a global stage removes."""
+    decisions: dict[str, Decision] = {}
     if not global_stages:
         return decisions
-    columns = sorted({"uid", "status"} | {c for g in global_stages for c in g.inputs()})
-    tables = [pq.read_table(p, columns=columns) for p in parts]
+    stored = set().union(*(pq.ParquetFile(p).schema_arrow.names for p in parts)) if parts else set()
+    wanted = {"uid", "status"} | {c for g in global_stages for c in [*g.inputs(), *g.optional_inputs()]}
+    columns = sorted(wanted & stored) if parts else sorted(wanted)
+    tables = [pq.read_table(p, columns=[c for c in columns if c in pq.ParquetFile(p).schema_arrow.names])
+              for p in parts]
     metadata = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({c: [] for c in columns})
     metadata = metadata.filter(pc.equal(metadata.column("status"), OK))
     for stage in global_stages:
-        removed = stage.decide(metadata.select(sorted({"uid"} | set(stage.inputs()))))
+        stage.bind(stages or [])
+        names = sorted({"uid"} | set(stage.inputs()) | (set(stage.optional_inputs()) & set(metadata.column_names)))
+        removed = stage.decide(metadata.select(names))
         live = set(metadata.column("uid").to_pylist())
-        for uid, status, reason in zip(*(removed.column(c).to_pylist() for c in ("uid", "status", "reason"))):
+        duplicate_of = (removed.column("duplicate_of").to_pylist() if "duplicate_of" in removed.column_names
+                        else [None] * removed.num_rows)
+        for uid, status, reason, target in zip(*(removed.column(c).to_pylist() for c in ("uid", "status", "reason")),
+                                               duplicate_of):
             if uid not in live:
                 raise RuntimeError(f"global stage {stage.name} removed uid {uid!r}, which is not a live row")
             if status not in (FILTERED, FAILED) or not reason:
                 raise RuntimeError(f"global stage {stage.name} gave uid {uid} status {status!r} reason {reason!r}; "
                                    "expected filtered or failed with a reason")
-            decisions[uid] = (status, reason, stage.name)
+            decisions[uid] = (status, reason, stage.name, target)
         if removed.num_rows:
             metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("uid"), value_set=removed.column("uid"))))
     return decisions
@@ -107,18 +119,19 @@ class ShardWriters:
         return [self.entries[i] for i in sorted(self.entries)]
 
 
-def _apply_decisions(table: pa.Table, decisions: dict[str, tuple[str, str, str]]) -> pa.Table:
-    if not decisions:
-        return table
+def _apply_decisions(table: pa.Table, decisions: dict[str, Decision]) -> pa.Table:
+    """Status, reason and decided_by of removed rows updated; a duplicate_of column added (null where none)."""
     uids = table.column("uid").to_pylist()
-    hits = [decisions.get(uid) for uid in uids]
-    if not any(hits):
-        return table
-    for column, index in (("status", 0), ("reason", 1), ("decided_by", 2)):
-        old = table.column(column).to_pylist()
-        new = [hit[index] if hit else value for hit, value in zip(hits, old)]
-        table = table.set_column(table.column_names.index(column), column, pa.array(new, pa.string()))
-    return table
+    hits = [decisions.get(uid) for uid in uids] if decisions else [None] * len(uids)
+    if any(hits):
+        for column, index in (("status", 0), ("reason", 1), ("decided_by", 2)):
+            old = table.column(column).to_pylist()
+            new = [hit[index] if hit else value for hit, value in zip(hits, old)]
+            table = table.set_column(table.column_names.index(column), column, pa.array(new, pa.string()))
+    targets = pa.array([hit[3] if hit else None for hit in hits], pa.string())
+    if "duplicate_of" in table.column_names:
+        return table.set_column(table.column_names.index("duplicate_of"), "duplicate_of", targets)
+    return table.append_column("duplicate_of", targets)
 
 
 def decide_and_write(
@@ -134,7 +147,7 @@ def decide_and_write(
 ) -> Manifest:
     parts = part_store.part_files(out)
     decide_start = time.perf_counter()
-    decisions = run_global_stages(parts, global_stages)
+    decisions = run_global_stages(parts, global_stages, stages)
     decide_seconds = time.perf_counter() - decide_start
 
     per_shard = config.output.samples_per_shard

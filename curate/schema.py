@@ -51,6 +51,7 @@ LEDGER_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("shard", pa.string()),
         ("key", pa.string()),
+        ("duplicate_of", pa.string()),
     ]
 )
 LEDGER_DESCRIPTIONS = {
@@ -61,6 +62,7 @@ LEDGER_DESCRIPTIONS = {
     "reason": "null for kept rows; '<domain>:<what>' otherwise (download:http_404, decode:truncated, ...)",
     "shard": "shards/NNNNN.tar holding the sample (kept rows only)",
     "key": "the sample's WebDataset key inside that shard (kept rows only)",
+    "duplicate_of": "for rows a dedup stage removed: the uid of the row kept in their place",
 }
 
 

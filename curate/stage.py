@@ -150,6 +150,14 @@ class GlobalStage(ABC):
     def inputs(self) -> list[str]:
         return []
 
+    def optional_inputs(self) -> list[str]:
+        """Columns used when the pipeline stores them (e.g. clip_score for a keep policy), absent otherwise."""
+        return []
+
+    def bind(self, stages: list[Stage]) -> None:
+        """Called before ``decide`` with the pipeline's per-sample stages, for a decision that must treat outside
+        data (eval images) exactly as the pool was treated."""
+
     def outputs(self) -> dict[str, pa.DataType]:
         """Extra ledger columns this stage fills (e.g. the uid a duplicate points to)."""
         return {}

@@ -77,6 +77,8 @@ def existing_shard(out: Path, plan: ShardPlan) -> ShardEntry | None:
 def _json_value(value: Any) -> Any:
     if isinstance(value, float) and value != value:  # NaN is not JSON
         return None
+    if isinstance(value, bytes):  # small binary fingerprints (color_signature) as hex
+        return value.hex()
     return value
 
 

@@ -1,0 +1,89 @@
+"""Eval decontamination: pool rows that duplicate an eval image (same bytes, a re-encode, the same picture by
+embedding) are filtered and name the eval item; unrelated eval images touch nothing."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curate.demo.pool import _draw
+from curate.errors import CurateError
+from curate.ledger import check_run, read_ledger
+from curate.runner import run_pipeline
+from curate.stages.decontaminate import DecontaminateConfig
+from curate.stages.hash import HashConfig
+from curate.stages.score import ScoreConfig
+
+
+@pytest.fixture(scope="module")
+def eval_folder(demo_pool, url_list, tmp_path_factory):
+    """Two pool images copied byte for byte, one re-encoded at quality 40, one scene the pool never had."""
+    root, items = demo_pool
+    folder = tmp_path_factory.mktemp("eval") / "images"
+    folder.mkdir()
+    clean = [item for item in items if item.kind == "clean"]
+    urls = pq.read_table(url_list).column("url").to_pylist()
+    expected = {}
+    for item in clean[:2]:
+        shutil.copy(root / "files" / item.name, folder / f"copy_{item.name}")
+        expected[urls[items.index(item)]] = f"eval:copy_{item.name}"
+    with Image.open(root / "files" / clean[2].name) as img:
+        img.convert("RGB").save(folder / "reencoded.jpg", quality=40)
+    expected[urls[items.index(clean[2])]] = "eval:reencoded.jpg"
+    fresh, _ = _draw(np.random.default_rng([99, 1]), 300, 200, "ring", "black", "white")
+    fresh.save(folder / "fresh.png")
+    return folder, expected
+
+
+def _contaminated(out) -> dict[str, str]:
+    ledger = read_ledger(out).to_pylist()
+    return {row["url"]: row["duplicate_of"] for row in ledger if row["reason"] == "dedup:eval_contamination"}
+
+
+def test_pool_rows_that_duplicate_eval_images_are_filtered(eval_folder, url_list, make_pipeline, tmp_path) -> None:
+    folder, expected = eval_folder
+    config = make_pipeline()
+    config.stages += [HashConfig(), DecontaminateConfig(eval=str(folder), semantic_threshold=None)]
+    out = tmp_path / "run"
+    run_pipeline(config, input_path=str(url_list), output=out, local=True, progress=False)
+    assert check_run(out) == []
+    found = _contaminated(out)
+    # the planted copies of these images elsewhere in the pool (exact/near duplicates) are contaminated too
+    assert set(expected.items()) <= set(found.items())
+    assert "eval:fresh.png" not in found.values()
+    assert len(found) <= len(expected) + 4, found
+
+
+def test_embeddings_match_eval_images_through_the_pipelines_own_model(eval_folder, url_list, make_pipeline,
+                                                                       tiny_clip, tmp_path) -> None:
+    """Only the semantic comparison on: an eval copy matches its pool row at cosine 1 through the score stage."""
+    folder, expected = eval_folder
+    parquet = folder.parent / "eval.parquet"
+    copies = sorted(p.name for p in folder.iterdir() if p.name.startswith("copy_"))
+    pq.write_table(pa.table({"image_path": [f"images/{name}" for name in copies]}), parquet)
+    config = make_pipeline(score=ScoreConfig(model=str(tiny_clip)))
+    config.stages += [HashConfig(), DecontaminateConfig(eval=str(parquet), exact=False, phash_radius=None,
+                                                        semantic_threshold=0.9999)]
+    out = tmp_path / "run"
+    run_pipeline(config, input_path=str(url_list), output=out, local=True, progress=False)
+    found = _contaminated(out)
+    for url, target in expected.items():
+        if target.startswith("eval:copy_"):
+            assert found.get(url) == f"eval:images/{target.removeprefix('eval:')}"
+    assert Counter(found.values()).keys() <= {f"eval:images/{name}" for name in copies}
+
+
+def test_an_eval_set_without_images_is_one_clear_error(url_list, make_pipeline, tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = make_pipeline()
+    config.stages += [HashConfig(), DecontaminateConfig(eval=str(empty))]
+    with pytest.raises(CurateError, match="no eval images found"):
+        run_pipeline(config, input_path=str(url_list), output=tmp_path / "run", local=True, progress=False)
