@@ -28,6 +28,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from curate.runner import run_pipeline
 
     config = load_pipeline(args.pipeline, args.set)
+    if args.dry_run and not args.from_run:
+        raise CurateError("--dry-run: give --from-run OUT, the finished run to decide again")
+    if args.from_run:
+        from curate.redecide import dry_run, redecide
+        from curate.report.inspect import print_manifest
+
+        if args.dry_run:
+            print_manifest(dry_run(config, Path(args.from_run)), None)
+            return 0
+        if not args.output:
+            raise CurateError("--from-run: give --output, a new folder for the re-decided shards")
+        redecide(config, Path(args.from_run), Path(args.output), local=args.local)
+        print_funnel(Path(args.output).resolve())
+        return 0
     result = run_pipeline(
         config, input_path=args.input, output=args.output, address=args.address, local=args.local,
         progress=not args.quiet, retry_failed=args.retry_failed,
@@ -127,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--retry-failed", action="store_true",
                    help="try again the rows whose failure was retryable (timeouts, 429, 5xx); keep the rest")
+    p.add_argument("--from-run", metavar="OUT", help="decide again over this finished run's stored metadata (new "
+                   "filters or dedup settings): no download, no scoring; the kept samples go to --output")
+    p.add_argument("--dry-run", action="store_true", help="with --from-run: print the new funnel, write nothing")
     add_set(p)
     p.set_defaults(func=_cmd_run)
 

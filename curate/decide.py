@@ -41,11 +41,13 @@ Decision = tuple[str, str, str, "str | None"]  # status, reason, stage, the uid 
 
 
 def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
-                      stages: list[Stage] | None = None) -> dict[str, Decision]:
-    """uid → (status, reason, stage, duplicate_of) for every row a global stage removes."""
+                      stages: list[Stage] | None = None) -> tuple[dict[str, Decision], dict[str, int]]:
+    """uid → (status, reason, stage, duplicate_of) for every row a global stage removes; and, per filter reason,
+    the live rows that filter would reject on its own (whatever ran before it)."""
     decisions: dict[str, Decision] = {}
+    would_reject: Counter[str] = Counter()
     if not global_stages:
-        return decisions
+        return decisions, {}
     stored = set().union(*(pq.ParquetFile(p).schema_arrow.names for p in parts)) if parts else set()
     wanted = {"uid", "status"} | {c for g in global_stages for c in [*g.inputs(), *g.optional_inputs()]}
     columns = sorted(wanted & stored) if parts else sorted(wanted)
@@ -53,10 +55,16 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
               for p in parts]
     metadata = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({c: [] for c in columns})
     metadata = metadata.filter(pc.equal(metadata.column("status"), OK))
+    pool = metadata
     for stage in global_stages:
         stage.bind(stages or [])
         names = sorted({"uid"} | set(stage.inputs()) | (set(stage.optional_inputs()) & set(metadata.column_names)))
+        if stage.counts_would_reject and metadata.num_rows != pool.num_rows:
+            probe = stage.decide(pool.select(names))  # on its own: every live row, none removed by an earlier stage
+            would_reject.update(stage.would_reject or Counter(probe.column("reason").to_pylist()))
         removed = stage.decide(metadata.select(names))
+        if stage.counts_would_reject and metadata.num_rows == pool.num_rows:
+            would_reject.update(stage.would_reject or Counter(removed.column("reason").to_pylist()))
         live = set(metadata.column("uid").to_pylist())
         duplicate_of = (removed.column("duplicate_of").to_pylist() if "duplicate_of" in removed.column_names
                         else [None] * removed.num_rows)
@@ -70,7 +78,7 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
             decisions[uid] = (status, reason, stage.name, target)
         if removed.num_rows:
             metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("uid"), value_set=removed.column("uid"))))
-    return decisions
+    return decisions, dict(sorted(would_reject.items()))
 
 
 class ShardWriters:
@@ -147,7 +155,7 @@ def decide_and_write(
 ) -> Manifest:
     parts = part_store.part_files(out)
     decide_start = time.perf_counter()
-    decisions = run_global_stages(parts, global_stages, stages)
+    decisions, would_reject = run_global_stages(parts, global_stages, stages)
     decide_seconds = time.perf_counter() - decide_start
 
     per_shard = config.output.samples_per_shard
@@ -220,6 +228,7 @@ def decide_and_write(
         embeddings=embeddings.files,
         totals_by_status={s: ledger.by_status.get(s, 0) for s in ("kept", "filtered", "failed")},
         totals_by_reason=dict(sorted(ledger.by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        would_reject=would_reject,
         stages=stats,
         elapsed_seconds=round(time.monotonic() - started, 3),
         config=resolved,

@@ -46,6 +46,8 @@ class Manifest(BaseModel):
     embeddings: list[str] = []  # embeddings/ files (uid + vectors), when a stage stored embeddings
     totals_by_status: dict[str, int]
     totals_by_reason: dict[str, int]
+    would_reject: dict[str, int] = Field(default_factory=dict, description="per filter reason: the rows that "
+                                         "reached the decisions and that filter would reject on its own")
     stages: list[StageStats]
     elapsed_seconds: float
     config: dict[str, Any]

@@ -143,9 +143,13 @@ class GlobalStage(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[StageConfig]]
+    # Filters (rules, thresholds) are also run over the whole live pool, so the manifest can count everything each
+    # rule would reject on its own; dedup decisions depend on the group and are not.
+    counts_would_reject: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig) -> None:
         self.config = config
+        self.would_reject: dict[str, int] = {}  # reason → rows; set by decide() where a stage has several rules
 
     def inputs(self) -> list[str]:
         return []

@@ -30,8 +30,13 @@ def print_funnel(out: Path) -> None:
     manifest = read_manifest(out)
     if manifest is None:
         raise CurateError(f"{out}: no manifest.json; the run has not finished (run it again to resume)")
+    print_manifest(manifest, out)
+
+
+def print_manifest(manifest: Manifest, out: Path | None) -> None:
+    """The funnel, per-stage counts, counts by reason; ``out`` None for a dry run (nothing was written)."""
     total = manifest.input_rows
-    print(f"\n{manifest.pipeline}: {total} rows in")
+    print(f"\n{manifest.pipeline}: {total} rows in" + ("" if out else " (dry run: nothing written)"))
     print("  " + " -> ".join(_funnel_steps(manifest)))
     for stage in manifest.stages:
         share = 100 * stage.rows_out / total if total else 0.0
@@ -42,6 +47,12 @@ def print_funnel(out: Path) -> None:
         print("  by reason:")
         for reason, count in manifest.totals_by_reason.items():
             print(f"    {reason:<32} {count:>8}")
+    if manifest.would_reject:
+        print("  each filter on its own would reject:")
+        for reason, count in manifest.would_reject.items():
+            print(f"    {reason:<32} {count:>8}")
+    if out is None:
+        return
     samples = sum(s.samples for s in manifest.shards)
     size = sum(s.bytes for s in manifest.shards)
     print(f"  {len(manifest.shards)} shards, {samples} samples, {size / 2**20:.1f} MiB in {Path(out) / 'shards'}")

@@ -37,6 +37,7 @@ class AlignmentConfig(StageConfig):
 class AlignmentFilter(GlobalStage):
     name = "alignment"
     Config = AlignmentConfig
+    counts_would_reject = True
 
     def inputs(self) -> list[str]:
         return [self.config.column, "clip_model"]  # type: ignore[attr-defined]

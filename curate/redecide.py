@@ -1,0 +1,100 @@
+"""`curate run PIPELINE --from-run OUT [--dry-run]`: decide again over a finished run's stored metadata.
+
+Score once, decide later: a new filter or dedup config needs no download and no GPU. With ``--dry-run`` the new
+decisions are only counted and printed (seconds, nothing written). Without it they are published in a new output
+folder: its ``parts/`` link to the finished run's stored rows, and the shards, ledger and manifest are written from
+them — the kept samples resharded, nothing fetched or scored again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from curate import parts as part_store
+from curate.config import PipelineConfig
+from curate.decide import decide_and_write, package_versions, run_global_stages
+from curate.errors import CurateError
+from curate.ledger import Manifest, StageStats, read_manifest
+from curate.runner import CONFIG_FILE, _first_difference, _per_sample_signature, build_stages
+from curate.stage import KEPT, OK
+
+
+def _check_same_per_sample_work(source: Path, config: PipelineConfig) -> Manifest:
+    manifest = read_manifest(source)
+    if manifest is None:
+        raise CurateError(f"--from-run {source}: not a finished run (no manifest.json); finish it first")
+    saved = yaml.safe_load((source / CONFIG_FILE).read_text()) or {}
+    old, new = saved.get("per_sample_signature"), _per_sample_signature(config)
+    if old is not None and old != new:
+        raise CurateError(f"--from-run {source}: its per-sample stages differ from this pipeline's "
+                          f"({_first_difference(old, new)}); only global stages (filters, dedup) can be re-decided")
+    return manifest
+
+
+def dry_run(config: PipelineConfig, source: Path) -> Manifest:
+    """The manifest the new decisions would publish (no shards); nothing is written."""
+    started = time.monotonic()
+    source = Path(source).resolve()
+    previous = _check_same_per_sample_work(source, config)
+    stages, global_stages = build_stages(config)
+    parts = part_store.part_files(source)
+    decide_start = time.perf_counter()
+    decisions, would_reject = run_global_stages(parts, global_stages, stages)
+    decide_seconds = time.perf_counter() - decide_start
+    by_status: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    stopped_by: Counter[str] = Counter()
+    for part in parts:
+        table = pq.read_table(part, columns=["uid", "status", "reason", "decided_by"])
+        for uid, status, reason, stage in zip(*(table.column(c).to_pylist()
+                                               for c in ("uid", "status", "reason", "decided_by"))):
+            if status == OK and uid in decisions:
+                status, reason, stage, _ = decisions[uid]
+            by_status[KEPT if status == OK else status] += 1
+            if reason:
+                by_reason[reason] += 1
+            if stage and status != OK:
+                stopped_by[stage] += 1
+    stats, alive = [], previous.input_rows
+    for stage in [*stages, *global_stages]:
+        stopped = stopped_by.get(stage.name, 0)
+        wall = decide_seconds if stage in global_stages else 0.0
+        stats.append(StageStats(name=stage.name, rows_in=alive, rows_out=alive - stopped, wall_seconds=round(wall, 3)))
+        alive -= stopped
+    return Manifest(pipeline=config.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    input_rows=previous.input_rows, shards=[],
+                    totals_by_status={s: by_status.get(s, 0) for s in ("kept", "filtered", "failed")},
+                    totals_by_reason=dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+                    would_reject=would_reject, stages=stats, elapsed_seconds=round(time.monotonic() - started, 3),
+                    config=config.resolved(), versions=package_versions())
+
+
+def redecide(config: PipelineConfig, source: Path, output: Path, local: bool = False) -> Manifest:
+    """Publish the new decisions in ``output`` from ``source``'s stored rows (linked, not copied)."""
+    started = time.monotonic()
+    source, output = Path(source).resolve(), Path(output).resolve()
+    if output == source:
+        raise CurateError(f"--output {output}: is the run decided from; write the new decisions to another folder")
+    previous = _check_same_per_sample_work(source, config)
+    if output.exists() and any(output.iterdir()) and not (output / ".from-run").exists():
+        raise CurateError(f"--output {output}: folder is not empty; choose a new or empty folder")
+    stages, global_stages = build_stages(config)
+    (output / part_store.PARTS).mkdir(parents=True, exist_ok=True)
+    (output / ".from-run").write_text(f"{source}\n")
+    for part in part_store.part_files(source):  # the stored rows, images included, shared with the source run
+        link = output / part_store.PARTS / part.name
+        if not link.exists():
+            os.symlink(part, link)
+    resolved = config.resolved()
+    resolved["per_sample_signature"] = _per_sample_signature(config)
+    resolved["from_run"] = str(source)
+    (output / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return decide_and_write(output, config, stages, global_stages, previous.input_rows, local=local,
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), started=started)

@@ -1,0 +1,138 @@
+"""Rule filters over stored metadata, as in DataComp's basic filtering: caption length, image size and shape, caption
+language, and captions that are no description at all (file names, URLs, placeholders, mostly non-letters).
+
+Every rule that is set is evaluated on every row: a row is filtered with the reason of the first rule it fails (in
+the order below), and the manifest counts, per rule, every row that rule would have rejected on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from curate.stage import FILTERED, GlobalStage, StageConfig
+
+# Captions that describe nothing; compared after lower-casing and stripping punctuation and digits.
+PLACEHOLDERS = frozenset({
+    "image", "images", "photo", "photos", "picture", "pictures", "img", "untitled", "no title", "no description",
+    "description", "thumbnail", "thumb", "placeholder", "null", "none", "n a", "na", "undefined", "default",
+    "image not found", "no image", "no image available", "click to enlarge", "click here", "stock photo",
+    "alt", "alt text", "logo", "icon", "banner", "screenshot", "jpg", "jpeg", "png", "gif",
+})
+FILE_NAME = re.compile(r"^\s*[\w\-. ()\[\]]*\.(jpe?g|png|gif|webp|bmp|tiff?|heic|svg)\s*$", re.IGNORECASE)
+CAMERA_NAME = re.compile(r"^\s*(img|dsc|dscn|dcim|pxl|mvimg|photo|image|screenshot)[\s_\-]*\d[\w\-]*\s*$", re.IGNORECASE)
+URL = re.compile(r"^\s*(https?://|www\.)\S+\s*$", re.IGNORECASE)
+NOT_LETTERS = re.compile(r"[^a-z ]+")
+
+
+class RulesConfig(StageConfig):
+    stage: Literal["rules"] = "rules"
+    min_words: int | None = Field(None, ge=1, description="fewer words in the caption: rule:caption_too_short")
+    max_words: int | None = Field(None, ge=1, description="more words: rule:caption_too_long")
+    min_chars: int | None = Field(None, ge=1, description="fewer characters: rule:caption_too_short")
+    max_chars: int | None = Field(None, ge=1, description="more characters: rule:caption_too_long")
+    junk_captions: bool = Field(False, description="file names, camera names, bare URLs, placeholders "
+                                "('image', 'untitled', ...): rule:caption_junk")
+    min_letter_share: float | None = Field(None, gt=0, le=1, description="captions whose share of letters among "
+                                           "non-space characters is lower: rule:caption_non_letters")
+    min_image_side: int | None = Field(None, ge=1, description="original image's shorter side below this: "
+                                       "rule:image_too_small")
+    max_aspect_ratio: float | None = Field(None, ge=1, description="original image's longer/shorter side above "
+                                           "this: rule:aspect_ratio")
+    languages: list[str] | None = Field(None, min_length=1, description="ISO 639-1 codes; a caption detected as "
+                                        "another language (langid, its model ships in the package): rule:language")
+    language_min_chars: int = Field(12, ge=1, description="shorter captions are not judged by language (a "
+                                    "detector guesses on a few words)")
+
+
+def _words(caption: str) -> int:
+    return len(caption.split())
+
+
+def is_junk(caption: str) -> bool:
+    if FILE_NAME.match(caption) or CAMERA_NAME.match(caption) or URL.match(caption):
+        return True
+    return NOT_LETTERS.sub(" ", caption.lower()).split() == [] or \
+        " ".join(NOT_LETTERS.sub(" ", caption.lower()).split()) in PLACEHOLDERS
+
+
+def letter_share(caption: str) -> float:
+    visible = [c for c in caption if not c.isspace()]
+    return sum(c.isalpha() for c in visible) / len(visible) if visible else 0.0
+
+
+class RuleFilter(GlobalStage):
+    name = "rules"
+    Config = RulesConfig
+    counts_would_reject: ClassVar[bool] = True
+
+    def inputs(self) -> list[str]:
+        config: RulesConfig = self.config  # type: ignore[assignment]
+        image = config.min_image_side is not None or config.max_aspect_ratio is not None
+        return ["caption"] + (["original_width", "original_height"] if image else [])
+
+    def rules(self, metadata: pa.Table) -> list[tuple[str, np.ndarray]]:
+        """(reason, mask of rows the rule rejects) for every rule that is set, in order."""
+        config: RulesConfig = self.config  # type: ignore[assignment]
+        captions = [c or "" for c in metadata.column("caption").to_pylist()]
+
+        def over(fn: Callable[[str], bool]) -> np.ndarray:
+            return np.fromiter((fn(c) for c in captions), dtype=bool, count=len(captions))
+
+        out: list[tuple[str, np.ndarray]] = []
+        words = np.fromiter((_words(c) for c in captions), dtype=np.int64, count=len(captions))
+        chars = np.fromiter((len(c.strip()) for c in captions), dtype=np.int64, count=len(captions))
+        short = np.zeros(len(captions), bool)
+        long = np.zeros(len(captions), bool)
+        if config.min_words is not None:
+            short |= words < config.min_words
+        if config.min_chars is not None:
+            short |= chars < config.min_chars
+        if config.max_words is not None:
+            long |= words > config.max_words
+        if config.max_chars is not None:
+            long |= chars > config.max_chars
+        if config.min_words is not None or config.min_chars is not None:
+            out.append(("rule:caption_too_short", short))
+        if config.max_words is not None or config.max_chars is not None:
+            out.append(("rule:caption_too_long", long))
+        if config.junk_captions:
+            out.append(("rule:caption_junk", over(is_junk)))
+        if config.min_letter_share is not None:
+            out.append(("rule:caption_non_letters", over(lambda c: letter_share(c) < config.min_letter_share)))
+        if config.min_image_side is not None or config.max_aspect_ratio is not None:
+            width = metadata.column("original_width").to_numpy(zero_copy_only=False).astype(np.float64)
+            height = metadata.column("original_height").to_numpy(zero_copy_only=False).astype(np.float64)
+            if config.min_image_side is not None:
+                out.append(("rule:image_too_small", np.minimum(width, height) < config.min_image_side))
+            if config.max_aspect_ratio is not None:
+                ratio = np.maximum(width, height) / np.maximum(np.minimum(width, height), 1)
+                out.append(("rule:aspect_ratio", ratio > config.max_aspect_ratio))
+        if config.languages:
+            out.append(("rule:language", self._other_language(captions, config)))
+        return out
+
+    @staticmethod
+    def _other_language(captions: list[str], config: RulesConfig) -> np.ndarray:
+        import langid
+
+        allowed = set(config.languages or [])
+        return np.fromiter((len(c.strip()) >= config.language_min_chars and langid.classify(c)[0] not in allowed
+                            for c in captions), dtype=bool, count=len(captions))
+
+    def decide(self, metadata: pa.Table) -> pa.Table:
+        reasons = np.full(metadata.num_rows, None, dtype=object)
+        self.would_reject = {}
+        for reason, rejected in self.rules(metadata):
+            self.would_reject[reason] = int(rejected.sum())
+            reasons[rejected & (reasons == None)] = reason  # noqa: E711 (elementwise): the first rule failed wins
+        removed = np.flatnonzero(reasons != None)  # noqa: E711
+        uids = np.asarray(metadata.column("uid").to_pylist(), dtype=object)
+        return pa.table({"uid": pa.array(uids[removed].tolist(), pa.string()),
+                         "status": pa.array([FILTERED] * len(removed), pa.string()),
+                         "reason": pa.array(reasons[removed].tolist(), pa.string())})
