@@ -117,13 +117,19 @@ def validate_pipeline(raw: Any, source: str) -> PipelineConfig:
             )
         config_cls = STAGES[name].Config
         try:
-            stages.append(config_cls.model_validate(item))
+            stage_config = config_cls.model_validate(item)
+            resolve = getattr(stage_config, "resolve_with", None)
+            if resolve is not None:  # settings taken from earlier stages (caption scores with the score stage)
+                resolve(stages)
+            stages.append(stage_config)
         except ValidationError as err:
             first = err.errors()[0]
             if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
                 known = [k for k in config_cls.model_fields if k != "stage"]
                 raise _unknown_key_hint(source, f"stages[{i}] ({name})", str(first["loc"][0]), known) from None
             raise _first_error(source, err, ("stages", i), raw_stages) from None
+        except ValueError as err:  # from resolve_with: a setting that depends on the stages before it
+            raise CurateError(f"{source}: stages[{i}] ({name}): {err}") from None
     try:
         config = PipelineConfig.model_validate({**raw, "stages": []})
     except ValidationError as err:

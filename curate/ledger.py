@@ -79,6 +79,12 @@ class LedgerWriter:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
+        if "original_caption" in table.column_names:  # the ledger keeps the input's caption; the shard, the final
+            original = pc.coalesce(table.column("original_caption"), table.column("caption"))
+            table = table.set_column(table.column_names.index("caption"), "caption", original)
+        for name in LEDGER_SCHEMA.names:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, LEDGER_SCHEMA.field(name).type))
         table = table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
         self._writer.write_table(table)
         self.rows += table.num_rows

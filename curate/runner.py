@@ -46,6 +46,13 @@ class RunResult:
 
 def build_stages(config: PipelineConfig) -> tuple[list[Stage], list[GlobalStage]]:
     check_stage_order(config, "stages")
+    for i, stage_config in enumerate(config.stages):  # configs built in code, not loaded from a file, resolve here
+        resolve = getattr(stage_config, "resolve_with", None)
+        if resolve is not None:
+            try:
+                resolve(config.stages[:i])
+            except ValueError as err:
+                raise CurateError(f"stages[{i}] ({stage_config.stage}): {err}") from None
     built = [STAGES[stage_config.stage](stage_config) for stage_config in config.stages]
     return ([s for s in built if not isinstance(s, GlobalStage)],  # type: ignore[misc]
             [s for s in built if isinstance(s, GlobalStage)])

@@ -52,6 +52,7 @@ LEDGER_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("key", pa.string()),
         ("duplicate_of", pa.string()),
+        ("caption_source", pa.string()),
     ]
 )
 LEDGER_DESCRIPTIONS = {
@@ -63,6 +64,7 @@ LEDGER_DESCRIPTIONS = {
     "shard": "shards/NNNNN.tar holding the sample (kept rows only)",
     "key": "the sample's WebDataset key inside that shard (kept rows only)",
     "duplicate_of": "for rows a dedup stage removed: the uid of the row kept in their place",
+    "caption_source": "raw or synthetic: which caption the sample carries (null without a caption stage)",
 }
 
 

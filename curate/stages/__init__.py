@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from curate.stage import GlobalStage, Stage
 from curate.stages.alignment import AlignmentFilter
+from curate.stages.caption import CaptionStage
 from curate.stages.concepts import ConceptFilter
 from curate.stages.decontaminate import Decontaminate
 from curate.stages.dedup_exact import DedupExact
 from curate.stages.dedup_phash import DedupPhash
 from curate.stages.dedup_semantic import DedupSemantic
 from curate.stages.download import DownloadStage
-from curate.stages.rules import RuleFilter
 from curate.stages.hash import HashStage
+from curate.stages.rules import RuleFilter
 from curate.stages.score import ScoreStage
 
-STAGES: dict[str, type[Stage] | type[GlobalStage]] = {
-    stage.name: stage for stage in (DownloadStage, HashStage, ScoreStage, AlignmentFilter, DedupExact, DedupPhash,
-                                DedupSemantic, Decontaminate, RuleFilter, ConceptFilter)
-}
+PER_SAMPLE = (DownloadStage, HashStage, ScoreStage, CaptionStage)
+GLOBAL = (RuleFilter, AlignmentFilter, ConceptFilter, DedupExact, DedupPhash, DedupSemantic, Decontaminate)
+STAGES: dict[str, type[Stage] | type[GlobalStage]] = {stage.name: stage for stage in (*PER_SAMPLE, *GLOBAL)}

@@ -121,7 +121,9 @@ def write_shard(out: str, plan: ShardPlan) -> ShardEntry:
         images = table.column("image").to_pylist()
         exts = table.column("image_ext").to_pylist()
         captions = table.column("caption").to_pylist()
-        for key, meta, image, ext, caption in zip(plan.keys, meta_rows, images, exts, captions):
+        synthetic = (table.column("synthetic_caption").to_pylist() if "synthetic_caption" in table.column_names
+                     else [None] * table.num_rows)
+        for key, meta, image, ext, caption, syn in zip(plan.keys, meta_rows, images, exts, captions, synthetic):
             meta = {name: _json_value(value) for name, value in meta.items()}
             meta["key"] = key
             members = {
@@ -129,6 +131,8 @@ def write_shard(out: str, plan: ShardPlan) -> ShardEntry:
                 "txt": (caption or "").encode("utf-8"),
                 "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
             }
+            if syn and syn != caption:  # both captions kept: the synthetic one beside the raw (caption mode add)
+                members["syn.txt"] = syn.encode("utf-8")
             for member in sorted(members):
                 _add_member(tar, f"{key}.{member}", members[member])
     with open(tmp_tar, "rb") as handle:
