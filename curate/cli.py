@@ -64,6 +64,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return inspect_run(Path(args.output), sample=args.sample, reason=args.reason, verify=args.verify)
 
 
+def _cmd_why(args: argparse.Namespace) -> int:
+    from curate.report.why import print_why
+
+    return print_why(Path(args.output), args.row)
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from curate.report.diff import print_diff
+
+    return print_diff(Path(args.a), Path(args.b), examples=args.examples)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from curate.train.config import load_train_config
     from curate.train.loop import train
@@ -165,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="print rows with this reason (or status: kept, filtered, failed)")
     p.add_argument("--verify", action="store_true", help="also check the ledger against the tars")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("why", help="the whole story of one row: each stage's columns, the decision, its duplicate")
+    p.add_argument("output")
+    p.add_argument("row", help="a uid (or its first characters) or a URL")
+    p.set_defaults(func=_cmd_why)
+
+    p = sub.add_parser("diff", help="compare two runs: counts by reason, rows kept in one and not the other")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--examples", type=int, default=5, help="rows shown per difference (default 5)")
+    p.set_defaults(func=_cmd_diff)
 
     p = sub.add_parser("train", help="train a CLIP-style model on WebDataset shards (resumes from --output)")
     p.add_argument("config", nargs="?", help="train config YAML (default: the built-in defaults)")

@@ -49,10 +49,15 @@ LEDGER_SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("decided_by", pa.string()),
         ("shard", pa.string()),
         ("key", pa.string()),
         ("duplicate_of", pa.string()),
         ("caption_source", pa.string()),
+        ("caption_model", pa.string()),
+        ("caption_prompt", pa.string()),
+        ("raw_clip_score", pa.float32()),
+        ("synthetic_clip_score", pa.float32()),
     ]
 )
 LEDGER_DESCRIPTIONS = {
@@ -61,10 +66,15 @@ LEDGER_DESCRIPTIONS = {
     "caption": "caption from the input",
     "status": "kept | filtered | failed",
     "reason": "null for kept rows; '<domain>:<what>' otherwise (download:http_404, decode:truncated, ...)",
+    "decided_by": "the stage that stopped the row (null for kept rows)",
     "shard": "shards/NNNNN.tar holding the sample (kept rows only)",
     "key": "the sample's WebDataset key inside that shard (kept rows only)",
     "duplicate_of": "for rows a dedup stage removed: the uid of the row kept in their place",
     "caption_source": "raw or synthetic: which caption the sample carries (null without a caption stage)",
+    "caption_model": "the captioning model, for rows the caption stage captioned",
+    "caption_prompt": "the prompt the synthetic caption started from",
+    "raw_clip_score": "caption stage (best, rescue): CLIP score of the input's caption",
+    "synthetic_clip_score": "caption stage (best, rescue): CLIP score of the synthetic caption",
 }
 
 

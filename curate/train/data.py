@@ -58,7 +58,8 @@ def _decode(sample: dict[str, Any], preprocess: Callable, tokenize: Callable, st
         return BAD
     # The random crop of a sample is a function of (seed, epoch, shard, key) alone, and drawing it leaves the
     # training RNG untouched: a resumed run, or one with another number of loader workers, sees the same pixels.
-    sample_seed = zlib.crc32(f"{stream_seed}:{sample.get('__url__')}:{sample.get('__key__')}".encode())
+    shard = str(sample.get("__url__") or "").rsplit("/", 1)[-1]  # the name, not the folder: runs elsewhere agree
+    sample_seed = zlib.crc32(f"{stream_seed}:{shard}:{sample.get('__key__')}".encode())
     try:
         with Image.open(io.BytesIO(sample[key])) as img, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed)

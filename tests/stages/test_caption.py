@@ -117,6 +117,9 @@ def test_rescue_captions_only_low_rows_and_keeps_the_ledger_promise(tiny_blip, t
         assert meta["clip_score"] >= threshold  # kept: it passed, with its raw or its new caption
         if meta["raw_clip_score"] >= threshold:
             assert meta["synthetic_caption"] is None and meta["caption_model"] is None  # never captioned
+    for row in ledger:  # provenance in the ledger too
+        if row["caption_source"] == "synthetic":
+            assert row["caption_model"] == str(tiny_blip) and row["synthetic_clip_score"] > row["raw_clip_score"]
     rescued = [r for r in ledger if r["status"] == "kept" and r["caption_source"] == "synthetic"]
     dropped = [r for r in ledger if r["reason"] == "alignment:below_min_score"]
     print(f"rescue at {threshold:.4f}: {len(rescued)} rows rescued, {len(dropped)} still below")
