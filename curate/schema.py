@@ -155,6 +155,8 @@ def generated_schemas() -> dict[str, dict[str, Any]]:
             continue
         config = cls.Config.model_construct(stage=name)
         for column, dtype in cls(config).outputs().items():
+            if any(c["name"] == column for c in record_columns):
+                continue  # a later stage that rewrites a column (caption rewrites caption, clip_score)
             record_columns.append({"name": column, "type": str(dtype), "description": f"set by the {name} stage"})
         record_columns.append({"name": f"{name}_seconds", "type": "double", "description": f"{name} wall time per row"})
     return {
