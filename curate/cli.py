@@ -61,6 +61,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from curate.report.inspect import inspect_run
 
+    if args.html:
+        from curate.report.html import write_report
+
+        print(f"report: {write_report(Path(args.output), Path(args.html)).resolve()}")
+        return 0
     return inspect_run(Path(args.output), sample=args.sample, reason=args.reason, verify=args.verify)
 
 
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=5, help="rows to print (default 5)")
     p.add_argument("--reason", help="print rows with this reason (or status: kept, filtered, failed)")
     p.add_argument("--verify", action="store_true", help="also check the ledger against the tars")
+    p.add_argument("--html", metavar="FILE", help="write one self-contained HTML report (charts, thumbnails by "
+                   "reason, rows near the threshold, duplicate groups, captions, a searchable ledger)")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("why", help="the whole story of one row: each stage's columns, the decision, its duplicate")

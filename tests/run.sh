@@ -11,6 +11,12 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -e '.[test]'
 
+# The HTML report is checked in a real browser: headless Chromium from Debian's packages.
+if ! command -v chromium > /dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver > /dev/null
+fi
+
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0
 # Every pipeline that ships must validate.
 "$VENV/bin/curate" validate pipelines/*.yaml
