@@ -39,7 +39,7 @@ def row_range(path: Path) -> tuple[int, int]:
 def write_part(batch: pa.Table, folder: str) -> pa.Table:
     """Store one batch of finished rows; returns a one-row table with the count (all the driver needs to know)."""
     if batch.num_rows == 0:
-        return pa.table({"rows": [0]})
+        return batch_summary(batch)  # the same columns as any other part's summary
     rows = batch.column("row")
     uids = batch.column("uid").to_pylist()
     digest = hashlib.blake2b("\n".join(uids).encode(), digest_size=8).hexdigest()
@@ -49,7 +49,16 @@ def write_part(batch: pa.Table, folder: str) -> pa.Table:
     tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
     pq.write_table(batch, tmp)
     os.replace(tmp, path)
-    return pa.table({"rows": [batch.num_rows]})
+    return batch_summary(batch)
+
+
+def batch_summary(batch: pa.Table) -> pa.Table:
+    """One row: the batch's row count and each stage's busy seconds summed (for the progress line)."""
+    summary = {"rows": [batch.num_rows]}
+    for name in batch.column_names:
+        if name.endswith("_seconds") and not name.startswith("fetch"):
+            summary[name] = [float(pc.sum(batch.column(name)).as_py() or 0.0)]
+    return pa.table(summary)
 
 
 class PartIndex:

@@ -13,11 +13,16 @@ from curate.stage import Resources
 RESERVED_CPUS = 0.5
 
 
-def ensure_ray(config: RayConfig) -> None:
-    """Start an embedded Ray sized to this machine, or connect to ``config.address``; reuse one already running."""
+def ensure_ray(config: RayConfig, progress_bars: bool = False) -> None:
+    """Start an embedded Ray sized to this machine, or connect to ``config.address``; reuse one already running.
+    ``progress_bars``: Ray Data's per-operator bars (for a terminal; in logs they would interleave with curate's
+    lines)."""
     import ray
 
     if ray.is_initialized():
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = progress_bars
         return
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE") if k in os.environ}
     try:
@@ -35,7 +40,7 @@ def ensure_ray(config: RayConfig) -> None:
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    context.enable_progress_bars = False  # curate prints one progress line; Ray's bars would interleave with it
+    context.enable_progress_bars = progress_bars
     context.print_on_execution_start = False
 
 

@@ -143,20 +143,34 @@ def pending_inputs(out: Path, chunks: InputChunks, rows_per_chunk: int) -> list[
 
 
 class Progress:
-    """One line per few seconds on stderr: rows done of rows pending, rate and ETA."""
+    """One line every few seconds on stderr: rows done of rows pending, rate, ETA, and each stage's busy time per row
+    (summed over its workers: the stage with the most is the one to give more workers or GPUs)."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
         self.label, self.total, self.enabled = label, total, enabled
         self.done, self.start, self.last = 0, time.monotonic(), 0.0
+        self.busy: dict[str, float] = {}
 
-    def update(self, rows: int) -> None:
+    def update(self, rows: int, summary: pa.Table | None = None) -> None:
         self.done += rows
+        if summary is not None:
+            for name in summary.column_names:
+                if name.endswith("_seconds"):
+                    stage = name[: -len("_seconds")]
+                    self.busy[stage] = self.busy.get(stage, 0.0) + float(pc.sum(summary.column(name)).as_py() or 0)
         now = time.monotonic()
         if self.enabled and (now - self.last > 2 or self.done >= self.total):
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            print(f"[{self.label}] {self.done}/{self.total} rows, {rate:.0f} rows/s, eta {eta:.0f}s", file=sys.stderr)
+            print(self.line(now), file=sys.stderr)
             self.last = now
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate else float("inf")
+        text = f"[{self.label}] {self.done}/{self.total} rows, {rate:.0f} rows/s, eta {eta:.0f}s"
+        if self.busy and self.done:
+            text += "; busy per row: " + ", ".join(f"{stage} {1000 * seconds / self.done:.1f} ms"
+                                                  for stage, seconds in self.busy.items())
+        return text
 
 
 def run_samples_local(stages: list[Stage], inputs: list[Path], out: Path, progress: Progress, part_rows: int) -> None:
@@ -173,8 +187,7 @@ def run_samples_local(stages: list[Stage], inputs: list[Path], out: Path, progre
                 for worker in workers:
                     piece = worker(piece)
                 pieces.append(piece)
-            part_store.write_part(pa.concat_tables(pieces), folder)
-            progress.update(table.num_rows)
+            progress.update(table.num_rows, part_store.write_part(pa.concat_tables(pieces), folder))
 
 
 def _read_chunks(batch: pa.Table) -> pa.Table:
@@ -273,9 +286,10 @@ def run_pipeline(
         else:
             from curate.ray_env import ensure_ray
 
-            ensure_ray(config.ray)
+            # on a terminal, Ray Data's own bars: one per stage, with its rows/s, live
+            ensure_ray(config.ray, progress_bars=progress and sys.stderr.isatty())
             for summary in _iter_ray_samples(streaming, inputs, out, part_rows):
-                bar.update(pc.sum(summary.column("rows")).as_py() or 0)
+                bar.update(pc.sum(summary.column("rows")).as_py() or 0, summary)
     shutil.rmtree(out / "pending", ignore_errors=True)
     check_all_stored(out, chunks, config.input.rows_per_chunk)
     for stage in stages:

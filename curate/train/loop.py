@@ -51,6 +51,16 @@ def build_model(spec: ClipSpec, objectives: list[str], device: str) -> tuple[Any
     pretrained = None if name.startswith(("hf-hub:", "local-dir:")) else spec.pretrained
     model, preprocess_train, _ = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, device=device, output_dict=True, weights_only=True, **extra)
+    fresh = pretrained is None and not name.startswith(("hf-hub:", "local-dir:"))
+    projection = getattr(getattr(model, "text_decoder", None), "text_projection", None)
+    if fresh and projection is not None:
+        import torch
+
+        # open_clip's MultimodalTransformer (CoCa's decoder) never initialises its text_projection (its
+        # init_parameters() is not called, and would fail): torch.empty keeps whatever memory held, now and then
+        # NaN. Drawn here as that method means to: normal with std width^-0.5.
+        with torch.no_grad():
+            projection.normal_(std=model.text_decoder.width ** -0.5)
     return model, preprocess_train, open_clip.get_tokenizer(name), {**model_cfg, **extra}
 
 

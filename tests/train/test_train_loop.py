@@ -111,6 +111,16 @@ def test_resume_continues_from_the_saved_step(curated_shards, tmp_path) -> None:
     assert again.step == 20 and [r["step"] for r in logged(out)] == steps
 
 
+def test_a_fresh_coca_has_no_uninitialised_weights() -> None:
+    """open_clip leaves CoCa's decoder projection as torch.empty; after memory full of NaN, ours is still finite."""
+    for _ in range(5):
+        poison = torch.full((8_000_000,), float("nan"))
+        del poison
+    model, _, _, _ = build_model(ClipSpec("curate-tiny-coca"), ["coca"], "cpu")
+    assert [n for n, p in model.named_parameters() if not torch.isfinite(p).all()] == []
+    assert float(model.text_decoder.text_projection.std()) > 0  # drawn, not zeros
+
+
 def test_an_interrupted_run_ends_with_the_weights_of_an_uninterrupted_one(curated_shards, tmp_path) -> None:
     """clip + itm: the ITM head samples its negatives from torch's RNG, so the RNG must resume too."""
     from safetensors.torch import load_file
