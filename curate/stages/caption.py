@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -184,13 +183,12 @@ class CaptionStage(Stage):
         """Cosine of each synthetic caption with the row's stored image embedding, from the scoring model."""
         import torch
 
-        from curate.stages.score import embedding_matrix
+        from curate.stages.dedup_semantic import unit_rows
 
         rows = [i for i, text in synthetic.items() if text]
         if not rows:
             return {}
-        images = embedding_matrix(batch.column("image_embedding").take(pa.array(rows))).astype(np.float32)
-        images /= np.maximum(np.linalg.norm(images, axis=1, keepdims=True), 1e-12)
+        images = unit_rows(batch.column("image_embedding").take(pa.array(rows)))
         with torch.inference_mode():
             texts = self._scorer.model.encode_text(  # type: ignore[union-attr]
                 self._scorer.tokenizer([synthetic[i] for i in rows]).to(self._device),  # type: ignore[union-attr]

@@ -53,6 +53,7 @@ class ConceptFilter(GlobalStage):
     def __init__(self, config: StageConfig) -> None:
         super().__init__(config)
         self.score_spec: ClipSpec | None = None
+        self._prompts: dict[str, dict[str, np.ndarray]] = {}  # per model: decide() runs twice (would_reject)
 
     def inputs(self) -> list[str]:
         return ["image_embedding", "clip_model"]
@@ -74,7 +75,9 @@ class ConceptFilter(GlobalStage):
                           "name; score and filter with the same pipeline")
 
     def prompt_embeddings(self, described: str) -> dict[str, np.ndarray]:
-        """Concept → (prompts, d) unit vectors from the model that embedded the images."""
+        """Concept → (prompts, d) unit vectors from the model that embedded the images (loaded once per model)."""
+        if described in self._prompts:
+            return self._prompts[described]
         import torch
 
         from curate.models.clip import load_clip
@@ -86,6 +89,7 @@ class ConceptFilter(GlobalStage):
             for name, prompts in config.concepts.items():
                 out[name] = clip.model.encode_text(clip.tokenizer(prompts), normalize=True).float().numpy()
         print(f"[concepts] {len(out)} concepts encoded with {described}", file=sys.stderr)
+        self._prompts[described] = out
         return out
 
     def decide(self, metadata: pa.Table) -> pa.Table:

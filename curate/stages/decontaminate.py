@@ -148,7 +148,7 @@ class Decontaminate(GlobalStage):
         left, right = phash_pairs(np.concatenate([pool_codes, eval_codes]), radius=config.phash_radius or 0)
         crossing = (left < len(pool_codes)) & (right >= len(pool_codes))
         left, right = left[crossing], right[crossing]
-        signatures = [metadata.column("color_signature")[int(i)].as_py() for i in valid] + \
+        signatures = metadata.column("color_signature").take(pa.array(valid)).to_pylist() + \
             evals.column("color_signature").to_pylist()
         close = color_differences(signatures, left, right) <= config.max_color_difference
         eval_uids = evals.column("uid").to_pylist()
