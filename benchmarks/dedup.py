@@ -9,6 +9,7 @@ brute force over all pairs at the same radius (target recall ≥ 0.95 at precisi
 
     .venv/bin/python benchmarks/dedup.py
     .venv/bin/python benchmarks/dedup.py --sizes 10000 100000 --radius 6
+    .venv/bin/python benchmarks/dedup.py --ray       # the tables as Ray tasks on an embedded Ray
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ def planted_codes(n: int, seed: int):
     return codes.view(np.int64)
 
 
-def child(n: int, radius: int, seed: int) -> dict:
+def child(n: int, radius: int, seed: int, on_ray: bool) -> dict:
     import pyarrow as pa
+
+    if on_ray:  # the banding tables run as Ray tasks (curate.fan_out), as in a pipeline run on Ray
+        from curate.config import RayConfig
+        from curate.ray_env import ensure_ray
+
+        ensure_ray(RayConfig())
 
     from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
 
@@ -75,20 +82,23 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--radius", type=int, default=None, help="default: the stage's default radius")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ray", action="store_true",
+                        help="run the tables as Ray tasks on an embedded Ray (two per CPU); Ray's start not timed")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from curate.dedup import DEFAULT_RADIUS, tables_for
 
     radius = DEFAULT_RADIUS if args.radius is None else args.radius
     if args.child:
-        print(json.dumps(child(args.child, radius, args.seed)))
+        print(json.dumps(child(args.child, radius, args.seed, args.ray)))
         return
-    print(f"pHash dedup tier, radius {radius}, {tables_for(radius)} banding tables; 10% planted near copies")
+    print(f"pHash dedup tier, radius {radius}, {tables_for(radius)} banding tables; 10% planted near copies"
+          + ("; tables as Ray tasks (peak RSS: the driver's)" if args.ray else ""))
     print(f"{'rows':>10}{'seconds':>10}{'peak RSS MiB':>14}{'removed':>10}{'time ratio':>12}")
     results = []
     for n in args.sizes:
         done = subprocess.run([sys.executable, __file__, "--child", str(n), "--radius", str(radius),
-                               "--seed", str(args.seed)], capture_output=True, text=True, check=True)
+                               "--seed", str(args.seed)] + (["--ray"] if args.ray else []), capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         ratio = f"{result['seconds'] / results[-1]['seconds']:.1f}x" if results else ""
         results.append(result)

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (a 30 s slow URL or a decompression bomb would measure the fault, not the throughput).
 FETCHABLE = {"clean", "misaligned", "exact_duplicate", "near_duplicate", "alpha", "slow", "flaky", "redirect"}
 POLL_SECONDS = 0.2
+LOCAL = "curate-local"  # `curate run --local`: every stage in one process, no Ray
 
 
 @dataclass
@@ -91,7 +92,7 @@ def half_url_list(urls: Path) -> Path:
 def latencies(tool: str, out: Path, timing_dir: Path) -> list[float]:
     """Seconds per fetched URL: curate stores them (fetch_seconds in the shard indexes); img2dataset's were logged
     by benchmarks/i2d_timing/sitecustomize.py."""
-    if tool == "curate":
+    if tool.startswith("curate"):
         import pyarrow.parquet as pq
 
         return [v for path in sorted((out / "shards").glob("*.parquet"))
@@ -125,21 +126,24 @@ def curate_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def child_curate(spec: dict) -> dict:
+def child_curate(spec: dict, local: bool = False) -> dict:
+    """curate on an embedded Ray (Ray's start timed apart), or with ``local`` in this one process (`--local`)."""
     from curate.config import load_pipeline
     from curate.ray_env import ensure_ray
     from curate.runner import run_pipeline
 
     config = load_pipeline(REPO / "pipelines" / "demo.yaml", spec["overrides"])
     start = time.perf_counter()
-    ensure_ray(config.ray)  # timed apart: run_pipeline reuses the Ray started here
+    if not local:
+        ensure_ray(config.ray)  # timed apart: run_pipeline reuses the Ray started here
     ready = time.perf_counter()
-    run_pipeline(config, input_path=spec["urls"], output=spec["out"], progress=False)
+    run_pipeline(config, input_path=spec["urls"], output=spec["out"], progress=False, local=local)
     end = time.perf_counter()
-    import ray
+    if not local:
+        import ray
 
-    ray.shutdown()
-    return {"seconds": end - start, "startup": ready - start}
+        ray.shutdown()
+    return {"seconds": end - start, "startup": 0.0 if local else ready - start}
 
 
 def child_img2dataset(spec: dict) -> dict:
@@ -238,6 +242,11 @@ def print_table(rows: list[Measured], offered: int) -> None:
               f"(without Ray start: {c.samples / (c.seconds - c.startup) / reference:.2f}); "
               f"peak RSS: {c.peak_rss_mib / i.peak_rss_mib:.2f}; "
               f"private: {c.peak_private_mib / i.peak_private_mib:.2f}")
+        if LOCAL in by_tool:
+            c = by_tool[LOCAL]
+            print(f"curate --local/img2dataset samples/s: {c.samples / c.seconds / reference:.2f}; "
+                  f"peak RSS: {c.peak_rss_mib / i.peak_rss_mib:.2f}; "
+                  f"private: {c.peak_private_mib / i.peak_private_mib:.2f}")
 
 
 def main() -> None:
@@ -259,6 +268,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp dir, removed after)")
     parser.add_argument("--marginal", action="store_true",
                         help="also run each tool on the first half of the list and print the marginal rate")
+    parser.add_argument("--local", action="store_true",
+                        help="also run curate in one process without Ray (curate run --local)")
     parser.add_argument("--skip-img2dataset", action="store_true", help="run curate only")
     parser.add_argument("--set", action="append", default=[], help="extra curate pipeline override KEY=VALUE")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -268,7 +279,10 @@ def main() -> None:
 
     if args.child:  # inside a measured subprocess
         spec = json.loads(Path(args.spec).read_text())
-        result = (child_curate if args.child == "curate" else child_img2dataset)(spec)
+        if args.child == "img2dataset":
+            result = child_img2dataset(spec)
+        else:
+            result = child_curate(spec, local=args.child == LOCAL)
         result["driver_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         Path(args.result).write_text(json.dumps(result))
         return
@@ -285,7 +299,8 @@ def main() -> None:
             print(f"pool: {args.n} rows, {offered} fetchable, generated in {time.perf_counter() - start:.1f}s")
             rows: list[Measured] = []
             lists = [("", urls)] + ([(" (half)", half_url_list(urls))] if args.marginal else [])
-            for tool in ["curate"] + ([] if args.skip_img2dataset else ["img2dataset"]):
+            tools = ["curate"] + ([LOCAL] if args.local else []) + ([] if args.skip_img2dataset else ["img2dataset"])
+            for tool in tools:
                 for suffix, url_list in lists:
                     name = f"{tool}{suffix}"
                     out, timing_dir = work / f"out-{name}", work / f"latency-{name}"

@@ -154,6 +154,10 @@ def decide_and_write(
     started: float,
 ) -> Manifest:
     parts = part_store.part_files(out)
+    if not local and any(stage.fans_out for stage in global_stages):
+        from curate.ray_env import ensure_ray
+
+        ensure_ray(config.ray)  # their pHash tables and k-means clusters run as tasks across the cluster
     decide_start = time.perf_counter()
     decisions, would_reject = run_global_stages(parts, global_stages, stages)
     decide_seconds = time.perf_counter() - decide_start

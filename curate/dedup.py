@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from curate.fan_out import fan_out, task_count
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -86,30 +88,43 @@ def _pairs_within_buckets(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(left), np.concatenate(right)
 
 
-def phash_pairs(codes: np.ndarray, radius: int = DEFAULT_RADIUS, tables: int | None = None,
-                bits: int = DEFAULT_BITS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) of codes within ``radius`` bits, found through banding; each pair once.
-
-    Identical codes are collapsed first (a pool with 10,000 blank images has one code for them, not 50 million
-    pairs): each distinct code's rows are chained to its first row, and the search runs over distinct codes."""
-    codes = np.asarray(codes, dtype=np.int64).view(np.uint64)
-    unique, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    same_left = first[inverse]
-    chained = np.flatnonzero(same_left != np.arange(len(codes)))
-    found_left, found_right = [same_left[chained]], [chained]
-    found: list[np.ndarray] = []
+def _near_pairs_in_tables(unique: np.ndarray, job: tuple[list[np.ndarray], int]) -> np.ndarray:
+    """One part of the banding search: the pairs of ``unique`` codes that share a key in any of these tables and are
+    within ``radius``, packed as ``i * n + j`` (i < j), each once. Memory beyond the shared codes: about 56 bytes a
+    code (its bytes, its key, the counting pass) plus the pairs found."""
+    tables, radius = job
+    n = len(unique)
     code_bytes = np.ascontiguousarray(unique.astype("<u8").view(np.uint8).reshape(-1, 8).T)
-    for positions in _bit_masks(tables or tables_for(radius, bits), bits, seed):
+    found: list[np.ndarray] = [np.zeros(0, np.int64)]
+    for positions in tables:
         left, right = _pairs_within_buckets(_table_keys(code_bytes, positions))
         for start in range(0, len(left), CHUNK):
             a, b = left[start:start + CHUNK], right[start:start + CHUNK]
             near = hamming(unique[a], unique[b]) <= radius
             a, b = np.minimum(a[near], b[near]), np.maximum(a[near], b[near])
-            found.append(np.unique(a.astype(np.int64) * len(unique) + b))
-    if found:  # a near pair usually meets in several tables: keep it once
-        packed = np.unique(np.concatenate(found))
-        found_left.append(first[packed // len(unique)])
-        found_right.append(first[packed % len(unique)])
+            found.append(np.unique(a.astype(np.int64) * n + b))
+    return np.unique(np.concatenate(found))
+
+
+def phash_pairs(codes: np.ndarray, radius: int = DEFAULT_RADIUS, tables: int | None = None,
+                bits: int = DEFAULT_BITS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) of codes within ``radius`` bits, found through banding; each pair once.
+
+    Identical codes are collapsed first (a pool with 10,000 blank images has one code for them, not 50 million
+    pairs): each distinct code's rows are chained to its first row, and the search runs over distinct codes.
+    The tables are independent: on Ray each group of tables is one task (curate.fan_out) over the shared codes."""
+    codes = np.asarray(codes, dtype=np.int64).view(np.uint64)
+    unique, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    same_left = first[inverse]
+    chained = np.flatnonzero(same_left != np.arange(len(codes)))
+    found_left, found_right = [same_left[chained]], [chained]
+    masks = _bit_masks(tables or tables_for(radius, bits), bits, seed)
+    parts = [([masks[i] for i in group], radius) for group in np.array_split(np.arange(len(masks)),
+                                                                           task_count(len(masks)))]
+    # a near pair usually meets in several tables, and so in several parts: keep it once
+    packed = np.unique(np.concatenate(fan_out(_near_pairs_in_tables, unique, parts)))
+    found_left.append(first[packed // max(1, len(unique))])
+    found_right.append(first[packed % max(1, len(unique))])
     left, right = np.concatenate(found_left).astype(np.int64), np.concatenate(found_right).astype(np.int64)
     return np.minimum(left, right), np.maximum(left, right)
 
@@ -177,13 +192,45 @@ def removals(uids: Sequence[str], labels: np.ndarray, scores: np.ndarray | None,
 BLOCK_ELEMENTS = 1 << 25  # similarities computed per block inside a cluster: 128 MB of float32 at most
 
 
+def _nearest_centroids(shared: tuple[np.ndarray, np.ndarray], rows: tuple[int, int]) -> np.ndarray:
+    """The cluster of each embedding in ``rows`` (a slice of the shared embeddings): the most similar centroid."""
+    import faiss
+
+    x, centroids = shared
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    return index.search(np.ascontiguousarray(x[rows[0]:rows[1]]), 1)[1].ravel()
+
+
+def _similar_pairs_in_clusters(x: np.ndarray, job: tuple[list[np.ndarray], float]) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair inside each of these clusters (row positions of the shared embeddings) whose cosine is at least
+    ``threshold``. Memory beyond the shared embeddings: one cluster's rows and a similarity block of at most
+    BLOCK_ELEMENTS floats."""
+    clusters, threshold = job
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for members in clusters:
+        members = np.sort(members)
+        vectors = x[members]
+        step = max(1, BLOCK_ELEMENTS // max(1, len(members)))
+        for start in range(0, len(members), step):
+            similar = vectors[start:start + step] @ vectors.T >= threshold
+            i, j = np.nonzero(similar)
+            i = i + start
+            upper = j > i  # each pair once, never a row with itself
+            left.append(members[i[upper]])
+            right.append(members[j[upper]])
+    return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
+
+
 def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | None = None,
                    fit_sample: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """SemDeDup's candidates: spherical k-means over L2-normalised embeddings (fitted on a sample of at most
     ``fit_sample`` rows), then every pair inside a cluster whose cosine is at least ``threshold``.
 
     Comparing only inside clusters is what makes it scale (n²/k pairs instead of n²); a duplicate pair split across
-    two clusters is missed, which is rare at a high threshold (the two sit next to each other)."""
+    two clusters is missed, which is rare at a high threshold (the two sit next to each other). On Ray, assigning
+    rows to clusters runs as tasks over row ranges, and the in-cluster search as tasks over groups of clusters of
+    about equal work (curate.fan_out)."""
     import faiss
 
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -194,22 +241,21 @@ def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | Non
         sample = x[rng.choice(n, size=min(n, fit_sample), replace=False)] if n > fit_sample else x
         kmeans = faiss.Kmeans(dim, k, niter=20, seed=seed, spherical=True, verbose=False)
         kmeans.train(sample)
-        assign = kmeans.index.search(x, 1)[1].ravel()
+        bounds = np.linspace(0, n, task_count(max(1, n // 10_000)) + 1).astype(int)
+        ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        assign = np.concatenate(fan_out(_nearest_centroids, (x, kmeans.centroids), ranges))
     else:
         assign = np.zeros(n, dtype=np.int64)
-    left, right = [], []
     order = np.argsort(assign, kind="stable")
-    bounds = np.flatnonzero(np.diff(assign[order])) + 1
-    for members in np.split(order, bounds):
-        members = np.sort(members)
-        step = max(1, BLOCK_ELEMENTS // max(1, len(members)))
-        for start in range(0, len(members), step):
-            rows = members[start:start + step]
-            similar = x[rows] @ x[members].T >= threshold
-            i, j = np.nonzero(similar)
-            upper = members[j] > rows[i]  # each pair once, never a row with itself
-            left.append(rows[i][upper])
-            right.append(members[j][upper])
-    if not left:
+    members = np.split(order, np.flatnonzero(np.diff(assign[order])) + 1)
+    # clusters dealt to parts largest first, each to the part with the least work so far (work ~ size²)
+    parts: list[list[np.ndarray]] = [[] for _ in range(min(len(members), task_count(len(members))))]
+    work = np.zeros(len(parts))
+    for cluster in sorted(members, key=len, reverse=True):
+        lightest = int(np.argmin(work))
+        parts[lightest].append(cluster)
+        work[lightest] += float(len(cluster)) ** 2
+    found = fan_out(_similar_pairs_in_clusters, x, [(part, threshold) for part in parts if part])
+    if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])

@@ -146,6 +146,8 @@ class GlobalStage(ABC):
     # Filters (rules, thresholds) are also run over the whole live pool, so the manifest can count everything each
     # rule would reject on its own; dedup decisions depend on the group and are not.
     counts_would_reject: ClassVar[bool] = False
+    # Stages whose inner loops run as Ray tasks (curate.fan_out): a run on Ray joins Ray before deciding.
+    fans_out: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig) -> None:
         self.config = config

@@ -82,6 +82,7 @@ def eval_rows(spec: str) -> pa.Table:
 class Decontaminate(GlobalStage):
     name = "decontaminate"
     Config = DecontaminateConfig
+    fans_out = True
 
     def __init__(self, config: StageConfig) -> None:
         super().__init__(config)

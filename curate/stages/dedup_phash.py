@@ -35,6 +35,7 @@ class DedupPhashConfig(StageConfig):
 class DedupPhash(GlobalStage):
     name = "dedup_phash"
     Config = DedupPhashConfig
+    fans_out = True
 
     def inputs(self) -> list[str]:
         return ["phash", "color_signature"]

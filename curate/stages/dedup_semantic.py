@@ -42,6 +42,7 @@ def unit_rows(column: pa.ChunkedArray) -> np.ndarray:
 class DedupSemantic(GlobalStage):
     name = "dedup_semantic"
     Config = DedupSemanticConfig
+    fans_out = True
 
     def inputs(self) -> list[str]:
         return ["image_embedding", "clip_model"]
