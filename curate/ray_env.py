@@ -25,6 +25,8 @@ def ensure_ray(config: RayConfig, progress_bars: bool = False) -> None:
         DataContext.get_current().enable_progress_bars = progress_bars
         return
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE") if k in os.environ}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # a submitted job: its runtime env (curate submit) has them
+        env = {}
     try:
         if config.address:
             ray.init(address=config.address, logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)

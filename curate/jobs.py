@@ -1,0 +1,210 @@
+"""Pipelines as Ray jobs: submit, list, follow, stop, through the Ray Jobs API with the user's auth token.
+
+An open Jobs API runs any command it is sent (ShadowRay, CVE-2023-48022), so every request carries the cluster's
+token and nothing here works without one. The token comes from ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``
+names, or Ray's default file ``~/.ray/auth_token`` (``ray get-auth-token`` on the head prints it), never from the
+pipeline file.
+
+A submitted job runs ``python -m curate.cli run PIPELINE --address auto`` on the head node, with the working
+directory (this checkout: curate's code, the pipeline and anything else it names) uploaded as the job's runtime env;
+workers on every node import the same code. Inputs and outputs must be paths every node sees (a shared filesystem
+or an fsspec URL such as s3://), since the job reads and writes them from the cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from curate.errors import CurateError
+
+# Environment passed on to the job when set here (offline hubs, quiet imports); credentials are not: workers get
+# theirs from the node (instance role, mounted secret), so they never travel with the job or the pipeline.
+PASSED_ENV = ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "RAY_USAGE_STATS_ENABLED")
+# Never uploaded with the working directory (on top of its .gitignore): environments, outputs, data.
+EXCLUDES = [".git", ".venv", "**/__pycache__", "*.tar", "curate-demo", "*.ckpt", "*.pt", "*.safetensors"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def auth_token() -> str:
+    """The cluster's token: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if path.is_file():
+        token = path.read_text().strip()
+        if token:
+            return token
+        raise CurateError(f"Ray auth token file {path} is empty")
+    raise CurateError(
+        "no Ray auth token: set RAY_AUTH_TOKEN, or put the cluster's token in ~/.ray/auth_token "
+        "(`ray get-auth-token` on the head node prints it); curate never talks to a Ray cluster without one"
+    )
+
+
+def dashboard_address(address: str | None) -> str:
+    """The Jobs API's URL: --address, else RAY_API_SERVER_ADDRESS or an http(s) RAY_ADDRESS."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+    if not address:
+        raise CurateError("no cluster address: pass --address http://HEAD:8265 (through an SSH tunnel or "
+                          "port-forward; see cluster/README.md) or set RAY_API_SERVER_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CurateError(f"--address {address}: expected the dashboard's http(s)://HOST:PORT (the Jobs API), "
+                          "not a ray:// client address")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        print(f"curate: warning: the auth token goes in clear text to {parts.hostname}; reach the dashboard through "
+              "an SSH tunnel or kubectl port-forward and use http://127.0.0.1:8265", file=sys.stderr)
+    return address.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def job_client(address: str | None):
+    """A JobSubmissionClient that sends the token; a missing or refused token is one clear line."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = dashboard_address(address)
+    headers = {"Authorization": f"Bearer {auth_token()}"}
+    try:
+        return JobSubmissionClient(url, headers=headers)
+    except Exception as err:  # AuthenticationError, ConnectionError, and what the SDK wraps them in
+        raise CurateError(_explain(url, err)) from None
+
+
+def _explain(url: str, err: Exception) -> str:
+    text = str(err)
+    if "Forbidden" in text or "invalid or incorrect" in text:
+        return f"{url}: the cluster refused the auth token (HTTP 403); check RAY_AUTH_TOKEN against `ray get-auth-token` on the head"
+    if "Unauthorized" in text or "Authentication required" in text:
+        return f"{url}: the cluster asked for an auth token and got none it accepts (HTTP 401)"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    if "does not exist" in text or "not found" in text.lower():
+        return f"{url}: {first}"
+    return f"{url}: cannot reach the Ray Jobs API ({first})"
+
+
+def _call(url: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except CurateError:
+        raise
+    except Exception as err:
+        raise CurateError(_explain(url, err)) from None
+
+
+def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: str | None, output: str | None,
+           working_dir: str = ".", pip: list[str] | None = None, env: list[str] | None = None,
+           wait: bool = False, out=sys.stdout) -> int:
+    """Submit PIPELINE as a Ray job; print its id; with ``wait``, stream its logs and return its exit status."""
+    from curate.config import load_pipeline
+
+    load_pipeline(pipeline, sets)  # a bad pipeline is refused here, not minutes later on the cluster
+    root = Path(working_dir).resolve()
+    if not (root / "curate" / "__init__.py").is_file() and not pip:
+        raise CurateError(f"--working-dir {root}: holds no curate package; run from a curate checkout, or pass "
+                          "--pip with the packages the cluster should install")
+    path = Path(pipeline).resolve()
+    if not path.is_relative_to(root):
+        raise CurateError(f"{pipeline}: lies outside the working directory {root}, which is what the job gets; "
+                          "move it there or pass --working-dir")
+    command = ["python", "-m", "curate.cli", "run", path.relative_to(root).as_posix(), "--address", "auto"]
+    for flag, value in (("--input", input_path), ("--output", output)):
+        if value:
+            command += [flag, value]
+    for item in sets:
+        command += ["--set", item]
+    env_vars = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CurateError(f"--env {item!r}: expected KEY=VALUE")
+        env_vars[key] = value
+    runtime_env: dict = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
+    if pip:
+        runtime_env["pip"] = list(pip)
+    client = job_client(address)
+    url = dashboard_address(address)
+    job_id = _submit_when_ready(url, client, entrypoint=shlex.join(command), runtime_env=runtime_env,
+                                metadata={"curate_pipeline": path.name})
+    print(job_id, file=out, flush=True)
+    if not wait:
+        return 0
+    return follow(client, url, job_id, out=out)
+
+
+def _submit_when_ready(url: str, client, ready_seconds: float = 60.0, **job) -> str:
+    """Submit; a head that has just started answers "no available agent" until its job agent is up: wait for it."""
+    deadline = time.monotonic() + ready_seconds
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise CurateError(_explain(url, err)) from None
+            time.sleep(1.0)
+
+
+def follow(client, url: str, job_id: str, out=sys.stdout, poll: float = 1.0) -> int:
+    """Print the job's log as it grows until the job ends; its driver's exit status (1 if it failed without one)."""
+    shown = 0
+    while True:
+        status = str(_call(url, client.get_job_status, job_id).value)
+        logs = _call(url, client.get_job_logs, job_id)
+        if len(logs) > shown:
+            out.write(logs[shown:])
+            out.flush()
+            shown = len(logs)
+        if status in TERMINAL:
+            info = _call(url, client.get_job_info, job_id)
+            print(f"curate: job {job_id} {status}" + (f": {info.message}" if info.message and status != "SUCCEEDED"
+                                                       else ""), file=sys.stderr)
+            if status == "SUCCEEDED":
+                return 0
+            code = getattr(info, "driver_exit_code", None)
+            return code if isinstance(code, int) and code > 0 else 1
+        time.sleep(poll)
+
+
+def list_jobs(address: str | None, out=sys.stdout) -> int:
+    client = job_client(address)
+    url = dashboard_address(address)
+    jobs = sorted(_call(url, client.list_jobs), key=lambda j: j.start_time or 0)
+    print(f"{'job':<28}{'status':<11}{'started (UTC)':<21}entrypoint", file=out)
+    for job in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.start_time / 1000)) if job.start_time else "-"
+        print(f"{job.submission_id or job.job_id or '-':<28}{str(job.status.value):<11}{started:<21}"
+              f"{job.entrypoint[:100]}", file=out)
+    return 0
+
+
+def job_logs(address: str | None, job_id: str, follow_logs: bool = False, out=sys.stdout) -> int:
+    client = job_client(address)
+    url = dashboard_address(address)
+    if follow_logs:
+        return follow(client, url, job_id, out=out)
+    out.write(_call(url, client.get_job_logs, job_id))
+    return 0
+
+
+def stop_job(address: str | None, job_id: str, out=sys.stdout) -> int:
+    client = job_client(address)
+    url = dashboard_address(address)
+    stopped = _call(url, client.stop_job, job_id)
+    print(f"{job_id}: {'stopping' if stopped else 'already finished'}", file=out)
+    return 0

@@ -1,0 +1,118 @@
+"""`curate submit / jobs / logs / stop` against a two-node loopback cluster with token auth, and resuming a job
+whose driver was killed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.config import load_pipeline
+from curate.ledger import check_run, read_ledger
+from curate.runner import run_pipeline
+
+SETS = ["download.timeout=1.5", "download.retries=1", "download.backoff=0.05", "output.samples_per_shard=40",
+        "input.rows_per_chunk=50"]
+REPO_PIPELINE = "pipelines/demo.yaml"
+
+
+def _sets(*extra: str) -> list[str]:
+    return [arg for item in [*SETS, *extra] for arg in ("--set", item)]
+
+
+def _kept(out) -> set[str]:
+    ledger = read_ledger(out)
+    return set(pc.filter(ledger.column("uid"), pc.equal(ledger.column("status"), "kept")).to_pylist())
+
+
+def _task_nodes(cluster) -> dict[str, set[str]]:
+    """Task name -> the node ids that ran it, from Ray's state API (a client with the token, as a user's shell)."""
+    script = ("import json, sys\nfrom ray.util.state import list_tasks\n"
+              "tasks = list_tasks(address=sys.argv[1], limit=10000, raise_on_missing_output=False, detail=True)\n"
+              "print(json.dumps([[t.name, t.node_id] for t in tasks if t.node_id]))")
+    done = subprocess.run([sys.executable, "-c", script, cluster.dashboard], env=cluster.env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    nodes: dict[str, set[str]] = {}
+    for name, node in json.loads(done.stdout.strip().splitlines()[-1]):
+        nodes.setdefault(name, set()).add(node)
+    return nodes
+
+
+def test_submit_runs_the_demo_across_both_nodes(loopback_cluster, url_list, tmp_path):
+    out = tmp_path / "run"
+    done = loopback_cluster.curate("submit", REPO_PIPELINE, "--address", loopback_cluster.dashboard, "--wait",
+                                   "--input", str(url_list), "--output", str(out),
+                                   *_sets("download.resources.custom={download_node: 1}"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job_id = done.stdout.splitlines()[0].strip()
+    assert job_id.startswith("raysubmit_")
+    assert check_run(out, 120) == []
+    assert read_ledger(out).num_rows == 120
+
+    nodes = _task_nodes(loopback_cluster)
+    downloads = set().union(*(ids for name, ids in nodes.items() if "DownloadStageWorker" in name))
+    everything = set().union(*nodes.values())
+    assert len(downloads) == 1  # pinned to the node with download_node
+    assert len(everything) == 2 and everything - downloads  # the head ran the rest (reads, writes, the driver's)
+
+    listed = loopback_cluster.curate("jobs", "--address", loopback_cluster.dashboard)
+    assert listed.returncode == 0 and any(job_id in line and "SUCCEEDED" in line for line in listed.stdout.splitlines())
+    logs = loopback_cluster.curate("logs", job_id, "--address", loopback_cluster.dashboard)
+    assert logs.returncode == 0 and "120 in ->" in logs.stdout
+
+
+def test_missing_or_wrong_token_is_one_clear_line(loopback_cluster, tmp_path):
+    no_token = {k: v for k, v in loopback_cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    missing = loopback_cluster.curate("jobs", "--address", loopback_cluster.dashboard, env=no_token)
+    assert missing.returncode == 2 and "no Ray auth token" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+    wrong = loopback_cluster.curate("submit", REPO_PIPELINE, "--address", loopback_cluster.dashboard,
+                                    env={**loopback_cluster.env, "RAY_AUTH_TOKEN": "0" * 64})
+    assert wrong.returncode == 2 and "refused the auth token" in wrong.stderr
+    assert wrong.stdout == ""  # nothing was submitted
+
+    token_file = tmp_path / "token"
+    token_file.write_text(loopback_cluster.env["RAY_AUTH_TOKEN"] + "\n")
+    from_file = loopback_cluster.curate("jobs", "--address", loopback_cluster.dashboard,
+                                        env={**no_token, "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    assert from_file.returncode == 0, from_file.stderr
+
+
+def test_a_killed_driver_resumes_on_resubmit_and_redoes_only_unfinished_rows(loopback_cluster, url_list,
+                                                                             fault_server, tmp_path):
+    out = tmp_path / "run"
+    slow = _sets("download.per_host_rate=4")  # ~30 s for 120 rows: the driver is killed mid-run
+    args = [REPO_PIPELINE, "--address", loopback_cluster.dashboard, "--input", str(url_list), "--output", str(out),
+            *slow]
+    submitted = loopback_cluster.curate("submit", *args)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 120
+    while not list((out / "parts").glob("*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stopped = loopback_cluster.curate("stop", job_id, "--address", loopback_cluster.dashboard)
+    assert stopped.returncode == 0, stopped.stderr
+    followed = loopback_cluster.curate("logs", job_id, "--follow", "--address", loopback_cluster.dashboard)
+    assert followed.returncode != 0 and "STOPPED" in followed.stderr  # it did not finish
+    assert not (out / "manifest.json").exists()
+    stored = set(pq.read_table(out / "parts", columns=["url"]).column("url").to_pylist())
+    assert 0 < len(stored) < 120
+
+    fault_server.reset_counts()
+    resumed = loopback_cluster.curate("submit", *args, "--wait")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert check_run(out, 120) == []
+    fetched_again = {url for url in stored if fault_server.requests.get("/" + url.split("/", 3)[3].split("?")[0])}
+    assert not fetched_again
+
+    reference = tmp_path / "uninterrupted"
+    run_pipeline(load_pipeline(REPO_PIPELINE, SETS), input_path=str(url_list), output=reference, local=True,
+                 progress=False)
+    assert _kept(out) == _kept(reference)
