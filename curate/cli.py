@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     p.add_argument("--input", help="URL list: file, folder, glob or fsspec URL (overrides input.path)")
     p.add_argument("--output", help="output folder (overrides output.path)")
-    p.add_argument("--address", help="an existing Ray cluster: auto or ray://HOST:10001 (default: embedded Ray)")
+    p.add_argument("--address", help="an existing Ray cluster, joined from a node of it: auto or HEAD:6379, with the "
+                   "token from RAY_AUTH_TOKEN or ~/.ray/auth_token (default: a Ray started for this run); from "
+                   "elsewhere use curate submit")
     p.add_argument("--local", action="store_true", help="run in this process without Ray (small inputs, debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--retry-failed", action="store_true",

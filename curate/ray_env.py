@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 
 from curate.config import RayConfig
 from curate.errors import CurateError
@@ -29,6 +31,7 @@ def ensure_ray(config: RayConfig, progress_bars: bool = False) -> None:
         env = {}
     try:
         if config.address:
+            check_cluster_address(config.address)
             ray.init(address=config.address, logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
         else:
             ray.init(
@@ -38,12 +41,36 @@ def ensure_ray(config: RayConfig, progress_bars: bool = False) -> None:
                 configure_logging=True,
             )
     except ConnectionError as err:
-        raise CurateError(f"ray.address {config.address}: cannot connect ({err})") from None
+        raise CurateError(f"ray.address {config.address}: cannot connect ({err}); check the address, and that the "
+                          "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) is the cluster's") from None
+    except Exception as err:
+        if type(err).__name__ != "AuthenticationError":
+            raise
+        raise CurateError(f"ray.address {config.address}: {str(err).split('.')[0]}") from None
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.enable_progress_bars = progress_bars
     context.print_on_execution_start = False
+
+
+@functools.lru_cache(maxsize=None)  # checked once per address (a warning prints once)
+def check_cluster_address(address: str) -> None:
+    """Joining an existing cluster: Ray Client (ray://) cannot run Ray Data pipelines, and a cluster is joined with
+    the user's token (token auth on, unless RAY_AUTH_MODE=disabled is set explicitly). Called before a run writes
+    anything, and again when joining."""
+    if address.startswith("ray://"):
+        raise CurateError(
+            f"ray.address {address}: Ray Client (ray://) cannot run Ray Data pipelines; submit the pipeline as a job "
+            "(curate submit PIPELINE --address http://HEAD:8265) or run on a cluster node with --address auto"
+        )
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        print("curate: warning: RAY_AUTH_MODE=disabled: joining a cluster without token authentication", file=sys.stderr)
+        return
+    from curate.jobs import auth_token
+
+    auth_token()  # one clear line when there is none, before Ray's own retries
+    os.environ["RAY_AUTH_MODE"] = "token"  # Ray sends the token only in token mode; the cluster checks it
 
 
 # One part reader and one part writer keep up with about this many CPUs of per-sample work (a part is ~1000 rows).

@@ -256,6 +256,10 @@ def run_pipeline(
         raise CurateError("output.path: no output folder given (set output.path in the pipeline or pass --output)")
     if address:
         config.ray.address = address
+    if config.ray.address and not local:
+        from curate.ray_env import check_cluster_address
+
+        check_cluster_address(config.ray.address)  # ray:// or no token: one line, before anything is written
     # absolute: workers on other nodes (or in other working directories) write to the same place
     out = Path(config.output.path).expanduser().resolve()
     stages, global_stages = build_stages(config)

@@ -20,4 +20,4 @@ fi
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0
 # Every pipeline that ships must validate.
 "$VENV/bin/curate" validate pipelines/*.yaml
-exec "$VENV/bin/python" -m pytest -q -p no:logging "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:logging --durations=15 "$@"

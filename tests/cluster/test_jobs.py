@@ -66,6 +66,24 @@ def test_submit_runs_the_demo_across_both_nodes(loopback_cluster, url_list, tmp_
     assert logs.returncode == 0 and "120 in ->" in logs.stdout
 
 
+def test_run_joins_the_cluster_with_the_users_token(loopback_cluster, url_list, tmp_path):
+    out = tmp_path / "run"
+    done = loopback_cluster.curate("run", REPO_PIPELINE, "--address", loopback_cluster.gcs, "--quiet",
+                                   "--input", str(url_list), "--output", str(out), *_sets())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert check_run(out, 120) == []
+
+    no_token = {k: v for k, v in loopback_cluster.env.items() if k != "RAY_AUTH_TOKEN"}
+    no_token["HOME"] = str(tmp_path)
+    refused = loopback_cluster.curate("run", REPO_PIPELINE, "--address", loopback_cluster.gcs,
+                                      "--input", str(url_list), "--output", str(tmp_path / "other"), env=no_token)
+    assert refused.returncode == 2 and "no Ray auth token" in refused.stderr
+    client = loopback_cluster.curate("run", REPO_PIPELINE, "--address", "ray://127.0.0.1:10001",
+                                     "--input", str(url_list), "--output", str(tmp_path / "client"))
+    assert client.returncode == 2 and "curate submit" in client.stderr
+    assert not (tmp_path / "other" / "manifest.json").exists() and not (tmp_path / "client").exists()
+
+
 def test_missing_or_wrong_token_is_one_clear_line(loopback_cluster, tmp_path):
     no_token = {k: v for k, v in loopback_cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
