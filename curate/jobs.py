@@ -76,13 +76,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def job_client(address: str | None):
-    """A JobSubmissionClient that sends the token; a missing or refused token is one clear line."""
+    """(a JobSubmissionClient that sends the token, its URL); a missing or refused token is one clear line."""
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_address(address)
     headers = {"Authorization": f"Bearer {auth_token()}"}
     try:
-        return JobSubmissionClient(url, headers=headers)
+        return JobSubmissionClient(url, headers=headers), url
     except Exception as err:  # AuthenticationError, ConnectionError, and what the SDK wraps them in
         raise CurateError(_explain(url, err)) from None
 
@@ -138,8 +138,7 @@ def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: s
     runtime_env: dict = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
     if pip:
         runtime_env["pip"] = list(pip)
-    client = job_client(address)
-    url = dashboard_address(address)
+    client, url = job_client(address)
     job_id = _submit_when_ready(url, client, entrypoint=shlex.join(command), runtime_env=runtime_env,
                                 metadata={"curate_pipeline": path.name})
     print(job_id, file=out, flush=True)
@@ -182,8 +181,7 @@ def follow(client, url: str, job_id: str, out=sys.stdout, poll: float = 1.0) -> 
 
 
 def list_jobs(address: str | None, out=sys.stdout) -> int:
-    client = job_client(address)
-    url = dashboard_address(address)
+    client, url = job_client(address)
     jobs = sorted(_call(url, client.list_jobs), key=lambda j: j.start_time or 0)
     print(f"{'job':<28}{'status':<11}{'started (UTC)':<21}entrypoint", file=out)
     for job in jobs:
@@ -194,8 +192,7 @@ def list_jobs(address: str | None, out=sys.stdout) -> int:
 
 
 def job_logs(address: str | None, job_id: str, follow_logs: bool = False, out=sys.stdout) -> int:
-    client = job_client(address)
-    url = dashboard_address(address)
+    client, url = job_client(address)
     if follow_logs:
         return follow(client, url, job_id, out=out)
     out.write(_call(url, client.get_job_logs, job_id))
@@ -203,8 +200,7 @@ def job_logs(address: str | None, job_id: str, follow_logs: bool = False, out=sy
 
 
 def stop_job(address: str | None, job_id: str, out=sys.stdout) -> int:
-    client = job_client(address)
-    url = dashboard_address(address)
+    client, url = job_client(address)
     stopped = _call(url, client.stop_job, job_id)
     print(f"{job_id}: {'stopping' if stopped else 'already finished'}", file=out)
     return 0

@@ -64,7 +64,7 @@ def _ray(env: dict, *args: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # one cluster for tests/cluster; test_node_loss.py (killing a node) runs last
 def loopback_cluster():
     import psutil
 
@@ -92,4 +92,12 @@ def loopback_cluster():
         deadline = time.monotonic() + 30
         while cluster.processes() and time.monotonic() < deadline:
             time.sleep(0.2)
+        left = []
+        for proc in cluster.processes():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(proc.pid)
+            except psutil.Error:
+                continue
         shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of the test cluster still running: {left}"

@@ -4,6 +4,7 @@ whose driver was killed."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -103,6 +104,17 @@ def test_missing_or_wrong_token_is_one_clear_line(loopback_cluster, tmp_path):
     assert from_file.returncode == 0, from_file.stderr
 
 
+def _driver(out):
+    """The job's driver: the `curate.cli run` process writing to ``out``."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "curate.cli" in cmdline and "run" in cmdline and str(out) in cmdline:
+            return proc
+    return None
+
+
 def test_a_killed_driver_resumes_on_resubmit_and_redoes_only_unfinished_rows(loopback_cluster, url_list,
                                                                              fault_server, tmp_path):
     out = tmp_path / "run"
@@ -115,10 +127,13 @@ def test_a_killed_driver_resumes_on_resubmit_and_redoes_only_unfinished_rows(loo
     deadline = time.monotonic() + 120
     while not list((out / "parts").glob("*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    stopped = loopback_cluster.curate("stop", job_id, "--address", loopback_cluster.dashboard)
-    assert stopped.returncode == 0, stopped.stderr
+    driver = _driver(out)
+    assert driver is not None, "no driver process found for the job"
+    driver.send_signal(signal.SIGKILL)
     followed = loopback_cluster.curate("logs", job_id, "--follow", "--address", loopback_cluster.dashboard)
-    assert followed.returncode != 0 and "STOPPED" in followed.stderr  # it did not finish
+    assert followed.returncode != 0 and "FAILED" in followed.stderr  # it did not finish
+    stopped = loopback_cluster.curate("stop", job_id, "--address", loopback_cluster.dashboard)
+    assert stopped.returncode == 0 and "already finished" in stopped.stdout
     assert not (out / "manifest.json").exists()
     stored = set(pq.read_table(out / "parts", columns=["url"]).column("url").to_pylist())
     assert 0 < len(stored) < 120

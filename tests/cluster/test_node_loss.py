@@ -43,14 +43,13 @@ def test_the_job_completes_when_a_node_dies_mid_run(loopback_cluster, url_list, 
     while not list((out / "parts").glob("*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert list((out / "parts").glob("*.parquet")), "nothing was stored before the deadline"
+    assert not (out / "manifest.json").exists()  # mid-run
     raylet.send_signal(signal.SIGKILL)
+    raylet.wait(timeout=30)
 
     followed = loopback_cluster.curate("logs", job_id, "--follow", "--address", loopback_cluster.dashboard,
                                        timeout=600)
     assert followed.returncode == 0, followed.stdout[-4000:] + followed.stderr[-2000:]
-    # Ray's own log lines in the job's log: the node died, and download work it held was lost and retried
-    assert "has been marked dead" in followed.stdout
-    assert "DownloadStageWorker" in followed.stdout and "will be retried" in followed.stdout
     assert check_run(out, 120) == []
 
     reference = tmp_path / "uninterrupted"
