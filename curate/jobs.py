@@ -114,7 +114,14 @@ def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: s
     """Submit PIPELINE as a Ray job; print its id; with ``wait``, stream its logs and return its exit status."""
     from curate.config import load_pipeline
 
-    load_pipeline(pipeline, sets)  # a bad pipeline is refused here, not minutes later on the cluster
+    config = load_pipeline(pipeline, sets)  # a bad pipeline is refused here, not minutes later on the cluster
+    for flag, value in (("--input", input_path or config.input.path), ("--output", output or config.output.path)):
+        if not value:
+            raise CurateError(f"{flag}: not given here or in {pipeline}; the job needs one every node can reach")
+        if "://" not in value and not Path(value).expanduser().is_absolute():
+            raise CurateError(f"{flag} {value}: a relative path would point into the job's own temporary "
+                              "directory on the cluster; give an absolute path on a filesystem every node mounts, "
+                              "or a URL (s3://, gs://)")
     root = Path(working_dir).resolve()
     if not (root / "curate" / "__init__.py").is_file() and not pip:
         raise CurateError(f"--working-dir {root}: holds no curate package; run from a curate checkout, or pass "
@@ -159,25 +166,27 @@ def _submit_when_ready(url: str, client, ready_seconds: float = 60.0, **job) -> 
             time.sleep(1.0)
 
 
-def follow(client, url: str, job_id: str, out=sys.stdout, poll: float = 1.0) -> int:
-    """Print the job's log as it grows until the job ends; its driver's exit status (1 if it failed without one)."""
-    shown = 0
-    while True:
-        status = str(_call(url, client.get_job_status, job_id).value)
-        logs = _call(url, client.get_job_logs, job_id)
-        if len(logs) > shown:
-            out.write(logs[shown:])
+def follow(client, url: str, job_id: str, out=sys.stdout) -> int:
+    """Stream the job's log until the job ends (Ray's log websocket, so a long job's log is sent once, not on every
+    poll); its driver's exit status (1 if it failed without one)."""
+    import asyncio
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
             out.flush()
-            shown = len(logs)
-        if status in TERMINAL:
-            info = _call(url, client.get_job_info, job_id)
-            print(f"curate: job {job_id} {status}" + (f": {info.message}" if info.message and status != "SUCCEEDED"
-                                                       else ""), file=sys.stderr)
-            if status == "SUCCEEDED":
-                return 0
-            code = getattr(info, "driver_exit_code", None)
-            return code if isinstance(code, int) and code > 0 else 1
-        time.sleep(poll)
+
+    _call(url, client.get_job_status, job_id)  # an unknown job is one clear line, before the stream opens
+    _call(url, asyncio.run, stream())
+    while (status := str(_call(url, client.get_job_status, job_id).value)) not in TERMINAL:
+        time.sleep(0.5)  # the stream closes as the driver exits; the status follows shortly
+    info = _call(url, client.get_job_info, job_id)
+    print(f"curate: job {job_id} {status}" + (f": {info.message}" if info.message and status != "SUCCEEDED" else ""),
+          file=sys.stderr)
+    if status == "SUCCEEDED":
+        return 0
+    code = getattr(info, "driver_exit_code", None)
+    return code if isinstance(code, int) and code > 0 else 1
 
 
 def list_jobs(address: str | None, out=sys.stdout) -> int:

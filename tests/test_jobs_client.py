@@ -55,17 +55,24 @@ def test_address_is_the_dashboard_url(no_token, monkeypatch, capsys):
 def test_bad_pipelines_and_paths_are_refused_before_anything_is_sent(no_token, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(CurateError, match="unknown"):
-        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=["download.no_such_key=1"], input_path=None,
-               output=None)
+        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=["download.no_such_key=1"],
+               input_path="/data/urls.parquet", output="/data/out")
     outside = tmp_path / "p.yaml"
     outside.write_text((REPO / "pipelines" / "demo.yaml").read_text())
     with pytest.raises(CurateError, match="outside the working directory"):
-        submit(str(outside), address="http://127.0.0.1:9", sets=[], input_path=None, output=None)
+        submit(str(outside), address="http://127.0.0.1:9", sets=[], input_path="/u.parquet", output="/out")
     with pytest.raises(CurateError, match="holds no curate package"):
-        submit(str(outside), address="http://127.0.0.1:9", sets=[], input_path=None, output=None,
+        submit(str(outside), address="http://127.0.0.1:9", sets=[], input_path="/u.parquet", output="/out",
                working_dir=str(tmp_path))
     with pytest.raises(CurateError, match="expected KEY=VALUE"):
-        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path=None, output=None,
+        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path="/u.parquet", output="/out",
                env=["NOEQUALS"])
+    with pytest.raises(CurateError, match="--output: not given"):
+        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path="/data/urls.parquet",
+               output=None)
+    with pytest.raises(CurateError, match="--output out: a relative path"):
+        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path="s3://bucket/urls.parquet",
+               output="out")
     with pytest.raises(CurateError, match="no Ray auth token"):  # every check passed: the token is the last gate
-        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path=None, output=None)
+        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path="/data/urls.parquet",
+               output="/data/out")

@@ -93,6 +93,7 @@ def test_missing_or_wrong_token_is_one_clear_line(loopback_cluster, tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
 
     wrong = loopback_cluster.curate("submit", REPO_PIPELINE, "--address", loopback_cluster.dashboard,
+                                    "--input", str(tmp_path / "urls.parquet"), "--output", str(tmp_path / "out"),
                                     env={**loopback_cluster.env, "RAY_AUTH_TOKEN": "0" * 64})
     assert wrong.returncode == 2 and "refused the auth token" in wrong.stderr
     assert wrong.stdout == ""  # nothing was submitted

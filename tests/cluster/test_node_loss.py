@@ -31,7 +31,7 @@ def _second_raylet(cluster):
 
 def test_the_job_completes_when_a_node_dies_mid_run(loopback_cluster, url_list, tmp_path):
     out = tmp_path / "run"
-    sets = [*SETS, "download.per_host_rate=3"]  # ~40 s: the node dies mid-run
+    sets = [*SETS, "download.per_host_rate=6"]  # ~20 s: the node dies mid-run
     args = ["pipelines/demo.yaml", "--address", loopback_cluster.dashboard, "--input", str(url_list),
             "--output", str(out), *[a for s in sets for a in ("--set", s)]]
     submitted = loopback_cluster.curate("submit", *args)
