@@ -54,25 +54,26 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from curate.jobs import submit
 
     return submit(args.pipeline, address=args.address, sets=args.set, input_path=args.input, output=args.output,
-                  working_dir=args.working_dir, pip=args.pip, env=args.env, wait=args.wait)
+                  working_dir=args.working_dir, pip=args.pip, env=args.env, wait=args.wait,
+                  insecure_http=args.insecure_http)
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
     from curate.jobs import list_jobs
 
-    return list_jobs(args.address)
+    return list_jobs(args.address, insecure_http=args.insecure_http)
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
     from curate.jobs import job_logs
 
-    return job_logs(args.address, args.job, follow_logs=args.follow)
+    return job_logs(args.address, args.job, follow_logs=args.follow, insecure_http=args.insecure_http)
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
     from curate.jobs import stop_job
 
-    return stop_job(args.address, args.job)
+    return stop_job(args.address, args.job, insecure_http=args.insecure_http)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -196,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="run a pipeline as a job on a Ray cluster (Ray Jobs API, token auth)")
     p.add_argument("pipeline")
     p.add_argument("--address", help=address_help)
+    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
+                   "(only inside a private network: the token crosses it in clear text)")
     p.add_argument("--input", help="URL list every node can read (shared path or fsspec URL)")
     p.add_argument("--output", help="output folder every node can write (shared path or fsspec URL)")
     p.add_argument("--wait", action="store_true", help="stream the job's log and exit with its status")
     p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: here, "
-                   "a curate checkout; .gitignore'd files, .git, .venv and data are left out)")
+                   "a curate checkout; .gitignore'd files, .git, .venv, run outputs, parquet, tars, checkpoints, "
+                   ".env files and token files are left out)")
     p.add_argument("--pip", action="append", help="a package the job's runtime env installs (repeatable)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="an environment variable for the job "
                    "(repeatable; keep credentials on the nodes, not here)")
@@ -209,17 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("jobs", help="list the cluster's jobs")
     p.add_argument("--address", help=address_help)
+    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
+                   "(only inside a private network: the token crosses it in clear text)")
     p.set_defaults(func=_cmd_jobs)
 
     p = sub.add_parser("logs", help="print a job's log")
     p.add_argument("job")
     p.add_argument("--address", help=address_help)
+    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
+                   "(only inside a private network: the token crosses it in clear text)")
     p.add_argument("--follow", action="store_true", help="keep printing until the job ends; exit with its status")
     p.set_defaults(func=_cmd_logs)
 
     p = sub.add_parser("stop", help="stop a job (its driver is killed; submit the same pipeline again to resume)")
     p.add_argument("job")
     p.add_argument("--address", help=address_help)
+    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
+                   "(only inside a private network: the token crosses it in clear text)")
     p.set_defaults(func=_cmd_stop)
 
     p = sub.add_parser("demo", help="generate a synthetic pool, serve it on loopback, curate it, and train on raw vs "

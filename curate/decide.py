@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate import fan_out
 from curate import parts as part_store
 from curate.config import PipelineConfig, RayConfig
 from curate.embeddings import EmbeddingWriter
@@ -154,12 +155,14 @@ def decide_and_write(
     started: float,
 ) -> Manifest:
     parts = part_store.part_files(out)
-    if not local and any(stage.fans_out for stage in global_stages):
+    fan = not local and input_rows >= fan_out.MIN_ROWS and any(stage.fans_out for stage in global_stages)
+    if fan:
         from curate.ray_env import ensure_ray
 
         ensure_ray(config.ray)  # their pHash tables and k-means clusters run as tasks across the cluster
     decide_start = time.perf_counter()
-    decisions, would_reject = run_global_stages(parts, global_stages, stages)
+    with fan_out.in_process(not fan):
+        decisions, would_reject = run_global_stages(parts, global_stages, stages)
     decide_seconds = time.perf_counter() - decide_start
 
     per_shard = config.output.samples_per_shard

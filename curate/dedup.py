@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from curate.fan_out import fan_out, task_count
+from curate.fan_out import fan_out, on_ray, task_count
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -192,33 +192,34 @@ def removals(uids: Sequence[str], labels: np.ndarray, scores: np.ndarray | None,
 BLOCK_ELEMENTS = 1 << 25  # similarities computed per block inside a cluster: 128 MB of float32 at most
 
 
-def _nearest_centroids(shared: tuple[np.ndarray, np.ndarray], rows: tuple[int, int]) -> np.ndarray:
-    """The cluster of each embedding in ``rows`` (a slice of the shared embeddings): the most similar centroid."""
+def _nearest_centroids(centroids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The cluster of each of these embeddings: the most similar centroid."""
     import faiss
 
-    x, centroids = shared
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
-    return index.search(np.ascontiguousarray(x[rows[0]:rows[1]]), 1)[1].ravel()
+    return index.search(np.ascontiguousarray(rows), 1)[1].ravel()
 
 
-def _similar_pairs_in_clusters(x: np.ndarray, job: tuple[list[np.ndarray], float]) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair inside each of these clusters (row positions of the shared embeddings) whose cosine is at least
-    ``threshold``. Memory beyond the shared embeddings: one cluster's rows and a similarity block of at most
-    BLOCK_ELEMENTS floats."""
-    clusters, threshold = job
+def _similar_pairs_in_clusters(x: np.ndarray | None,
+                               job: tuple[np.ndarray, list[int], float]) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair inside each cluster whose cosine is at least ``threshold``, as positions in the part's rows (its
+    clusters one after another, ``sizes`` rows each). The rows are ``job[0]`` itself (on Ray: a task gets only its
+    part's vectors), or positions into ``x`` (in one process: no copy of the embeddings). Memory: one cluster's rows
+    and a similarity block of at most BLOCK_ELEMENTS floats."""
+    rows, sizes, threshold = job
     left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for members in clusters:
-        members = np.sort(members)
-        vectors = x[members]
-        step = max(1, BLOCK_ELEMENTS // max(1, len(members)))
-        for start in range(0, len(members), step):
-            similar = vectors[start:start + step] @ vectors.T >= threshold
-            i, j = np.nonzero(similar)
+    offset = 0
+    for size in sizes:
+        cluster = rows[offset:offset + size] if x is None else x[rows[offset:offset + size]]
+        step = max(1, BLOCK_ELEMENTS // max(1, size))
+        for start in range(0, size, step):
+            i, j = np.nonzero(cluster[start:start + step] @ cluster.T >= threshold)
             i = i + start
             upper = j > i  # each pair once, never a row with itself
-            left.append(members[i[upper]])
-            right.append(members[j[upper]])
+            left.append(offset + i[upper])
+            right.append(offset + j[upper])
+        offset += size
     return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
 
 
@@ -241,9 +242,9 @@ def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | Non
         sample = x[rng.choice(n, size=min(n, fit_sample), replace=False)] if n > fit_sample else x
         kmeans = faiss.Kmeans(dim, k, niter=20, seed=seed, spherical=True, verbose=False)
         kmeans.train(sample)
-        bounds = np.linspace(0, n, task_count(max(1, n // 10_000)) + 1).astype(int)
-        ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        assign = np.concatenate(fan_out(_nearest_centroids, (x, kmeans.centroids), ranges))
+        bounds = np.linspace(0, n, task_count(max(1, n // 1000)) + 1).astype(int)
+        blocks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]  # each task gets only its rows
+        assign = np.concatenate(fan_out(_nearest_centroids, kmeans.centroids, blocks))
     else:
         assign = np.zeros(n, dtype=np.int64)
     order = np.argsort(assign, kind="stable")
@@ -253,9 +254,15 @@ def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | Non
     work = np.zeros(len(parts))
     for cluster in sorted(members, key=len, reverse=True):
         lightest = int(np.argmin(work))
-        parts[lightest].append(cluster)
+        parts[lightest].append(np.sort(cluster))
         work[lightest] += float(len(cluster)) ** 2
-    found = fan_out(_similar_pairs_in_clusters, x, [(part, threshold) for part in parts if part])
+    parts = [part for part in parts if part]
+    rows = [np.concatenate(part) for part in parts]  # each part's rows, cluster after cluster
+    shipped = on_ray() and len(parts) > 1  # tasks get their own vectors; in one process, positions into x
+    jobs = [(x[part_rows] if shipped else part_rows, [len(c) for c in part], threshold)
+            for part_rows, part in zip(rows, parts)]
+    found = fan_out(_similar_pairs_in_clusters, None if shipped else x, jobs)
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+    return (np.concatenate([part_rows[f[0]] for part_rows, f in zip(rows, found)]).astype(np.int64),
+            np.concatenate([part_rows[f[1]] for part_rows, f in zip(rows, found)]).astype(np.int64))

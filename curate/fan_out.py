@@ -8,14 +8,38 @@ is only its part's work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
+
+from curate.errors import CurateError
 
 Part = TypeVar("Part")
 Result = TypeVar("Result")
 
 
+# Below this many rows a global decision runs in the driver: starting Ray and shipping data costs more than the
+# work (benchmarks/dedup.py: 100k pHashes take 1.2 s in one process, 0.7 s as tasks on 2 cores).
+MIN_ROWS = 100_000
+
+# Off inside `in_process()`: a --local run, or a pool too small for tasks to pay for themselves, decides here even
+# when Ray is up in this process.
+_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("curate_fan_out", default=True)
+
+
+@contextlib.contextmanager
+def in_process(when: bool = True) -> Iterator[None]:
+    token = _allowed.set(not when and _allowed.get())
+    try:
+        yield
+    finally:
+        _allowed.reset(token)
+
+
 def on_ray() -> bool:
+    if not _allowed.get():
+        return False
     try:
         import ray
     except ImportError:  # pragma: no cover - ray is a dependency; a trimmed install still decides locally
@@ -25,14 +49,21 @@ def on_ray() -> bool:
 
 def fan_out(fn: Callable[[Any, Part], Result], shared: Any, parts: Sequence[Part],
             cpus_per_task: float = 1.0) -> list[Result]:
-    """``[fn(shared, part) for part in parts]``, in order; on Ray each call is a task (retried if its worker dies)."""
+    """``[fn(shared, part) for part in parts]``, in order; on Ray each call is a task (retried if its worker dies).
+
+    ``shared`` is put in the object store once and read by every task: keep it to what every task needs, and pass
+    what only one part needs inside that part (each part's arguments go only to its task's node)."""
     if not on_ray() or len(parts) <= 1:
         return [fn(shared, part) for part in parts]
     import ray
 
     remote = ray.remote(num_cpus=cpus_per_task, max_retries=3)(fn)
     shared_ref = ray.put(shared)  # top-level refs are resolved in the task: numpy arrays arrive zero-copy
-    return ray.get([remote.remote(shared_ref, part) for part in parts])
+    try:
+        return ray.get([remote.remote(shared_ref, part) for part in parts])
+    except ray.exceptions.RayError as err:  # a task that failed its retries (out of memory, a node lost for good)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CurateError(f"{getattr(fn, '__name__', 'a task')} failed on Ray: {first}") from None
 
 
 def task_count(cap: int) -> int:

@@ -27,7 +27,8 @@ from curate.errors import CurateError
 # theirs from the node (instance role, mounted secret), so they never travel with the job or the pipeline.
 PASSED_ENV = ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "RAY_USAGE_STATS_ENABLED")
 # Never uploaded with the working directory (on top of its .gitignore): environments, outputs, data.
-EXCLUDES = [".git", ".venv", "**/__pycache__", "*.tar", "curate-demo", "*.ckpt", "*.pt", "*.safetensors"]
+EXCLUDES = [".git", ".venv", "**/__pycache__", "curate-demo", "**/parts/", "**/shards/", "**/embeddings/",
+            "*.tar", "*.parquet", "*.ckpt", "*.pt", "*.safetensors", ".env*", "*auth_token*"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -48,9 +49,12 @@ def auth_token() -> str:
     )
 
 
-def dashboard_address(address: str | None) -> str:
-    """The Jobs API's URL: --address, else RAY_API_SERVER_ADDRESS or an http(s) RAY_ADDRESS."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+def dashboard_address(address: str | None, insecure_http: bool = False) -> str:
+    """The Jobs API's URL: --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS when it is an http(s) URL (on a
+    cluster node it is the GCS's HOST:6379, which must never receive the token)."""
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS")
+               or (ray_address if ray_address.startswith(("http://", "https://")) else ""))
     if not address:
         raise CurateError("no cluster address: pass --address http://HEAD:8265 (through an SSH tunnel or "
                           "port-forward; see cluster/README.md) or set RAY_API_SERVER_ADDRESS")
@@ -60,9 +64,10 @@ def dashboard_address(address: str | None) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CurateError(f"--address {address}: expected the dashboard's http(s)://HOST:PORT (the Jobs API), "
                           "not a ray:// client address")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        print(f"curate: warning: the auth token goes in clear text to {parts.hostname}; reach the dashboard through "
-              "an SSH tunnel or kubectl port-forward and use http://127.0.0.1:8265", file=sys.stderr)
+    if parts.scheme == "http" and not _is_loopback(parts.hostname) and not insecure_http:
+        raise CurateError(f"--address {address}: the auth token would cross the network in clear text; reach the "
+                          "dashboard through an SSH tunnel or kubectl port-forward (http://127.0.0.1:8265), use "
+                          "https, or pass --insecure-http inside a private network")
     return address.rstrip("/")
 
 
@@ -75,11 +80,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def job_client(address: str | None):
+def job_client(address: str | None, insecure_http: bool = False):
     """(a JobSubmissionClient that sends the token, its URL); a missing or refused token is one clear line."""
     from ray.job_submission import JobSubmissionClient
 
-    url = dashboard_address(address)
+    url = dashboard_address(address, insecure_http)
     headers = {"Authorization": f"Bearer {auth_token()}"}
     try:
         return JobSubmissionClient(url, headers=headers), url
@@ -110,7 +115,7 @@ def _call(url: str, fn, *args, **kwargs):
 
 def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: str | None, output: str | None,
            working_dir: str = ".", pip: list[str] | None = None, env: list[str] | None = None,
-           wait: bool = False, out=sys.stdout) -> int:
+           wait: bool = False, insecure_http: bool = False, out=sys.stdout) -> int:
     """Submit PIPELINE as a Ray job; print its id; with ``wait``, stream its logs and return its exit status."""
     from curate.config import load_pipeline
 
@@ -118,9 +123,9 @@ def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: s
     for flag, value in (("--input", input_path or config.input.path), ("--output", output or config.output.path)):
         if not value:
             raise CurateError(f"{flag}: not given here or in {pipeline}; the job needs one every node can reach")
-        if "://" not in value and not Path(value).expanduser().is_absolute():
-            raise CurateError(f"{flag} {value}: a relative path would point into the job's own temporary "
-                              "directory on the cluster; give an absolute path on a filesystem every node mounts, "
+        if "://" not in value and (value.startswith("~") or not Path(value).is_absolute()):
+            raise CurateError(f"{flag} {value}: a relative or ~ path would point into the job's temporary "
+                              "directory or a node's home; give an absolute path on a filesystem every node mounts, "
                               "or a URL (s3://, gs://)")
     root = Path(working_dir).resolve()
     if not (root / "curate" / "__init__.py").is_file() and not pip:
@@ -142,10 +147,14 @@ def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: s
         if not sep or not key:
             raise CurateError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
-    runtime_env: dict = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
+    excludes = list(EXCLUDES)
+    for inside in (output or config.output.path, os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        if inside and "://" not in inside and Path(inside).resolve().is_relative_to(root):
+            excludes.append("/" + Path(inside).resolve().relative_to(root).as_posix())  # never upload outputs or the token
+    runtime_env: dict = {"working_dir": str(root), "excludes": excludes, "env_vars": env_vars}
     if pip:
         runtime_env["pip"] = list(pip)
-    client, url = job_client(address)
+    client, url = job_client(address, insecure_http)
     job_id = _submit_when_ready(url, client, entrypoint=shlex.join(command), runtime_env=runtime_env,
                                 metadata={"curate_pipeline": path.name})
     print(job_id, file=out, flush=True)
@@ -178,8 +187,12 @@ def follow(client, url: str, job_id: str, out=sys.stdout) -> int:
 
     _call(url, client.get_job_status, job_id)  # an unknown job is one clear line, before the stream opens
     _call(url, asyncio.run, stream())
+    deadline = time.monotonic() + 120  # the stream closes as the driver exits; the status follows shortly
     while (status := str(_call(url, client.get_job_status, job_id).value)) not in TERMINAL:
-        time.sleep(0.5)  # the stream closes as the driver exits; the status follows shortly
+        if time.monotonic() > deadline:
+            raise CurateError(f"job {job_id}: its log stream ended but the job is still {status}; "
+                              f"follow it again with curate logs {job_id} --follow")
+        time.sleep(0.5)
     info = _call(url, client.get_job_info, job_id)
     print(f"curate: job {job_id} {status}" + (f": {info.message}" if info.message and status != "SUCCEEDED" else ""),
           file=sys.stderr)
@@ -189,8 +202,8 @@ def follow(client, url: str, job_id: str, out=sys.stdout) -> int:
     return code if isinstance(code, int) and code > 0 else 1
 
 
-def list_jobs(address: str | None, out=sys.stdout) -> int:
-    client, url = job_client(address)
+def list_jobs(address: str | None, out=sys.stdout, insecure_http: bool = False) -> int:
+    client, url = job_client(address, insecure_http)
     jobs = sorted(_call(url, client.list_jobs), key=lambda j: j.start_time or 0)
     print(f"{'job':<28}{'status':<11}{'started (UTC)':<21}entrypoint", file=out)
     for job in jobs:
@@ -200,16 +213,16 @@ def list_jobs(address: str | None, out=sys.stdout) -> int:
     return 0
 
 
-def job_logs(address: str | None, job_id: str, follow_logs: bool = False, out=sys.stdout) -> int:
-    client, url = job_client(address)
+def job_logs(address: str | None, job_id: str, follow_logs: bool = False, out=sys.stdout, insecure_http: bool = False) -> int:
+    client, url = job_client(address, insecure_http)
     if follow_logs:
         return follow(client, url, job_id, out=out)
     out.write(_call(url, client.get_job_logs, job_id))
     return 0
 
 
-def stop_job(address: str | None, job_id: str, out=sys.stdout) -> int:
-    client, url = job_client(address)
+def stop_job(address: str | None, job_id: str, out=sys.stdout, insecure_http: bool = False) -> int:
+    client, url = job_client(address, insecure_http)
     stopped = _call(url, client.stop_job, job_id)
     print(f"{job_id}: {'stopping' if stopped else 'already finished'}", file=out)
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -46,7 +45,7 @@ def ensure_ray(config: RayConfig, progress_bars: bool = False) -> None:
     except Exception as err:
         if type(err).__name__ != "AuthenticationError":
             raise
-        raise CurateError(f"ray.address {config.address}: {str(err).split('.')[0]}") from None
+        raise CurateError(f"ray.address {config.address}: {str(err).strip().splitlines()[0]}") from None
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -54,7 +53,15 @@ def ensure_ray(config: RayConfig, progress_bars: bool = False) -> None:
     context.print_on_execution_start = False
 
 
-@functools.lru_cache(maxsize=None)  # checked once per address (a warning prints once)
+_warned: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _warned:
+        _warned.add(text)
+        print(f"curate: warning: {text}", file=sys.stderr)
+
+
 def check_cluster_address(address: str) -> None:
     """Joining an existing cluster: Ray Client (ray://) cannot run Ray Data pipelines, and a cluster is joined with
     the user's token (token auth on, unless RAY_AUTH_MODE=disabled is set explicitly). Called before a run writes
@@ -65,7 +72,7 @@ def check_cluster_address(address: str) -> None:
             "(curate submit PIPELINE --address http://HEAD:8265) or run on a cluster node with --address auto"
         )
     if os.environ.get("RAY_AUTH_MODE") == "disabled":
-        print("curate: warning: RAY_AUTH_MODE=disabled: joining a cluster without token authentication", file=sys.stderr)
+        _warn_once("RAY_AUTH_MODE=disabled: joining a cluster without token authentication")
         return
     from curate.jobs import auth_token
 
@@ -73,18 +80,21 @@ def check_cluster_address(address: str) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"  # Ray sends the token only in token mode; the cluster checks it
 
 
-# One part reader and one part writer keep up with about this many CPUs of per-sample work (a part is ~1000 rows).
+# On one node, one part reader and one part writer keep up with about this many CPUs of per-sample work.
 CPUS_PER_LIGHT_TASK = 16
 
 
-def light_task_concurrency() -> int:
-    """Concurrent read or part-write tasks for this cluster: one per 16 CPUs, at least one.
+def light_task_concurrency() -> int | None:
+    """Concurrent read or part-write tasks: on a single node, one per 16 CPUs (at least one); on a multi-node
+    cluster, None (Ray Data scales them with the cluster as it grows).
 
     Each task that runs at once needs its own worker process, and starting one costs about 1.5 CPU-seconds of
     imports; unbounded, Ray Data starts one per 0.25 CPU, which on a 2-core machine spent as much CPU as the
     downloads themselves (benchmarks/download.py: 26 s -> 21 s for 3000 images once bounded)."""
     import ray
 
+    if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
+        return None
     return max(1, int(ray.cluster_resources().get("CPU", 1.0) // CPUS_PER_LIGHT_TASK))
 
 

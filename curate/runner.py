@@ -201,9 +201,9 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_r
 
     # Reading the chunks in our own light tasks (instead of read_parquet, whose file listing reserves a whole CPU)
     # keeps a pool of actors from starving the read on a small machine.
-    light = light_task_concurrency()
+    light = ray.data.TaskPoolStrategy(size=light_task_concurrency())
     ds = ray.data.from_items([{"path": str(p)} for p in inputs], override_num_blocks=len(inputs)).map_batches(
-        _read_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False, concurrency=light,
+        _read_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False, compute=light,
     )
     for stage in stages:
         res = stage.resources()
@@ -228,7 +228,7 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_r
             )
     ds = ds.map_batches(
         part_store.write_part, fn_kwargs={"folder": str(out / part_store.PARTS)}, batch_size=part_rows,
-        batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False, concurrency=light,
+        batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False, compute=light,
     )
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 

@@ -39,17 +39,21 @@ def test_token_from_env_then_named_file_then_default_file(no_token, monkeypatch)
     assert auth_token() == "from-env"
 
 
-def test_address_is_the_dashboard_url(no_token, monkeypatch, capsys):
+def test_address_is_the_dashboard_url(no_token, monkeypatch):
     with pytest.raises(CurateError, match="no cluster address"):
         dashboard_address(None)
     assert dashboard_address("127.0.0.1:8265") == "http://127.0.0.1:8265"
     with pytest.raises(CurateError, match="not a ray:// client address"):
         dashboard_address("ray://127.0.0.1:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")  # a cluster node's GCS address: never the Jobs API
+    with pytest.raises(CurateError, match="no cluster address"):
+        dashboard_address(None)
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://localhost:8265/")
     assert dashboard_address(None) == "http://localhost:8265"
-    assert capsys.readouterr().err == ""
-    dashboard_address("http://10.1.2.3:8265")  # parsed only: nothing is sent
-    assert "clear text to 10.1.2.3" in capsys.readouterr().err
+    with pytest.raises(CurateError, match="clear text"):  # the token would cross the network unencrypted
+        dashboard_address("http://10.1.2.3:8265")
+    assert dashboard_address("http://10.1.2.3:8265", insecure_http=True) == "http://10.1.2.3:8265"
+    assert dashboard_address("https://ray.example.org") == "https://ray.example.org"
 
 
 def test_bad_pipelines_and_paths_are_refused_before_anything_is_sent(no_token, tmp_path, monkeypatch):
@@ -70,7 +74,10 @@ def test_bad_pipelines_and_paths_are_refused_before_anything_is_sent(no_token, t
     with pytest.raises(CurateError, match="--output: not given"):
         submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path="/data/urls.parquet",
                output=None)
-    with pytest.raises(CurateError, match="--output out: a relative path"):
+    with pytest.raises(CurateError, match="--output ~/out: a relative or ~ path"):
+        submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path="s3://bucket/urls.parquet",
+               output="~/out")
+    with pytest.raises(CurateError, match="--output out: a relative or ~ path"):
         submit("pipelines/demo.yaml", address="http://127.0.0.1:9", sets=[], input_path="s3://bucket/urls.parquet",
                output="out")
     with pytest.raises(CurateError, match="no Ray auth token"):  # every check passed: the token is the last gate

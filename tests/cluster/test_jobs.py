@@ -30,13 +30,18 @@ def _kept(out) -> set[str]:
     return set(pc.filter(ledger.column("uid"), pc.equal(ledger.column("status"), "kept")).to_pylist())
 
 
-def _task_nodes(cluster) -> dict[str, set[str]]:
-    """Task name -> the node ids that ran it, from Ray's state API (a client with the token, as a user's shell)."""
-    script = ("import json, sys\nfrom ray.util.state import list_tasks\n"
-              "tasks = list_tasks(address=sys.argv[1], limit=10000, raise_on_missing_output=False, detail=True)\n"
+def _task_nodes(cluster, submission_id: str) -> dict[str, set[str]]:
+    """Task name -> the node ids that ran it, for one job, from Ray's state API (a client with the token, as a
+    user's shell)."""
+    script = ("import json, os, sys\nfrom ray.job_submission import JobSubmissionClient\n"
+              "from ray.util.state import list_tasks\n"
+              "auth = {'Authorization': 'Bearer ' + os.environ['RAY_AUTH_TOKEN']}\n"
+              "job = JobSubmissionClient(sys.argv[1], headers=auth).get_job_info(sys.argv[2]).job_id\n"
+              "tasks = list_tasks(address=sys.argv[1], filters=[('job_id', '=', job)], limit=10000,\n"
+              "                   raise_on_missing_output=False, detail=True)\n"
               "print(json.dumps([[t.name, t.node_id] for t in tasks if t.node_id]))")
-    done = subprocess.run([sys.executable, "-c", script, cluster.dashboard], env=cluster.env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script, cluster.dashboard, submission_id], env=cluster.env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     nodes: dict[str, set[str]] = {}
     for name, node in json.loads(done.stdout.strip().splitlines()[-1]):
@@ -55,7 +60,7 @@ def test_submit_runs_the_demo_across_both_nodes(loopback_cluster, url_list, tmp_
     assert check_run(out, 120) == []
     assert read_ledger(out).num_rows == 120
 
-    nodes = _task_nodes(loopback_cluster)
+    nodes = _task_nodes(loopback_cluster, job_id)
     downloads = set().union(*(ids for name, ids in nodes.items() if "DownloadStageWorker" in name))
     everything = set().union(*nodes.values())
     assert len(downloads) == 1  # pinned to the node with download_node

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from curate import dedup
-from curate.fan_out import fan_out, task_count
+from curate.fan_out import fan_out, in_process, task_count
 
 
 def _pid(_shared, _part) -> int:
@@ -38,28 +38,34 @@ def test_phash_pairs_on_ray_equal_the_pairs_found_in_one_process(ray_session):
     codes = _planted_codes(20_000, 300, seed=5)
     left, right = dedup.phash_pairs(codes, radius=8, seed=3)
     on_ray = set(zip(left.tolist(), right.tolist()))
-
-    unique, first = np.unique(codes.view(np.uint64), return_index=True)
-    masks = dedup._bit_masks(dedup.tables_for(8), dedup.DEFAULT_BITS, 3)
-    packed = dedup._near_pairs_in_tables(unique, (masks, 8))  # every table in this process
-    in_process = {tuple(sorted((int(first[p // len(unique)]), int(first[p % len(unique)])))) for p in packed}
-    assert on_ray == in_process
+    with in_process():
+        left, right = dedup.phash_pairs(codes, radius=8, seed=3)
+    assert on_ray == set(zip(left.tolist(), right.tolist()))
     planted = {(i, 20_000 - 1 - i) for i in range(300)}
     assert len(planted & on_ray) >= 0.95 * len(planted)
     left, right = np.array(sorted(on_ray)).T
     assert (dedup.hamming(codes[left], codes[right]) <= 8).all()
 
 
-def test_semantic_pairs_on_ray_find_every_planted_copy_and_nothing_else(ray_session):
+def test_semantic_pairs_on_ray_equal_the_pairs_found_in_one_process(ray_session):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 32)).astype(np.float32)
     copies = rng.choice(3800, size=150, replace=False)
     x[3800 + np.arange(150)] = x[copies] + 0.01 * rng.normal(size=(150, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert task_count(len(x) // 1000) > 1  # cluster assignment and the in-cluster search both fan out
     left, right = dedup.semantic_pairs(x, threshold=0.97, clusters=8)
     found = set(zip(left.tolist(), right.tolist()))
-    cosine = x @ x.T
-    i, j = np.nonzero(np.triu(cosine >= 0.97, k=1))
+    with in_process():
+        left, right = dedup.semantic_pairs(x, threshold=0.97, clusters=8)
+    assert found == set(zip(left.tolist(), right.tolist()))
+    i, j = np.nonzero(np.triu(x @ x.T >= 0.97, k=1))
     brute = set(zip(i.tolist(), j.tolist()))
-    assert found <= brute
-    assert len(found) >= 0.95 * len(brute) and len(brute) >= 150
+    assert found <= brute and len(brute) >= 150
+    assert len(found) >= 0.95 * len(brute)
+
+
+def test_in_process_keeps_work_in_this_process(ray_session):
+    with in_process():
+        assert fan_out(_pid, None, list(range(4))) == [os.getpid()] * 4
+        assert task_count(1000) == 1
