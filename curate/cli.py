@@ -192,13 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(p)
     p.set_defaults(func=_cmd_run)
 
-    address_help = ("the cluster's Jobs API, http://HEAD:8265 through a tunnel (default: RAY_API_SERVER_ADDRESS); "
-                    "the token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token")
+    def add_cluster(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 through a tunnel (default: "
+                       "RAY_API_SERVER_ADDRESS); the token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
+                       "(only inside a private network: the token crosses it in clear text)")
+
     p = sub.add_parser("submit", help="run a pipeline as a job on a Ray cluster (Ray Jobs API, token auth)")
     p.add_argument("pipeline")
-    p.add_argument("--address", help=address_help)
-    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
-                   "(only inside a private network: the token crosses it in clear text)")
+    add_cluster(p)
     p.add_argument("--input", help="URL list every node can read (shared path or fsspec URL)")
     p.add_argument("--output", help="output folder every node can write (shared path or fsspec URL)")
     p.add_argument("--wait", action="store_true", help="stream the job's log and exit with its status")
@@ -212,24 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("jobs", help="list the cluster's jobs")
-    p.add_argument("--address", help=address_help)
-    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
-                   "(only inside a private network: the token crosses it in clear text)")
+    add_cluster(p)
     p.set_defaults(func=_cmd_jobs)
 
     p = sub.add_parser("logs", help="print a job's log")
     p.add_argument("job")
-    p.add_argument("--address", help=address_help)
-    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
-                   "(only inside a private network: the token crosses it in clear text)")
+    add_cluster(p)
     p.add_argument("--follow", action="store_true", help="keep printing until the job ends; exit with its status")
     p.set_defaults(func=_cmd_logs)
 
     p = sub.add_parser("stop", help="stop a job (its driver is killed; submit the same pipeline again to resume)")
     p.add_argument("job")
-    p.add_argument("--address", help=address_help)
-    p.add_argument("--insecure-http", action="store_true", help="allow plain http to a non-loopback address "
-                   "(only inside a private network: the token crosses it in clear text)")
+    add_cluster(p)
     p.set_defaults(func=_cmd_stop)
 
     p = sub.add_parser("demo", help="generate a synthetic pool, serve it on loopback, curate it, and train on raw vs "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from curate.fan_out import fan_out, on_ray, task_count
+from curate.fan_out import fan_out, ships, task_count
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -258,7 +258,7 @@ def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | Non
         work[lightest] += float(len(cluster)) ** 2
     parts = [part for part in parts if part]
     rows = [np.concatenate(part) for part in parts]  # each part's rows, cluster after cluster
-    shipped = on_ray() and len(parts) > 1  # tasks get their own vectors; in one process, positions into x
+    shipped = ships(len(parts))  # tasks get their own vectors; in one process, positions into x
     jobs = [(x[part_rows] if shipped else part_rows, [len(c) for c in part], threshold)
             for part_rows, part in zip(rows, parts)]
     found = fan_out(_similar_pairs_in_clusters, None if shipped else x, jobs)

@@ -2,8 +2,8 @@
 
 Global stages decide over stored metadata in the driver, but their heavy inner loops (a pHash banding table, the
 pairs inside a k-means cluster) are independent per part. Each part runs as one task; what every task reads (the
-codes, the embeddings) is put in the object store once, so a node holds one shared copy and each task's own memory
-is only its part's work.
+distinct pHash codes) is put in the object store once, so a node holds one shared copy; what one part reads (a
+row range, a group of clusters' vectors) travels with that part only.
 """
 
 from __future__ import annotations
@@ -47,13 +47,18 @@ def on_ray() -> bool:
     return ray.is_initialized()
 
 
+def ships(parts: int) -> bool:
+    """Whether fan_out runs this many parts as Ray tasks (else in this process, where nothing needs copying)."""
+    return parts > 1 and on_ray()
+
+
 def fan_out(fn: Callable[[Any, Part], Result], shared: Any, parts: Sequence[Part],
             cpus_per_task: float = 1.0) -> list[Result]:
     """``[fn(shared, part) for part in parts]``, in order; on Ray each call is a task (retried if its worker dies).
 
     ``shared`` is put in the object store once and read by every task: keep it to what every task needs, and pass
     what only one part needs inside that part (each part's arguments go only to its task's node)."""
-    if not on_ray() or len(parts) <= 1:
+    if not ships(len(parts)):
         return [fn(shared, part) for part in parts]
     import ray
 
