@@ -2,14 +2,15 @@
 
 Each size runs in its own subprocess (so its peak memory is its own): a table of uids, 64-bit codes (uniformly random,
 like distinct pHashes) of which 10% are near copies of another row — flipped by 0-2 bits (re-encodes, resizes: 60%),
-3-6 bits (25%) or 7-12 bits (crops: 15%), as measured on the demo pool — goes through ``DedupPhash.decide``, the exact
-code a pipeline runs (banding, exact check, groups, keep policy). Prints seconds, peak RSS and rows removed per size,
+3-6 bits (25%) or 7-12 bits (crops: 15%), as measured on the demo pool — is written as parquet parts of 10k rows
+(not timed) and goes through ``DedupPhash.decide_pool``, the exact code a pipeline runs (the shuffle by hash band,
+banding, exact check, groups, keep policy). Prints seconds, peak RSS and rows removed per size,
 the time ratio per 10× rows (target ≤ 12×), and on the 10k set the recall and precision of the banded pairs against
 brute force over all pairs at the same radius (target recall ≥ 0.95 at precision ≥ 0.99). Figures only.
 
     .venv/bin/python benchmarks/dedup.py
     .venv/bin/python benchmarks/dedup.py --sizes 10000 100000 --radius 6
-    .venv/bin/python benchmarks/dedup.py --ray       # the tables as Ray tasks on an embedded Ray
+    .venv/bin/python benchmarks/dedup.py --ray       # map and reduce tasks on an embedded Ray
 """
 
 from __future__ import annotations
@@ -44,24 +45,42 @@ def planted_codes(n: int, seed: int):
     return codes.view(np.int64)
 
 
-def child(n: int, radius: int, seed: int, on_ray: bool) -> dict:
+def write_parts(folder: Path, codes, rows_per_part: int) -> list[Path]:
+    """The codes as a run stores them: parquet parts of ``rows_per_part`` rows with uid, row, status and hashes."""
+    import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    if on_ray:  # the banding tables run as Ray tasks (curate.fan_out), as in a pipeline run on Ray
+    paths = []
+    for start in range(0, len(codes), rows_per_part):
+        rows = np.arange(start, min(len(codes), start + rows_per_part))
+        table = pa.table({"uid": [f"{i:012x}" for i in rows], "row": pa.array(rows, pa.int64()),
+                          "status": ["ok"] * len(rows), "phash": pa.array(codes[rows], pa.int64()),
+                          "color_signature": pa.array([bytes(48)] * len(rows), pa.binary())})
+        paths.append(folder / f"{start:012d}.parquet")
+        pq.write_table(table, paths[-1])
+    return paths
+
+
+def child(n: int, radius: int, seed: int, on_ray: bool) -> dict:
+    import tempfile
+
+    if on_ray:  # map and reduce tasks on Ray (curate.pool, curate.fan_out), as in a pipeline run on Ray
         from curate.config import RayConfig
         from curate.ray_env import ensure_ray
 
         ensure_ray(RayConfig())
 
+    from curate.pool import Pool
     from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
 
     codes = planted_codes(n, seed)
-    table = pa.table({"uid": [f"{i:012x}" for i in range(n)], "phash": pa.array(codes, pa.int64()),
-                      "color_signature": pa.array([bytes(48)] * n, pa.binary())})
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    removed = DedupPhash(DedupPhashConfig(radius=radius)).decide(table)
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="curate-dedup-bench-") as folder:
+        pool = Pool.from_parts(write_parts(Path(folder), codes, rows_per_part=10_000))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        removed = DedupPhash(DedupPhashConfig(radius=radius)).decide_pool(pool)
+        seconds = time.perf_counter() - start
     result = {"n": n, "seconds": round(seconds, 2), "removed": removed.num_rows,
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "rss_before_mib": round(before / 1024, 1)}
@@ -83,7 +102,7 @@ def main() -> None:
     parser.add_argument("--radius", type=int, default=None, help="default: the stage's default radius")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ray", action="store_true",
-                        help="run the tables as Ray tasks on an embedded Ray (two per CPU); Ray's start not timed")
+                        help="run the map and reduce tasks on an embedded Ray; Ray's start not timed")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from curate.dedup import DEFAULT_RADIUS, tables_for
@@ -92,8 +111,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, radius, args.seed, args.ray)))
         return
-    print(f"pHash dedup tier, radius {radius}, {tables_for(radius)} banding tables; 10% planted near copies"
-          + ("; tables as Ray tasks (peak RSS: the driver's)" if args.ray else ""))
+    print(f"pHash dedup tier, radius {radius}: {radius + 1} bands × {tables_for(radius)} banding tables; 10% planted "
+          "near copies" + ("; map and reduce tasks on Ray (peak RSS: the driver's)" if args.ray else ""))
     print(f"{'rows':>10}{'seconds':>10}{'peak RSS MiB':>14}{'removed':>10}{'time ratio':>12}")
     results = []
     for n in args.sizes:

@@ -1,7 +1,8 @@
 """Decide over stored metadata, then write the ledger, the shards and the manifest.
 
 Streams the stored parts in input order: memory holds one part's metadata (never images) plus the shards in flight.
-Global stages are the exception: they see the metadata columns they declare for every live row.
+Global stages read the stored parts through curate.pool: dedup tiers in tasks, filters by gathering the columns
+they declare for every live row.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from curate import parts as part_store
 from curate.config import PipelineConfig, RayConfig
 from curate.embeddings import EmbeddingWriter
 from curate.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
+from curate.pool import Pool
 from curate.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
 from curate.stages.write import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
 
@@ -44,41 +46,35 @@ Decision = tuple[str, str, str, "str | None"]  # status, reason, stage, the uid 
 def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
                       stages: list[Stage] | None = None) -> tuple[dict[str, Decision], dict[str, int]]:
     """uid → (status, reason, stage, duplicate_of) for every row a global stage removes; and, per filter reason,
-    the live rows that filter would reject on its own (whatever ran before it)."""
+    the live rows that filter would reject on its own (whatever ran before it).
+
+    Each stage reads the pool of stored parts itself (curate.pool): the driver holds the decisions, the rows
+    removed so far and what a stage gathers, not the pool's metadata."""
     decisions: dict[str, Decision] = {}
     would_reject: Counter[str] = Counter()
     if not global_stages:
         return decisions, {}
-    stored = set().union(*(pq.ParquetFile(p).schema_arrow.names for p in parts)) if parts else set()
-    wanted = {"uid", "status"} | {c for g in global_stages for c in [*g.inputs(), *g.optional_inputs()]}
-    columns = sorted(wanted & stored) if parts else sorted(wanted)
-    tables = [pq.read_table(p, columns=[c for c in columns if c in pq.ParquetFile(p).schema_arrow.names])
-              for p in parts]
-    metadata = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({c: [] for c in columns})
-    metadata = metadata.filter(pc.equal(metadata.column("status"), OK))
-    pool = metadata
+    pool = live = Pool.from_parts(parts)
     for stage in global_stages:
         stage.bind(stages or [])
-        names = sorted({"uid"} | set(stage.inputs()) | (set(stage.optional_inputs()) & set(metadata.column_names)))
-        if stage.counts_would_reject and metadata.num_rows != pool.num_rows:
-            probe = stage.decide(pool.select(names))  # on its own: every live row, none removed by an earlier stage
+        if stage.counts_would_reject and live is not pool:
+            probe = stage.decide_pool(pool)  # on its own: every live row, none removed by an earlier stage
             would_reject.update(stage.would_reject or Counter(probe.column("reason").to_pylist()))
-        removed = stage.decide(metadata.select(names))
-        if stage.counts_would_reject and metadata.num_rows == pool.num_rows:
+        removed = stage.decide_pool(live)
+        if stage.counts_would_reject and live is pool:
             would_reject.update(stage.would_reject or Counter(removed.column("reason").to_pylist()))
-        live = set(metadata.column("uid").to_pylist())
         duplicate_of = (removed.column("duplicate_of").to_pylist() if "duplicate_of" in removed.column_names
                         else [None] * removed.num_rows)
         for uid, status, reason, target in zip(*(removed.column(c).to_pylist() for c in ("uid", "status", "reason")),
                                                duplicate_of):
-            if uid not in live:
-                raise RuntimeError(f"global stage {stage.name} removed uid {uid!r}, which is not a live row")
             if status not in (FILTERED, FAILED) or not reason:
                 raise RuntimeError(f"global stage {stage.name} gave uid {uid} status {status!r} reason {reason!r}; "
                                    "expected filtered or failed with a reason")
+            if uid in decisions:
+                raise RuntimeError(f"global stage {stage.name} removed uid {uid!r}, which is not a live row")
             decisions[uid] = (status, reason, stage.name, target)
         if removed.num_rows:
-            metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("uid"), value_set=removed.column("uid"))))
+            live = live.without(removed.column("row").to_numpy())
     return decisions, dict(sorted(would_reject.items()))
 
 

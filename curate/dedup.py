@@ -1,50 +1,101 @@
-"""Duplicate finding over stored fingerprints: exact groups, perceptual-hash pairs, groups, and who survives.
+"""Duplicate finding over stored fingerprints: pairs of duplicate rows, groups, and who survives.
 
-Pure functions over numpy arrays, so the dedup stages stay small and the benchmark measures exactly what they run.
+Each tier is a shuffle over the pool (curate.pool, curate.fan_out): map tasks read groups of stored parts and send
+each row to the reduce task that owns its key; a reduce task finds the pairs among the rows it got; the driver
+receives pairs of row ids, joins them into groups and applies the keep policy to the rows in some pair. No process
+holds the whole pool's fingerprints.
 
-pHash candidates come from banding (locality-sensitive hashing on bit samples): each of ``tables`` tables keys every
-code by a fixed random subset of ``bits`` of its 64 bits, and codes that share a key in any table are candidates.
-Two codes ``d`` bits apart share a table's key with probability C(64-d, bits)/C(64, bits), so near codes almost
-surely meet and far ones almost never do; candidates are then checked exactly (popcount of the XOR). Work grows with
-the number of codes, not with its square: at the default settings a table's bucket holds about one code per million.
-Multi-index hashing (r+1 exact bands) would find every pair, but at the radius that 5% crops need (about 10 bits)
-its 6-bit bands put thousands of codes in a bucket and the pairs grow quadratically. With 24-bit keys a bucket
-holds about one code in 16 million, so up to tens of millions of codes the cost is the tables' sorts: linear-ish.
+pHash: multi-index hashing cuts the 64 bits into ``radius + 1`` bands, so two codes within ``radius`` bits agree
+exactly on at least one band; a code is sent once per band, keyed by (band, the band's bits), and codes that may be
+duplicates meet in the reduce task owning that key. Inside it, candidates come from banding (locality-sensitive
+hashing on bit samples): each table keys a code by the band's bits plus a fixed random sample of the other bits, to
+``bits`` bits in all, and codes sharing a key in any table are checked exactly (popcount of the XOR). Two codes ``d``
+bits apart that agree on a band share a table's key with probability C(64-w-d, bits-w)/C(64-w, bits-w) (w: the
+band's width), so near codes almost surely meet and far ones almost never do; work grows with the number of codes,
+not with its square; the driver keeps a pair found in several bands once. With 24-bit keys a bucket
+holds about one code in 16 million: up to tens of millions of codes per reduce task the cost is linear-ish.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from curate.fan_out import fan_out, ships, task_count
+from curate.fan_out import task_count
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from curate.pool import Pool
+
 DEFAULT_RADIUS = 8
+MAX_RADIUS = 12  # above it the tables per band grow into the thousands (tables_for(16) = 1756)
 DEFAULT_BITS = 24  # at most 32: keys are uint32
 TABLE_RECALL = 0.97  # the share of pairs exactly `radius` bits apart that meet in some table (nearer ones: more)
 CHUNK = 1 << 20  # candidate pairs checked per numpy pass: bounds the memory of a pass to a few dozen MB
+ENTRIES_PER_TASK = 4_000_000  # (row, code, band) entries a pHash reduce task gets: ~100 MB, ~300 MB working
+SEARCH_BATCH = 100_000  # distinct codes searched at once inside a reduce task (see _near_pairs_by_band_value)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a.view(np.uint64), b.view(np.uint64))).astype(np.int64)
 
 
+def bands(radius: int) -> list[np.ndarray]:
+    """The ``radius + 1`` bands of contiguous bit positions: codes within ``radius`` bits agree on one at least."""
+    return np.array_split(np.arange(64), radius + 1)
+
+
+def band_recall(radius: int, tables: int, bits: int = DEFAULT_BITS) -> float:
+    """The probability that two codes exactly ``radius`` bits apart share a key in some table of some band they
+    agree on. Given which bands are clean (no differing bit), each table of a clean band of width w misses with
+    probability 1 - C(64-w-r, k-w)/C(64-w, k-w), k = max(bits, w); the expectation over the clean bands sums, by
+    inclusion-exclusion, over how many narrow and wide bands are assumed clean."""
+    from math import comb
+
+    widths = [len(b) for b in bands(radius)]
+    narrow, wide = min(widths), max(widths)
+    counts = (widths.count(narrow), widths.count(wide)) if narrow != wide else (len(widths), 0)
+
+    def miss(width: int) -> float:
+        key = max(bits, width)
+        if radius + key > 64:
+            return 0.0 if key == width else 1.0  # a key of the whole band always meets; else never
+        return (1 - comb(64 - width - radius, key - width) / comb(64 - width, key - width)) ** tables
+
+    expected = 0.0
+    for a in range(counts[0] + 1):
+        for b in range(counts[1] + 1):
+            clean_bits = a * narrow + b * wide
+            if 64 - clean_bits < radius:
+                continue
+            expected += (comb(counts[0], a) * comb(counts[1], b) * (miss(narrow) - 1) ** a * (miss(wide) - 1) ** b
+                         * comb(64 - clean_bits, radius) / comb(64, radius))
+    return 1.0 - expected
+
+
 def tables_for(radius: int, bits: int = DEFAULT_BITS, recall: float = TABLE_RECALL) -> int:
-    """Tables needed so that two codes ``radius`` bits apart share a key in at least one with probability ``recall``."""
-    from math import ceil, comb, log
+    """Tables per band needed so that codes ``radius`` bits apart meet with probability ``recall``."""
+    if radius == 0 or max(len(b) for b in bands(radius)) >= bits:
+        return 1  # a key of the band itself: every code that agrees on it is a candidate
+    tables = 1
+    while band_recall(radius, tables, bits) < recall:
+        tables += 1
+    return tables
 
-    meet = comb(64 - radius, bits) / comb(64, bits)  # all `bits` sampled positions avoid the differing ones
-    return 1 if meet >= 1 else max(1, ceil(log(1 - recall) / log(1 - meet)))
 
-
-def _bit_masks(tables: int, bits: int, seed: int) -> list[np.ndarray]:
+def band_tables(radius: int, tables: int, bits: int, seed: int) -> list[list[np.ndarray]]:
+    """Per band, the bit positions of each table's key: the band's bits plus a seeded sample of the others."""
     rng = np.random.default_rng(seed)
-    return [np.sort(rng.choice(64, size=bits, replace=False)).astype(np.uint64) for _ in range(tables)]
+    out: list[list[np.ndarray]] = []
+    for band in bands(radius):
+        others = np.setdiff1d(np.arange(64), band)
+        extra = max(0, min(bits, 32) - len(band))
+        out.append([np.sort(np.concatenate([band, rng.choice(others, size=extra, replace=False)])).astype(np.uint64)
+                    for _ in range(tables if extra else 1)])
+    return out
 
 
 def _table_keys(code_bytes: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -66,10 +117,13 @@ def _table_keys(code_bytes: np.ndarray, positions: np.ndarray) -> np.ndarray:
 def _pairs_within_buckets(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every pair of codes that share a key, as index arrays (each pair once).
 
-    Most codes share their key with no other: a counting pass (over the key folded to about 4 bins per code) finds
-    the few that might, and only those are sorted. Sorting every key of every table cost more than all the rest."""
-    bins = 1 << max(4, int(np.ceil(np.log2(4 * max(1, len(keys))))))
-    folded = (keys & np.uint32(bins - 1)).astype(np.intp) if bins < 2**32 else keys.astype(np.intp)
+    Most codes share their key with no other: a counting pass (over the key hashed to about 4 bins per code) finds
+    the few that might, and only those are sorted. Sorting every key of every table cost more than all the rest.
+    The hash (Fibonacci hashing: the top bits of key × 2^32/φ) mixes every bit of the key into the bin: the keys of
+    one reduce task share few band values, so their low bits alone would crowd the bins."""
+    shift = 32 - min(32, max(4, int(np.ceil(np.log2(4 * max(1, len(keys)))))))
+    bins = 1 << (32 - shift)
+    folded = ((keys * np.uint32(0x9E3779B1)) >> np.uint32(shift)).astype(np.intp)
     shared = np.bincount(folded, minlength=bins) >= 2  # one byte per bin: the gather below stays in cache longer
     crowded = np.flatnonzero(shared[folded])
     order = crowded[np.argsort(keys[crowded])]
@@ -102,31 +156,122 @@ def _near_pairs_in_tables(unique: np.ndarray, job: tuple[list[np.ndarray], int])
             a, b = left[start:start + CHUNK], right[start:start + CHUNK]
             near = hamming(unique[a], unique[b]) <= radius
             a, b = np.minimum(a[near], b[near]), np.maximum(a[near], b[near])
-            found.append(np.unique(a.astype(np.int64) * n + b))
-    return np.unique(np.concatenate(found))
+            found.append(a.astype(np.int64) * n + b)
+    return np.unique(np.concatenate(found))  # a near pair usually meets in several tables
+
+
+def _mix(values: np.ndarray, salt: int) -> np.ndarray:
+    """A well-spread 64-bit hash of integer keys (splitmix64's finaliser): which reduce task owns a key."""
+    z = values.astype(np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (salt + 1)) % 2**64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
+    """Map: each row with a pHash, once per band, to the reduce task owning (band, the band's bits), as
+    (row, code, band) int64 triples."""
+    import pyarrow.compute as pc
+
+    radius, partitions = job[0], job[1]
+    table = table.filter(pc.is_valid(table.column("phash")))
+    rows = table.column("row").to_numpy().astype(np.int64)
+    codes = table.column("phash").to_numpy(zero_copy_only=False).astype(np.int64)
+    n = len(rows)
+    if not n:
+        return [np.zeros((0, 3), np.int64)] * partitions
+    owner = np.concatenate([(_mix(_band_value(codes, band), b) % np.uint64(partitions)).astype(np.uint16)
+                            for b, band in enumerate(bands(radius))])  # entry e: band e // n, row e % n
+    order = np.argsort(owner, kind="stable")  # a radix sort: partitions are at most 65536 (see phash_pair_rows)
+    bounds = np.cumsum(np.bincount(owner, minlength=partitions))[:-1]
+    return [np.column_stack([rows[e % n], codes[e % n], e // n]) for e in np.split(order, bounds)]
+
+
+def _band_value(codes: np.ndarray, band: np.ndarray) -> np.ndarray:
+    value = codes.view(np.uint64) >> np.uint64(band[0])
+    return value & np.uint64((1 << len(band)) - 1) if len(band) < 64 else value
+
+
+def _near_pairs_by_band_value(unique: np.ndarray, band: np.ndarray, tables: list[np.ndarray],
+                              radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """The banding search over distinct codes that may hold many band values: pairs only form within one value (the
+    keys hold the band's bits), so the codes are searched in batches of whole values of about SEARCH_BATCH codes,
+    whose arrays stay in the CPU cache."""
+    order = np.argsort(_band_value(unique, band), kind="stable")
+    values = _band_value(unique[order], band)
+    group_starts = np.flatnonzero(np.diff(values, prepend=values[:1] ^ np.uint64(1))) if len(values) else order
+    cuts = group_starts[np.unique(group_starts // SEARCH_BATCH, return_index=True)[1]].tolist()
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start, end in zip(cuts, [*cuts[1:], len(order)]):
+        batch = order[start:end]
+        packed = _near_pairs_in_tables(unique[batch], (tables, radius))
+        left.append(batch[packed // len(batch)])
+        right.append(batch[packed % len(batch)])
+    return np.concatenate(left), np.concatenate(right)
+
+
+def _pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce: the pairs of rows among these entries within ``radius`` bits that meet in a table of their band (a
+    pair that meets in several bands is reported by each). Equal codes are searched once, as the smallest row
+    holding them; the others are chained to it (in band 0, which equal codes always agree on)."""
+    radius, tables, outside = job[0], job[2], job[3]
+    layout = bands(radius)
+    pieces = [*pieces, outside[partition]] if outside is not None else pieces
+    entries = np.concatenate(pieces) if pieces else np.zeros((0, 3), np.int64)
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    entries = entries[np.argsort(entries[:, 2].astype(np.uint8), kind="stable")]  # by band (a radix sort)
+    starts = np.flatnonzero(np.diff(entries[:, 2], prepend=-1))
+    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(entries)]):
+        b, rows, codes = int(entries[start, 2]), entries[start:end, 0], entries[start:end, 1]
+        order = np.lexsort((rows, codes))
+        rows, codes = rows[order], codes[order]
+        first = np.concatenate([[True], codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, bool)
+        holder = rows[first]  # the smallest row of each distinct code
+        if b == 0:
+            same = np.flatnonzero(~first)
+            left.append(holder[np.cumsum(first)[same] - 1])
+            right.append(rows[same])
+        if radius:
+            i, j = _near_pairs_by_band_value(codes[first], layout[b], tables[b], radius)
+            left.append(holder[i])
+            right.append(holder[j])
+    left_rows, right_rows = np.concatenate(left), np.concatenate(right)
+    return np.minimum(left_rows, right_rows), np.maximum(left_rows, right_rows)
+
+
+def phash_pair_rows(pool: Pool, radius: int = DEFAULT_RADIUS, tables: int | None = None, bits: int = DEFAULT_BITS,
+                    seed: int = 0, outside: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows (smaller row first) whose pHashes are within ``radius`` bits, found through banding; each
+    pair once. The pool is shuffled by (band, band bits) into reduce tasks of at most ENTRIES_PER_TASK entries.
+    ``outside`` codes (eval images) join the search as rows -1, -2, ...: each reduce task gets those of its keys."""
+    entries = len(bands(radius)) * max(1, pool.rows)
+    partitions = min(1 << 16, max(task_count(len(pool.pieces) * 4), -(-entries // ENTRIES_PER_TASK)))
+    extra = None
+    if outside is not None:
+        import pyarrow as pa
+
+        table = pa.table({"row": pa.array(-1 - np.arange(len(outside), dtype=np.int64)),
+                          "phash": pa.array(np.asarray(outside, dtype=np.int64))})
+        extra = _codes_to_bands((radius, partitions), table)
+    job = (radius, partitions, band_tables(radius, tables or tables_for(radius, bits), bits, seed), extra)
+    found = pool.shuffle(_codes_to_bands, _pairs_in_bands, job, ["phash"], partitions)
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.unique(np.stack([np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])], 1),
+                      axis=0)  # a pair agreeing on several bands may meet in several
+    return pairs[:, 0], pairs[:, 1]
 
 
 def phash_pairs(codes: np.ndarray, radius: int = DEFAULT_RADIUS, tables: int | None = None,
                 bits: int = DEFAULT_BITS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) of codes within ``radius`` bits, found through banding; each pair once.
+    """``phash_pair_rows`` over an array of codes: index pairs (i < j), each once."""
+    import pyarrow as pa
 
-    Identical codes are collapsed first (a pool with 10,000 blank images has one code for them, not 50 million
-    pairs): each distinct code's rows are chained to its first row, and the search runs over distinct codes.
-    The tables are independent: on Ray each group of tables is one task (curate.fan_out) over the shared codes."""
-    codes = np.asarray(codes, dtype=np.int64).view(np.uint64)
-    unique, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    same_left = first[inverse]
-    chained = np.flatnonzero(same_left != np.arange(len(codes)))
-    found_left, found_right = [same_left[chained]], [chained]
-    masks = _bit_masks(tables or tables_for(radius, bits), bits, seed)
-    parts = [([masks[i] for i in group], radius) for group in np.array_split(np.arange(len(masks)),
-                                                                           task_count(len(masks)))]
-    # a near pair usually meets in several tables, and so in several parts: keep it once
-    packed = np.unique(np.concatenate(fan_out(_near_pairs_in_tables, unique, parts)))
-    found_left.append(first[packed // max(1, len(unique))])
-    found_right.append(first[packed % max(1, len(unique))])
-    left, right = np.concatenate(found_left).astype(np.int64), np.concatenate(found_right).astype(np.int64)
-    return np.minimum(left, right), np.maximum(left, right)
+    from curate.pool import Pool
+
+    table = pa.table({"phash": pa.array(np.asarray(codes, dtype=np.int64))})
+    pool = Pool.from_table(table, pieces=task_count(max(1, len(codes) // 50_000)))
+    return phash_pair_rows(pool, radius, tables, bits, seed)
 
 
 def brute_force_pairs(codes: np.ndarray, radius: int) -> set[tuple[int, int]]:
@@ -176,93 +321,99 @@ def color_differences(signatures: Sequence[bytes], left: np.ndarray, right: np.n
 
 
 def removals(uids: Sequence[str], labels: np.ndarray, scores: np.ndarray | None, pixels: np.ndarray | None,
-             reason: str) -> pa.Table:
-    """The rows a grouping removes: every member of a group but its survivor, each pointing at the survivor."""
+             reason: str, rows: np.ndarray | None = None) -> pa.Table:
+    """The rows a grouping removes: every member of a group but its survivor, each pointing at the survivor (with
+    their ``row`` ids when given)."""
     import pyarrow as pa
 
     survivor = duplicates_of(labels, keep_order(uids, scores, pixels))
     removed = np.flatnonzero(survivor != np.arange(len(labels)))
     uid_array = np.asarray(uids, dtype=object)
-    return pa.table({"uid": pa.array(uid_array[removed].tolist(), pa.string()),
-                     "status": pa.array(["filtered"] * len(removed), pa.string()),
-                     "reason": pa.array([reason] * len(removed), pa.string()),
-                     "duplicate_of": pa.array(uid_array[survivor[removed]].tolist(), pa.string())})
+    columns = {"uid": pa.array(uid_array[removed].tolist(), pa.string()),
+               "status": pa.array(["filtered"] * len(removed), pa.string()),
+               "reason": pa.array([reason] * len(removed), pa.string()),
+               "duplicate_of": pa.array(uid_array[survivor[removed]].tolist(), pa.string())}
+    if rows is not None:
+        columns["row"] = pa.array(np.asarray(rows, dtype=np.int64)[removed])
+    return pa.table(columns)
 
 
-BLOCK_ELEMENTS = 1 << 25  # similarities computed per block inside a cluster: 128 MB of float32 at most
+KEEP_POLICY_COLUMNS = ("clip_score", "original_width", "original_height")
 
 
-def _nearest_centroids(centroids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The cluster of each of these embeddings: the most similar centroid."""
-    import faiss
-
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    return index.search(np.ascontiguousarray(rows), 1)[1].ravel()
-
-
-def _similar_pairs_in_clusters(x: np.ndarray | None,
-                               job: tuple[np.ndarray, list[int], float]) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair inside each cluster whose cosine is at least ``threshold``, as positions in the part's rows (its
-    clusters one after another, ``sizes`` rows each). The rows are ``job[0]`` itself (on Ray: a task gets only its
-    part's vectors), or positions into ``x`` (in one process: no copy of the embeddings). Memory: one cluster's rows
-    and a similarity block of at most BLOCK_ELEMENTS floats."""
-    rows, sizes, threshold = job
-    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    offset = 0
-    for size in sizes:
-        cluster = rows[offset:offset + size] if x is None else x[rows[offset:offset + size]]
-        step = max(1, BLOCK_ELEMENTS // max(1, size))
-        for start in range(0, size, step):
-            i, j = np.nonzero(cluster[start:start + step] @ cluster.T >= threshold)
-            i = i + start
-            upper = j > i  # each pair once, never a row with itself
-            left.append(offset + i[upper])
-            right.append(offset + j[upper])
-        offset += size
-    return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
+def keep_policy_inputs(metadata: pa.Table) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(clip_score, original pixel count) for the keep policy, each None when the pipeline does not store it."""
+    names = metadata.column_names
+    scores = metadata.column("clip_score").to_numpy(zero_copy_only=False) if "clip_score" in names else None
+    pixels = None
+    if "original_width" in names and "original_height" in names:
+        width = metadata.column("original_width").to_numpy(zero_copy_only=False).astype(np.float64)
+        pixels = width * metadata.column("original_height").to_numpy(zero_copy_only=False).astype(np.float64)
+    return scores, pixels
 
 
-def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | None = None,
-                   fit_sample: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """SemDeDup's candidates: spherical k-means over L2-normalised embeddings (fitted on a sample of at most
-    ``fit_sample`` rows), then every pair inside a cluster whose cosine is at least ``threshold``.
+def decide_groups(pool: Pool, left: np.ndarray, right: np.ndarray, reason: str, columns: Sequence[str] = (),
+                  keep_pair: Callable[[pa.Table, np.ndarray, np.ndarray], np.ndarray] | None = None) -> pa.Table:
+    """The removals of a tier from its pairs of rows: only rows in some pair are looked up (their uid, the keep
+    policy's columns and ``columns``), ``keep_pair`` may drop pairs (e.g. the colour check), the rest join into
+    groups and each group keeps one row by the keep policy."""
+    members = np.unique(np.concatenate([left, right]))
+    info = pool.lookup(members, [*(c for c in KEEP_POLICY_COLUMNS if pool.has(c)), *columns])
+    rows = info.column("row").to_numpy()
+    if len(rows) != len(members):
+        raise RuntimeError(f"{reason}: {len(members) - len(rows)} paired rows are not live rows of the pool")
+    i, j = np.searchsorted(rows, left), np.searchsorted(rows, right)
+    if keep_pair is not None and len(i):
+        kept = keep_pair(info, i, j)
+        i, j = i[kept], j[kept]
+    scores, pixels = keep_policy_inputs(info.select([c for c in info.column_names if pool.has(c)]))
+    return removals(info.column("uid").to_pylist(), groups_of(len(rows), i, j), scores, pixels, reason, rows)
 
-    Comparing only inside clusters is what makes it scale (n²/k pairs instead of n²); a duplicate pair split across
-    two clusters is missed, which is rare at a high threshold (the two sit next to each other). On Ray, assigning
-    rows to clusters runs as tasks over row ranges, and the in-cluster search as tasks over groups of clusters of
-    about equal work (curate.fan_out)."""
-    import faiss
 
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, dim = x.shape
-    k = max(1, min(clusters or n // 1000, n // 2 or 1))
-    if k > 1:
-        rng = np.random.default_rng(seed)
-        sample = x[rng.choice(n, size=min(n, fit_sample), replace=False)] if n > fit_sample else x
-        kmeans = faiss.Kmeans(dim, k, niter=20, seed=seed, spherical=True, verbose=False)
-        kmeans.train(sample)
-        bounds = np.linspace(0, n, task_count(max(1, n // 1000)) + 1).astype(int)
-        blocks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]  # each task gets only its rows
-        assign = np.concatenate(fan_out(_nearest_centroids, kmeans.centroids, blocks))
-    else:
-        assign = np.zeros(n, dtype=np.int64)
-    order = np.argsort(assign, kind="stable")
-    members = np.split(order, np.flatnonzero(np.diff(assign[order])) + 1)
-    # clusters dealt to parts largest first, each to the part with the least work so far (work ~ size²)
-    parts: list[list[np.ndarray]] = [[] for _ in range(min(len(members), task_count(len(members))))]
-    work = np.zeros(len(parts))
-    for cluster in sorted(members, key=len, reverse=True):
-        lightest = int(np.argmin(work))
-        parts[lightest].append(np.sort(cluster))
-        work[lightest] += float(len(cluster)) ** 2
-    parts = [part for part in parts if part]
-    rows = [np.concatenate(part) for part in parts]  # each part's rows, cluster after cluster
-    shipped = ships(len(parts))  # tasks get their own vectors; in one process, positions into x
-    jobs = [(x[part_rows] if shipped else part_rows, [len(c) for c in part], threshold)
-            for part_rows, part in zip(rows, parts)]
-    found = fan_out(_similar_pairs_in_clusters, None if shipped else x, jobs)
+def split_by_owner(owner: np.ndarray, arrays: Sequence[np.ndarray], partitions: int) -> list[list[np.ndarray]]:
+    """Rows of ``arrays`` (aligned) cut by the partition that owns them: for each partition, its slice of each."""
+    order = np.argsort(owner.astype(np.uint16) if partitions <= 1 << 16 else owner, kind="stable")  # radix sort
+    bounds = np.cumsum(np.bincount(owner, minlength=partitions))[:-1]
+    cut = [np.split(array[order], bounds) for array in arrays]
+    return [[pieces[j] for pieces in cut] for j in range(partitions)]
+
+
+def _digests_to_owners(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
+    """Map: each (row, digest column) to the reduce task owning the digest, as (row, column, 128-bit hash)."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    columns, partitions = job
+    entries = []
+    for index, name in enumerate(columns):
+        present = table.filter(pc.is_valid(table.column(name)))
+        digests = present.column(name).to_pylist()
+        # a 128-bit hash of the whole digest string, whatever its format: equal only for equal digests (but 2^-128)
+        prefix = np.frombuffer(b"".join(hashlib.blake2b(d.encode(), digest_size=16).digest() for d in digests),
+                               dtype="<u8").reshape(-1, 2).astype(np.int64)
+        entries.append(np.column_stack([present.column("row").to_numpy().astype(np.int64),
+                                        np.full(len(digests), index, np.int64), prefix]))
+    entries_all = np.concatenate(entries) if entries else np.zeros((0, 4), np.int64)
+    owner = (_mix(entries_all[:, 2] ^ entries_all[:, 1], 7) % np.uint64(partitions)).astype(np.intp)
+    return [piece[0] for piece in split_by_owner(owner, [entries_all], partitions)]
+
+
+def _equal_digest_pairs(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce: rows sharing a digest (in the same column), each chained to the smallest row holding it."""
+    entries = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int64)
+    entries = entries[np.lexsort((entries[:, 0], entries[:, 3], entries[:, 2], entries[:, 1]))]
+    new = np.ones(len(entries), dtype=bool)
+    new[1:] = (entries[1:, 1:] != entries[:-1, 1:]).any(axis=1)
+    holder = entries[new, 0][np.cumsum(new) - 1]
+    return holder[~new], entries[~new, 0]
+
+
+def exact_pair_rows(pool: Pool, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows with equal digests in one of ``columns`` (compared by a 128-bit hash), shuffled by digest."""
+    partitions = max(task_count(len(pool.pieces) * 4), -(-pool.rows * len(columns) // ENTRIES_PER_TASK))
+    found = pool.shuffle(_digests_to_owners, _equal_digest_pairs, (list(columns), partitions), list(columns),
+                         partitions)
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (np.concatenate([part_rows[f[0]] for part_rows, f in zip(rows, found)]).astype(np.int64),
-            np.concatenate([part_rows[f[1]] for part_rows, f in zip(rows, found)]).astype(np.int64))
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])

@@ -1,9 +1,10 @@
-"""Run one function over many parts of a global decision: as Ray tasks when the run is on Ray, else in this process.
+"""Run the work of a global decision over many parts: as Ray tasks when the run is on Ray, else in this process.
 
-Global stages decide over stored metadata in the driver, but their heavy inner loops (a pHash banding table, the
-pairs inside a k-means cluster) are independent per part. Each part runs as one task; what every task reads (the
-distinct pHash codes) is put in the object store once, so a node holds one shared copy; what one part reads (a
-row range, a group of clusters' vectors) travels with that part only.
+``fan_out`` maps one function over parts (a group of stored part files, a group of eval images). ``shuffle`` is a
+map-reduce: each map task cuts what it read into ``partitions`` pieces by a key (a pHash band, a k-means cluster,
+a digest), and reduce task ``j`` gets piece ``j`` of every map task, so rows that may be duplicates meet in one task
+while no task, and not the driver, holds the whole pool. What every task reads (centroids, banding tables) is put
+in the object store once; what one part reads travels with that part only.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ Part = TypeVar("Part")
 Result = TypeVar("Result")
 
 
-# Below this many rows a global decision runs in the driver: starting Ray and shipping data costs more than the
-# work (benchmarks/dedup.py: 100k pHashes take 1.2 s in one process, 0.7 s as tasks on 2 cores).
+# Below this many rows a global decision runs in the driver's process: starting Ray and shipping data costs more
+# than the work (benchmarks/dedup.py: 10k pHashes take 0.5 s in one process, 0.8 s as tasks on 2 cores; 100k about
+# the same either way).
 MIN_ROWS = 100_000
 
 # Off inside `in_process()`: a --local run, or a pool too small for tasks to pay for themselves, decides here even
@@ -66,9 +68,44 @@ def fan_out(fn: Callable[[Any, Part], Result], shared: Any, parts: Sequence[Part
     shared_ref = ray.put(shared)  # top-level refs are resolved in the task: numpy arrays arrive zero-copy
     try:
         return ray.get([remote.remote(shared_ref, part) for part in parts])
-    except ray.exceptions.RayError as err:  # a task that failed its retries (out of memory, a node lost for good)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CurateError(f"{getattr(fn, '__name__', 'a task')} failed on Ray: {first}") from None
+    except ray.exceptions.RayError as err:
+        raise _failed(fn, err) from None
+
+
+def _reduce(fn: Callable[[Any, int, list[Any]], Result], shared: Any, partition: int, *pieces: Any) -> Result:
+    """A reduce task: Ray resolves the map outputs only when they are top-level arguments, hence the unpacking."""
+    return fn(shared, partition, list(pieces))
+
+
+def shuffle(map_fn: Callable[[Any, Part], list[Any]], reduce_fn: Callable[[Any, int, list[Any]], Result],
+            shared: Any, parts: Sequence[Part], partitions: int, cpus_per_task: float = 1.0) -> list[Result]:
+    """``reduce_fn(shared, j, [map_fn(shared, part)[j] for part in parts])`` for each partition ``j``.
+
+    ``map_fn`` returns exactly ``partitions`` pieces. On Ray each map and each reduce is a task (retried if its
+    worker dies); a map output stays in the object store of the node that made it until its reduce task reads it
+    (outputs under 100 KB are inlined by Ray and pass through the driver, so give a map task enough rows). In one
+    process the maps run first, then the reduces."""
+    if not ships(max(len(parts), partitions)):
+        pieces = [map_fn(shared, part) for part in parts]
+        return [reduce_fn(shared, j, [p[j] for p in pieces]) for j in range(partitions)]
+    import ray
+
+    mapper = ray.remote(num_cpus=cpus_per_task, max_retries=3, num_returns=partitions)(map_fn)
+    reducer = ray.remote(num_cpus=cpus_per_task, max_retries=3)(_reduce)
+    shared_ref = ray.put(shared)
+    try:
+        outputs = [mapper.remote(shared_ref, part) for part in parts]
+        outputs = [refs if partitions > 1 else [refs] for refs in outputs]
+        return ray.get([reducer.remote(reduce_fn, shared_ref, j, *(refs[j] for refs in outputs))
+                        for j in range(partitions)])
+    except ray.exceptions.RayError as err:
+        raise _failed(map_fn, err) from None
+
+
+def _failed(fn: Callable, err: Exception) -> CurateError:
+    """A task that failed its retries (out of memory, a node lost for good) as one line."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CurateError(f"{getattr(fn, '__name__', 'a task')} failed on Ray: {first}")
 
 
 def task_count(cap: int) -> int:

@@ -8,11 +8,14 @@ Stages never talk to Ray: they declare their columns and resources and the runne
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from curate.pool import Pool
 
 # Row status while a pipeline runs: "ok" rows are still alive. The ledger turns the survivors into "kept".
 OK, KEPT, FILTERED, FAILED = "ok", "kept", "filtered", "failed"
@@ -139,6 +142,10 @@ class GlobalStage(ABC):
     """A decision over the stored metadata of the whole pool (dedup, quantile thresholds).
 
     Global stages see metadata columns only (never image bytes), so they are cheap to rerun with a new config.
+    A stage implements one of two methods. ``decide(metadata)`` gets the live rows' declared columns gathered into
+    one table in the driver: right for decisions over a whole column (thresholds, rules), whose columns are small.
+    ``decide_pool(pool)`` gets the pool itself (curate.pool) and reads it in tasks: right for dedup, where the driver
+    should receive pairs of rows, not every row's fingerprints.
     """
 
     name: ClassVar[str]
@@ -146,8 +153,14 @@ class GlobalStage(ABC):
     # Filters (rules, thresholds) are also run over the whole live pool, so the manifest can count everything each
     # rule would reject on its own; dedup decisions depend on the group and are not.
     counts_would_reject: ClassVar[bool] = False
-    # Stages whose inner loops run as Ray tasks (curate.fan_out): a run on Ray joins Ray before deciding.
+    # Stages whose work runs as Ray tasks (curate.fan_out): a run on Ray joins Ray before deciding.
     fans_out: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None) and \
+                cls.decide is GlobalStage.decide and cls.decide_pool is GlobalStage.decide_pool:
+            raise TypeError(f"{cls.__name__} must implement decide() or decide_pool()")
 
     def __init__(self, config: StageConfig) -> None:
         self.config = config
@@ -168,8 +181,25 @@ class GlobalStage(ABC):
         """Extra ledger columns this stage fills (e.g. the uid a duplicate points to)."""
         return {}
 
-    @abstractmethod
     def decide(self, metadata: pa.Table) -> pa.Table:
-        """Given the live rows (``status == "ok"``) with the columns of ``inputs()``, return a table with columns
-        ``uid``, ``status`` (``filtered`` for rows this stage removes), ``reason``, plus ``outputs()``, holding
-        only the rows it removes."""
+        """Given the live rows (``status == "ok"``) with the columns of ``inputs()`` (and of ``optional_inputs()``
+        the pipeline stores), return a table with columns ``uid``, ``status`` (``filtered`` for rows this stage
+        removes), ``reason``, plus ``outputs()``, holding only the rows it removes.
+
+        A stage that implements ``decide_pool`` gets this for free, over the table as a one-piece pool."""
+        from curate.pool import Pool
+
+        return self.decide_pool(Pool.from_table(metadata))
+
+    def decide_pool(self, pool: Pool) -> pa.Table:
+        """The same, over the pool's stored parts, with a ``row`` column: the rows this stage removes. By default
+        the declared columns of every live row are gathered and passed to ``decide``."""
+        names = sorted({"uid", *self.inputs(), *(c for c in self.optional_inputs() if pool.has(c))})
+        metadata = pool.gather(names)
+        removed = self.decide(metadata.select(names))
+        row_of = dict(zip(metadata.column("uid").to_pylist(), metadata.column("row").to_pylist()))
+        rows = [row_of.get(uid) for uid in removed.column("uid").to_pylist()]
+        if None in rows:
+            uid = removed.column("uid")[rows.index(None)].as_py()
+            raise RuntimeError(f"global stage {self.name} removed uid {uid!r}, which is not a live row")
+        return removed.append_column("row", pa.array(rows, pa.int64()))

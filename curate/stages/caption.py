@@ -183,7 +183,7 @@ class CaptionStage(Stage):
         """Cosine of each synthetic caption with the row's stored image embedding, from the scoring model."""
         import torch
 
-        from curate.stages.dedup_semantic import unit_rows
+        from curate.semdedup import unit_rows
 
         rows = [i for i, text in synthetic.items() if text]
         if not rows:

@@ -93,7 +93,7 @@ class ConceptFilter(GlobalStage):
         return out
 
     def decide(self, metadata: pa.Table) -> pa.Table:
-        from curate.stages.dedup_semantic import unit_rows
+        from curate.semdedup import unit_rows
 
         config: ConceptsConfig = self.config  # type: ignore[assignment]
         reasons = np.full(metadata.num_rows, None, dtype=object)

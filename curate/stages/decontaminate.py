@@ -18,8 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.dedup import DEFAULT_RADIUS, color_differences, phash_pairs
+from curate.dedup import DEFAULT_RADIUS, MAX_RADIUS, color_differences, phash_pair_rows
 from curate.errors import CurateError
+from curate.pool import Pool
+from curate.semdedup import unit_rows
 from curate.stage import OK, GlobalStage, Stage, StageConfig
 
 REASON = "dedup:eval_contamination"
@@ -31,7 +33,7 @@ class DecontaminateConfig(StageConfig):
     eval: str = Field(description="eval images: a folder of image files, .tar shards (folder or glob), or a parquet "
                       "with an image_path column (relative to the parquet)")
     exact: bool = Field(True, description="compare original bytes and decoded pixels")
-    phash_radius: int | None = Field(DEFAULT_RADIUS, ge=0, le=32, description="null: no perceptual comparison")
+    phash_radius: int | None = Field(DEFAULT_RADIUS, ge=0, le=MAX_RADIUS, description="null: no perceptual comparison")
     max_color_difference: float = Field(28.0, ge=0, le=255)
     semantic_threshold: float | None = Field(0.95, gt=0, le=1, description="null: no embedding comparison")
 
@@ -117,63 +119,93 @@ class Decontaminate(GlobalStage):
             table = StageWorker(local)(table)
         return table.filter(pc.equal(table.column("status"), OK))
 
-    def decide(self, metadata: pa.Table) -> pa.Table:
+    def decide_pool(self, pool: Pool) -> pa.Table:
+        """Eval fingerprints are small: they travel to tasks over the pool's parts (the pHash search is the pool's
+        shuffle with the eval codes added to each reduce task). The first match of a row wins: bytes or pixels,
+        then pHash, then embeddings."""
         config: DecontaminateConfig = self.config  # type: ignore[assignment]
         evals = self._eval_records()
         matched: dict[int, str] = {}  # pool row → eval uid
-        uids = metadata.column("uid").to_pylist()
-        for column in ("sha256", "pixel_sha256") if config.exact else ():
-            if column in metadata.column_names and column in evals.column_names:
-                by_digest = dict(zip(evals.column(column).to_pylist(), evals.column("uid").to_pylist()))
-                for i, digest in enumerate(metadata.column(column).to_pylist()):
-                    if digest in by_digest:
-                        matched.setdefault(i, by_digest[digest])
-        if config.phash_radius is not None and evals.num_rows:
-            self._match_phash(metadata, evals, config, matched)
-        if config.semantic_threshold is not None and "image_embedding" in metadata.column_names \
+        digests = [c for c in ("sha256", "pixel_sha256") if config.exact and pool.has(c) and c in evals.column_names]
+        if digests and evals.num_rows:
+            targets = {c: {d: u for d, u in zip(evals.column(c).to_pylist(), evals.column("uid").to_pylist()) if d}
+                       for c in digests}
+            for rows, uids in pool.map(_match_digests, targets, digests):
+                for row, uid in zip(rows, uids):
+                    matched.setdefault(row, uid)
+        if config.phash_radius is not None and evals.num_rows and pool.has("phash"):
+            self._match_phash(pool, evals, config, matched)
+        if config.semantic_threshold is not None and pool.has("image_embedding") \
                 and "image_embedding" in evals.column_names:
-            self._match_embeddings(metadata, evals, config.semantic_threshold, matched)
-        rows = sorted(matched)
-        return pa.table({"uid": pa.array([uids[i] for i in rows], pa.string()),
+            targets = _eval_vectors(evals)
+            if targets:
+                for rows, uids in pool.map(_match_embeddings, (targets, config.semantic_threshold),
+                                           ["clip_model", "image_embedding"]):
+                    for row, uid in zip(rows, uids):
+                        matched.setdefault(row, uid)
+        uids = pool.lookup(np.array(sorted(matched), dtype=np.int64), [])
+        rows = uids.column("row").to_pylist()
+        return pa.table({"uid": pa.array(uids.column("uid").to_pylist(), pa.string()), "row": pa.array(rows, pa.int64()),
                          "status": pa.array(["filtered"] * len(rows), pa.string()),
                          "reason": pa.array([REASON] * len(rows), pa.string()),
-                         "duplicate_of": pa.array([matched[i] for i in rows], pa.string())})
+                         "duplicate_of": pa.array([matched[r] for r in rows], pa.string())})
 
     @staticmethod
-    def _match_phash(metadata: pa.Table, evals: pa.Table, config: DecontaminateConfig,
-                     matched: dict[int, str]) -> None:
-        """Pool and eval codes banded together; only pairs that cross the two sets count."""
-        valid = np.flatnonzero(metadata.column("phash").is_valid().to_numpy(zero_copy_only=False))
-        pool_codes = metadata.column("phash").to_numpy(zero_copy_only=False)[valid].astype(np.int64)
-        eval_codes = evals.column("phash").to_numpy(zero_copy_only=False).astype(np.int64)
-        left, right = phash_pairs(np.concatenate([pool_codes, eval_codes]), radius=config.phash_radius or 0)
-        crossing = (left < len(pool_codes)) & (right >= len(pool_codes))
-        left, right = left[crossing], right[crossing]
-        signatures = metadata.column("color_signature").take(pa.array(valid)).to_pylist() + \
-            evals.column("color_signature").to_pylist()
-        close = color_differences(signatures, left, right) <= config.max_color_difference
-        eval_uids = evals.column("uid").to_pylist()
-        for pool_index, eval_index in zip(left[close], right[close]):
-            matched.setdefault(int(valid[pool_index]), eval_uids[int(eval_index) - len(pool_codes)])
+    def _match_phash(pool: Pool, evals: pa.Table, config: DecontaminateConfig, matched: dict[int, str]) -> None:
+        """Pool and eval codes banded together (eval items as rows -1, -2, ...); only pairs that cross count."""
+        hashed = evals.filter(pc.is_valid(evals.column("phash")))
+        codes = hashed.column("phash").to_numpy(zero_copy_only=False).astype(np.int64)
+        left, right = phash_pair_rows(pool, radius=config.phash_radius or 0, outside=codes)
+        crossing = (left < 0) & (right >= 0)
+        left, right = -1 - left[crossing], right[crossing]
+        if not len(right):
+            return
+        info = pool.lookup(right, ["color_signature"])
+        at = np.searchsorted(info.column("row").to_numpy(), right)
+        signatures = info.column("color_signature").to_pylist() + hashed.column("color_signature").to_pylist()
+        close = color_differences(signatures, at, info.num_rows + left) <= config.max_color_difference
+        eval_uids = hashed.column("uid").to_pylist()
+        for row, eval_index in sorted(zip(right[close].tolist(), left[close].tolist())):
+            matched.setdefault(row, eval_uids[eval_index])
 
-    @staticmethod
-    def _match_embeddings(metadata: pa.Table, evals: pa.Table, threshold: float, matched: dict[int, str]) -> None:
-        """Each pool row against its nearest eval image of the same model (faiss inner product on unit vectors)."""
-        import faiss
 
-        from curate.stages.dedup_semantic import unit_rows
+def _match_digests(targets: dict[str, dict[str, str]], table: pa.Table) -> tuple[list[int], list[str]]:
+    rows, uids = [], []
+    for column, by_digest in targets.items():
+        for row, digest in zip(table.column("row").to_pylist(), table.column(column).to_pylist()):
+            if digest in by_digest:
+                rows.append(row)
+                uids.append(by_digest[digest])
+    return rows, uids
 
-        eval_uids = evals.column("uid").to_pylist()
-        for model in set(evals.column("clip_model").to_pylist()):
-            pool_rows = np.flatnonzero(pc.equal(metadata.column("clip_model"), model).to_numpy(zero_copy_only=False))
-            eval_rows_ = np.flatnonzero(pc.equal(evals.column("clip_model"), model).to_numpy(zero_copy_only=False))
-            if not len(pool_rows):
-                continue
-            targets = unit_rows(evals.column("image_embedding").take(eval_rows_))
-            index = faiss.IndexFlatIP(targets.shape[1])
-            index.add(targets)
-            queries = unit_rows(metadata.column("image_embedding").take(pool_rows))
-            similarity, nearest = index.search(queries, 1)
-            for row, sim, j in zip(pool_rows, similarity[:, 0], nearest[:, 0]):
-                if sim >= threshold:
-                    matched.setdefault(int(row), eval_uids[int(eval_rows_[j])])
+
+def _eval_vectors(evals: pa.Table) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Per scoring model, the eval images' unit embeddings and uids."""
+    embedded = evals.filter(pc.is_valid(evals.column("image_embedding")))
+    out = {}
+    for model in sorted(set(embedded.column("clip_model").to_pylist()) - {None}):
+        rows = embedded.filter(pc.equal(embedded.column("clip_model"), model))
+        out[model] = (unit_rows(rows.column("image_embedding")), rows.column("uid").to_pylist())
+    return out
+
+
+def _match_embeddings(job: tuple[dict[str, tuple[np.ndarray, list[str]]], float],
+                      table: pa.Table) -> tuple[list[int], list[str]]:
+    """Each pool row against its nearest eval image of the same model (faiss inner product on unit vectors)."""
+    import faiss
+
+    targets, threshold = job
+    rows, uids = [], []
+    embedded = table.filter(pc.is_valid(table.column("image_embedding")))
+    for model, (vectors, eval_uids) in targets.items():
+        chosen = embedded.filter(pc.equal(embedded.column("clip_model"), model))
+        if not chosen.num_rows:
+            continue
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        similarity, nearest = index.search(unit_rows(chosen.column("image_embedding")), 1)
+        for row, sim, j in zip(chosen.column("row").to_pylist(), similarity[:, 0], nearest[:, 0]):
+            if sim >= threshold:
+                rows.append(row)
+                uids.append(eval_uids[int(j)])
+    return rows, uids

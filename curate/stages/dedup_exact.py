@@ -1,34 +1,22 @@
 """Exact duplicates: the same bytes (``sha256``) or the same decoded pixels (``pixel_sha256``, from the hash stage).
 
-A global stage: it groups the stored digests of the live pool, keeps one row per group (the highest ``clip_score``,
-then the larger original image, then the smallest uid) and filters the others with ``dedup:exact``, each pointing
-at its survivor in the ledger's ``duplicate_of``.
+A global stage: the live pool's stored digests are shuffled by digest across tasks, so equal ones meet in one task;
+each group keeps one row (the highest ``clip_score``, then the larger original image, then the smallest uid) and
+the others are filtered with ``dedup:exact``, each pointing at its survivor in the ledger's ``duplicate_of``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.dedup import groups_of, removals
+from curate.dedup import KEEP_POLICY_COLUMNS, decide_groups, exact_pair_rows
+from curate.pool import Pool
 from curate.stage import GlobalStage, StageConfig
 
 REASON = "dedup:exact"
-KEEP_POLICY_COLUMNS = ("clip_score", "original_width", "original_height")
-
-
-def keep_policy_inputs(metadata: pa.Table) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(clip_score, original pixel count) for the keep policy, each None when the pipeline does not store it."""
-    names = metadata.column_names
-    scores = metadata.column("clip_score").to_numpy(zero_copy_only=False) if "clip_score" in names else None
-    pixels = None
-    if "original_width" in names and "original_height" in names:
-        width = metadata.column("original_width").to_numpy(zero_copy_only=False).astype(np.float64)
-        pixels = width * metadata.column("original_height").to_numpy(zero_copy_only=False).astype(np.float64)
-    return scores, pixels
 
 
 class DedupExactConfig(StageConfig):
@@ -39,6 +27,7 @@ class DedupExactConfig(StageConfig):
 class DedupExact(GlobalStage):
     name = "dedup_exact"
     Config = DedupExactConfig
+    fans_out = True
 
     def inputs(self) -> list[str]:
         return ["sha256"] + (["pixel_sha256"] if self.config.pixels else [])  # type: ignore[attr-defined]
@@ -49,16 +38,7 @@ class DedupExact(GlobalStage):
     def outputs(self) -> dict[str, pa.DataType]:
         return {"duplicate_of": pa.string()}
 
-    def decide(self, metadata: pa.Table) -> pa.Table:
-        n = metadata.num_rows
-        left, right = [], []
-        for column in self.inputs():  # rows sharing a digest are chained to the first row with it
-            digests = np.asarray(metadata.column(column).to_pylist(), dtype=object)
-            present = np.flatnonzero(digests != None)  # noqa: E711 (elementwise)
-            _, first, inverse = np.unique(digests[present].astype(str), return_index=True, return_inverse=True)
-            chained = present[first[inverse]] != present
-            left.append(present[first[inverse]][chained])
-            right.append(present[chained])
-        labels = groups_of(n, np.concatenate(left), np.concatenate(right)) if n else np.zeros(0, np.int64)
-        scores, pixels = keep_policy_inputs(metadata)
-        return removals(metadata.column("uid").to_pylist(), labels, scores, pixels, REASON)
+    def decide_pool(self, pool: Pool) -> pa.Table:
+        """Rows are shuffled by digest, so equal digests meet in one task; each group keeps one row."""
+        left, right = exact_pair_rows(pool, self.inputs())
+        return decide_groups(pool, left, right, REASON)

@@ -1,12 +1,17 @@
-"""The dedup tiers' inner loops as Ray tasks (curate.fan_out): same pairs as in one process, work in other processes."""
+"""The dedup tiers as Ray tasks over the stored parts (curate.pool, curate.fan_out): the same decisions as in one
+process, and on Ray the driver reads no part file at all; it receives pairs of rows."""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from curate import dedup
+from curate import dedup, semdedup
 from curate.fan_out import fan_out, in_process, task_count
 
 
@@ -53,11 +58,10 @@ def test_semantic_pairs_on_ray_equal_the_pairs_found_in_one_process(ray_session)
     copies = rng.choice(3800, size=150, replace=False)
     x[3800 + np.arange(150)] = x[copies] + 0.01 * rng.normal(size=(150, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    assert task_count(len(x) // 1000) > 1  # cluster assignment and the in-cluster search both fan out
-    left, right = dedup.semantic_pairs(x, threshold=0.97, clusters=8)
+    left, right = semdedup.semantic_pairs(x, threshold=0.97, clusters=8)
     found = set(zip(left.tolist(), right.tolist()))
     with in_process():
-        left, right = dedup.semantic_pairs(x, threshold=0.97, clusters=8)
+        left, right = semdedup.semantic_pairs(x, threshold=0.97, clusters=8)
     assert found == set(zip(left.tolist(), right.tolist()))
     i, j = np.nonzero(np.triu(x @ x.T >= 0.97, k=1))
     brute = set(zip(i.tolist(), j.tolist()))
@@ -69,3 +73,60 @@ def test_in_process_keeps_work_in_this_process(ray_session):
     with in_process():
         assert fan_out(_pid, None, list(range(4))) == [os.getpid()] * 4
         assert task_count(1000) == 1
+
+
+def _planted_parts(folder: Path, parts: int, rows_per_part: int) -> list[Path]:
+    """Stored parts with exact, pHash and semantic duplicates planted across part boundaries, and a failed row."""
+    rng = np.random.default_rng(2)
+    n = parts * rows_per_part
+    codes = _planted_codes(n, 200, seed=9)
+    digests = [f"{i:064x}" for i in range(n)]
+    for i in range(0, 300, 3):  # rows n-1000-i: exact copies (pHash copies: rows n-1..n-200; semantic: n-400..n-301)
+        digests[n - 1000 - i] = digests[i + 7]
+    vectors = rng.normal(size=(n, 16)).astype(np.float32)
+    vectors[n - 400:n - 300] = vectors[:100] + 0.005 * rng.normal(size=(100, 16)).astype(np.float32)
+    status = ["ok"] * n
+    status[5] = "failed"
+    paths = []
+    for part in range(parts):
+        rows = np.arange(part * rows_per_part, (part + 1) * rows_per_part)
+        table = pa.table({
+            "uid": [f"u{i:06d}" for i in rows], "row": pa.array(rows, pa.int64()), "status": [status[i] for i in rows],
+            "sha256": [digests[i] for i in rows], "phash": pa.array(codes[rows], pa.int64()),
+            "color_signature": [bytes(48)] * len(rows), "clip_model": ["m"] * len(rows),
+            "image_embedding": pa.array([v.astype(np.float16).tolist() for v in vectors[rows]],
+                                        pa.list_(pa.float16())),
+            "clip_score": pa.array(1 - rows / n, pa.float32())})  # earlier rows survive
+        paths.append(folder / f"{part:04d}.parquet")
+        pq.write_table(table, paths[-1])
+    return paths
+
+
+def test_tiers_on_ray_read_parts_in_tasks_and_decide_as_in_one_process(ray_session, tmp_path, monkeypatch):
+    from curate.decide import run_global_stages
+    from curate.stages.dedup_exact import DedupExact, DedupExactConfig
+    from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
+    from curate.stages.dedup_semantic import DedupSemantic, DedupSemanticConfig
+
+    parts = _planted_parts(tmp_path, parts=6, rows_per_part=1000)
+    stages = [DedupExact(DedupExactConfig(pixels=False)), DedupPhash(DedupPhashConfig()),
+              DedupSemantic(DedupSemanticConfig(threshold=0.99, clusters=4))]
+    reads: list[list[str]] = []
+    real_read = pq.read_table
+
+    def spy(source, *args, **kwargs):  # only this process's reads: Ray workers import pyarrow themselves
+        reads.append(kwargs.get("columns") or [])
+        return real_read(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    on_ray, _ = run_global_stages(parts, stages)
+    assert reads == []  # the driver got pairs and looked-up rows back from tasks; it read no part
+    with in_process():
+        here, _ = run_global_stages(parts, stages)
+    assert reads and any("phash" in columns for columns in reads)  # the spy sees reads made in this process
+    assert on_ray == here
+    reasons = Counter(decision[1] for decision in on_ray.values())
+    assert reasons["dedup:exact"] == 100 and reasons["dedup:phash"] >= 190 and reasons["dedup:semantic"] >= 95
+    assert "u000005" not in on_ray and "u000005" not in {d[3] for d in on_ray.values()}  # a failed row: not live
+    kept = {f"u{i:06d}" for i in range(6000)} - set(on_ray)
+    assert all(target in kept for _, _, _, target in on_ray.values())  # every removed row points at a kept row

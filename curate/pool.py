@@ -1,0 +1,160 @@
+"""The live rows of a run's stored parts, as a global stage reads them: a group of parts at a time, never all at once.
+
+A piece is one stored part file (in tests and benchmarks, an in-memory table). Reading a piece gives its live rows,
+status ``ok`` and not removed by an earlier global stage, with the columns asked for plus ``row`` (the input position:
+the id a decision is keyed by while it is made) and ``uid``. ``map`` and ``shuffle`` run work over groups of pieces,
+as Ray tasks when the run is on Ray (curate.fan_out), so a dedup tier reads the pool in its tasks and the driver
+receives pairs of rows. ``lookup`` fetches the columns of a few rows by id (the members of duplicate groups, for the
+keep policy). ``gather`` is the one call that brings every live row into the driver, for decisions that need a whole
+column at once (quantile thresholds, rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from math import ceil
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import fan_out
+from curate.stage import OK
+
+Piece = Union[str, pa.Table]
+Result = TypeVar("Result")
+
+# Rows one map task reads (a group of parts): its memory is these rows' columns plus what it emits, e.g. about
+# 100 B a row for the pHash tier and 3 KB a row for 512-d embeddings.
+ROWS_PER_TASK = 200_000
+
+
+def ids_in(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` are in the sorted array ``ids``: only the slice of ``ids`` within ``rows``' range is
+    searched, so a task over one group of parts pays for its own share of ``ids``, not for all of them."""
+    if not len(rows) or not len(ids):
+        return np.zeros(len(rows), dtype=bool)
+    window = ids[np.searchsorted(ids, rows.min(), "left"):np.searchsorted(ids, rows.max(), "right")]
+    if not len(window):
+        return np.zeros(len(rows), dtype=bool)
+    at = np.minimum(np.searchsorted(window, rows), len(window) - 1)
+    return window[at] == rows
+
+
+def read_live(piece: Piece, columns: Sequence[str], removed: np.ndarray) -> pa.Table:
+    """A piece's live rows with ``row``, ``uid`` and ``columns`` (a column the piece lacks comes back as nulls)."""
+    wanted = list(dict.fromkeys(["row", "uid", *columns]))
+    if isinstance(piece, pa.Table):
+        table = piece
+    else:
+        stored = pq.ParquetFile(piece).schema_arrow.names
+        table = pq.read_table(piece, columns=[c for c in [*wanted, "status"] if c in stored])
+    if "status" in table.column_names:
+        table = table.filter(pc.equal(table.column("status"), OK))
+    if len(removed):
+        table = table.filter(pa.array(~ids_in(table.column("row").to_numpy(), removed)))
+    for name in wanted:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table.select(wanted)
+
+
+def _read_group(job: tuple, group: list[Piece]) -> pa.Table:
+    removed, columns = job[0], job[1]
+    tables = [read_live(piece, columns, removed) for piece in group]
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def _map_task(job: tuple, group: list[Piece]) -> Any:
+    return job[2](job[4], _read_group(job, group))
+
+
+def _reduce_task(job: tuple, partition: int, pieces: list[Any]) -> Any:
+    return job[3](job[4], partition, pieces)
+
+
+def _rows_of(wanted: np.ndarray, table: pa.Table) -> pa.Table:
+    return table.filter(pa.array(ids_in(table.column("row").to_numpy(), wanted)))
+
+
+@dataclass(frozen=True)
+class Pool:
+    pieces: tuple[Piece, ...]
+    sizes: tuple[int, ...]  # stored rows per piece (live or not)
+    stored: frozenset[str]  # the columns any piece stores
+    removed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted rows removed earlier
+
+    @classmethod
+    def from_parts(cls, paths: Sequence[Path]) -> Pool:
+        files = [pq.ParquetFile(p) for p in paths]
+        return cls(tuple(str(p) for p in paths), tuple(f.metadata.num_rows for f in files),
+                   frozenset().union(*(f.schema_arrow.names for f in files)))
+
+    @classmethod
+    def from_table(cls, table: pa.Table, pieces: int = 1) -> Pool:
+        """An in-memory pool (tests, benchmarks, a stage's ``decide`` on a table): rows without a ``row`` column
+        are numbered by position."""
+        if "row" not in table.column_names:
+            table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        bounds = np.linspace(0, table.num_rows, max(1, pieces) + 1).astype(int)
+        chunks = tuple(table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]))
+        return cls(chunks, tuple(c.num_rows for c in chunks), frozenset(table.column_names))
+
+    @property
+    def rows(self) -> int:
+        """Stored rows not removed by an earlier stage: an upper bound of the live rows (failed rows count)."""
+        return sum(self.sizes) - len(self.removed)
+
+    def has(self, column: str) -> bool:
+        return column in self.stored
+
+    def without(self, rows: np.ndarray) -> Pool:
+        removed = np.union1d(self.removed, np.asarray(rows, dtype=np.int64))
+        return Pool(self.pieces, self.sizes, self.stored, removed)
+
+    def groups(self) -> list[list[Piece]]:
+        """Pieces cut into task inputs of at most ROWS_PER_TASK rows (a piece is never split), and into at least
+        two per CPU when the pool is big enough for that."""
+        target = min(ROWS_PER_TASK, max(1, ceil(sum(self.sizes) / fan_out.task_count(len(self.pieces)))))
+        groups: list[list[Piece]] = [[]]
+        rows = 0
+        for piece, size in zip(self.pieces, self.sizes):
+            if groups[-1] and rows + size > target:
+                groups.append([])
+                rows = 0
+            groups[-1].append(piece)
+            rows += size
+        return groups if groups[0] else []
+
+    def map(self, fn: Callable[[Any, pa.Table], Result], shared: Any, columns: Sequence[str]) -> list[Result]:
+        """``fn(shared, live rows of a group)`` for each group of pieces, in order."""
+        return fan_out.fan_out(_map_task, (self.removed, list(columns), fn, None, shared), self.groups())
+
+    def shuffle(self, map_fn: Callable[[Any, pa.Table], list[Any]], reduce_fn: Callable[[Any, int, list[Any]], Result],
+                shared: Any, columns: Sequence[str], partitions: int) -> list[Result]:
+        """``map_fn`` cuts each group's live rows into ``partitions`` pieces; ``reduce_fn(shared, j, pieces)`` gets
+        piece ``j`` of every group (curate.fan_out.shuffle)."""
+        groups = self.groups()
+        if not groups:
+            return []
+        job = (self.removed, list(columns), map_fn, reduce_fn, shared)
+        return fan_out.shuffle(_map_task, _reduce_task, job, groups, partitions)
+
+    def lookup(self, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """The live rows among ``rows`` with ``columns``, sorted by row."""
+        wanted = np.unique(np.asarray(rows, dtype=np.int64))
+        found = self.map(_rows_of, wanted, columns) if len(wanted) else []
+        table = pa.concat_tables(found, promote_options="permissive") if found else \
+            read_live(pa.table({"row": pa.array([], pa.int64())}), columns, self.removed)
+        return table.take(pc.sort_indices(table.column("row")))
+
+    def gather(self, columns: Sequence[str]) -> pa.Table:
+        """Every live row with these columns, in this process."""
+        tables = [read_live(piece, columns, self.removed) for piece in self.pieces]
+        if not tables:
+            return read_live(pa.table({"row": pa.array([], pa.int64())}), columns, self.removed)
+        return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,163 @@
+"""SemDeDup over a pool: spherical k-means on a sample of the stored image embeddings, then, inside each cluster,
+pairs at cosine ≥ threshold. Embeddings of different scoring models live in different spaces and are never compared.
+
+Three passes over the pool's parts, none of which gathers it: a count of the embedded rows per model; a sample of
+about ``fit_sample`` rows per model (chosen by a seeded hash of the uid, so it does not depend on the order of the
+rows or on how the pool is cut), on which the driver fits k-means; and a shuffle that sends each row to the reduce
+task owning its nearest centroid, where the pairs are found. Comparing only inside clusters is what makes it scale
+(n²/k pairs instead of n²); a duplicate pair split across two clusters is missed, which is rare at a high threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.dedup import _mix, split_by_owner
+from curate.fan_out import task_count
+
+if TYPE_CHECKING:
+    from curate.pool import Pool
+
+COLUMNS = ["clip_model", "image_embedding"]
+BLOCK_ELEMENTS = 1 << 25  # similarities computed per block inside a cluster: 128 MB of float32 at most
+BYTES_PER_TASK = 512 << 20  # float32 vectors a reduce task gets (plus its largest cluster's similarity blocks)
+
+
+def unit_rows(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list<float> embedding column as an (n, d) float32 matrix with L2-normalised rows."""
+    from curate.stages.score import embedding_matrix
+
+    x = embedding_matrix(column).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _embedded(table: pa.Table) -> pa.Table:
+    return table.filter(pc.and_(pc.is_valid(table.column("image_embedding")), pc.is_valid(table.column("clip_model"))))
+
+
+def _count_models(_job: None, table: pa.Table) -> Counter[str]:
+    return Counter(_embedded(table).column("clip_model").to_pylist())
+
+
+def _priority(uids: list[str], seed: int) -> np.ndarray:
+    key = seed.to_bytes(8, "little", signed=True)
+    return np.array([int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8, key=key).digest(), "little")
+                     for u in uids], dtype=np.uint64)
+
+
+def _sample(job: tuple[dict[str, float], int], table: pa.Table) -> pa.Table:
+    """The rows whose uid hash falls under their model's sampling rate, with their priority (the hash)."""
+    rates, seed = job
+    table = _embedded(table)
+    priority = _priority(table.column("uid").to_pylist(), seed)
+    limit = np.array([rates.get(m, 0.0) for m in table.column("clip_model").to_pylist()]) * 2.0**64
+    picked = np.flatnonzero(priority.astype(np.float64) < limit)
+    return table.take(pa.array(picked)).append_column("priority", pa.array(priority[picked]))
+
+
+def _assign(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
+    """Map: each embedded row to the reduce task owning its nearest centroid, as (row, cluster id, unit vector)."""
+    import faiss
+
+    centroids, offsets, partitions = job[:3]
+    table = _embedded(table)
+    rows, clusters, vectors = [], [], []
+    for model, model_centroids in centroids.items():
+        chosen = table.filter(pc.equal(table.column("clip_model"), model))
+        if not chosen.num_rows:
+            continue
+        x = unit_rows(chosen.column("image_embedding"))
+        if len(model_centroids) > 1:
+            index = faiss.IndexFlatIP(x.shape[1])
+            index.add(model_centroids)
+            nearest = index.search(x, 1)[1].ravel().astype(np.int64)
+        else:
+            nearest = np.zeros(len(x), np.int64)
+        rows.append(chosen.column("row").to_numpy().astype(np.int64))
+        clusters.append(offsets[model] + nearest)
+        vectors.append(x)
+    if not rows:
+        return [[np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1), np.float32)]] * partitions
+    cluster_ids = np.concatenate(clusters)
+    owner = (_mix(cluster_ids, 11) % np.uint64(partitions)).astype(np.intp)
+    return split_by_owner(owner, [np.concatenate(rows), cluster_ids, np.concatenate(vectors)], partitions)
+
+
+def _pairs_in_clusters(job: tuple, partition: int, pieces: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce: every pair inside each of this task's clusters whose cosine is at least the threshold, as rows.
+    Memory: the task's vectors and one block of at most BLOCK_ELEMENTS similarities."""
+    threshold = job[3]
+    pieces = [p for p in pieces if len(p[0])]
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    if not pieces:
+        return left[0], right[0]
+    rows = np.concatenate([p[0] for p in pieces])
+    clusters = np.concatenate([p[1] for p in pieces])
+    vectors = np.concatenate([p[2] for p in pieces])
+    order = np.lexsort((rows, clusters))
+    rows, clusters, vectors = rows[order], clusters[order], vectors[order]
+    starts = np.flatnonzero(np.concatenate([[True], clusters[1:] != clusters[:-1]]))
+    for start, end in zip(starts, [*starts[1:], len(rows)]):
+        cluster = vectors[start:end]
+        size = end - start
+        step = max(1, BLOCK_ELEMENTS // max(1, size))
+        for block in range(0, size, step):
+            i, j = np.nonzero(cluster[block:block + step] @ cluster.T >= threshold)
+            i = i + block
+            upper = j > i  # each pair once, never a row with itself
+            left.append(rows[start + i[upper]])
+            right.append(rows[start + j[upper]])
+    return np.concatenate(left), np.concatenate(right)
+
+
+def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None, fit_sample: int = 100_000,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows (smaller row first) of one model whose image embeddings have cosine ≥ ``threshold``."""
+    import faiss
+
+    counts: Counter[str] = sum(pool.map(_count_models, None, COLUMNS), Counter())
+    if not counts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rates = {model: min(1.0, 1.2 * fit_sample / count) for model, count in counts.items()}
+    sampled = [t for t in pool.map(_sample, (rates, seed), COLUMNS) if t.num_rows]
+    sample = pa.concat_tables(sampled, promote_options="permissive")
+    centroids: dict[str, np.ndarray] = {}
+    offsets: dict[str, int] = {}
+    dim = 1
+    for model in sorted(counts):
+        rows = sample.filter(pc.equal(sample.column("clip_model"), model))
+        rows = rows.take(pc.sort_indices(rows, [("priority", "ascending"), ("uid", "ascending")]))[:fit_sample]
+        x = unit_rows(rows.column("image_embedding"))
+        dim = x.shape[1]
+        k = max(1, min(clusters or counts[model] // 1000, len(x) // 2 or 1))
+        if k > 1:
+            kmeans = faiss.Kmeans(dim, k, niter=20, seed=seed, spherical=True, verbose=False)
+            kmeans.train(x)
+            centroids[model] = kmeans.centroids
+        else:
+            centroids[model] = np.zeros((1, dim), np.float32)
+        offsets[model] = sum(len(c) for c in centroids.values()) - len(centroids[model])
+    partitions = max(task_count(len(pool.pieces) * 4), -(-sum(counts.values()) * dim * 4 // BYTES_PER_TASK))
+    found = pool.shuffle(_assign, _pairs_in_clusters, (centroids, offsets, partitions, threshold), COLUMNS,
+                         partitions)
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | None = None,
+                   fit_sample: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``semantic_pair_rows`` over an (n, d) array of one model's embeddings: index pairs (i < j)."""
+    from curate.pool import Pool
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    n = len(x)
+    table = pa.table({"uid": [f"{i:012d}" for i in range(n)], "clip_model": ["model"] * n,
+                      "image_embedding": pa.FixedSizeListArray.from_arrays(x.ravel(), x.shape[1]).cast(
+                          pa.list_(pa.float32()))})
+    return semantic_pair_rows(Pool.from_table(table, pieces=task_count(max(1, n // 2000))), threshold, clusters,
+                              fit_sample, seed)
