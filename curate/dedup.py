@@ -254,7 +254,8 @@ def phash_pair_rows(pool: Pool, radius: int = DEFAULT_RADIUS, tables: int | None
                           "phash": pa.array(np.asarray(outside, dtype=np.int64))})
         extra = _codes_to_bands((radius, partitions), table)
     job = (radius, partitions, band_tables(radius, tables or tables_for(radius, bits), bits, seed), extra)
-    found = pool.shuffle(_codes_to_bands, _pairs_in_bands, job, ["phash"], partitions)
+    found = pool.shuffle(_codes_to_bands, _pairs_in_bands, job, ["phash"], partitions,
+                         bytes_per_row=24 * len(bands(radius)))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     pairs = np.unique(np.stack([np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])], 1),
@@ -353,19 +354,19 @@ def keep_policy_inputs(metadata: pa.Table) -> tuple[np.ndarray | None, np.ndarra
 
 
 def decide_groups(pool: Pool, left: np.ndarray, right: np.ndarray, reason: str, columns: Sequence[str] = (),
-                  keep_pair: Callable[[pa.Table, np.ndarray, np.ndarray], np.ndarray] | None = None) -> pa.Table:
+                  links: Callable[[pa.Table, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+                  ) -> pa.Table:
     """The removals of a tier from its pairs of rows: only rows in some pair are looked up (their uid, the keep
-    policy's columns and ``columns``), ``keep_pair`` may drop pairs (e.g. the colour check), the rest join into
-    groups and each group keeps one row by the keep policy."""
+    policy's columns and ``columns``), ``links`` may turn the pairs into the edges that count (the pHash tier's
+    colour check), the edges join rows into groups and each group keeps one row by the keep policy."""
     members = np.unique(np.concatenate([left, right]))
     info = pool.lookup(members, [*(c for c in KEEP_POLICY_COLUMNS if pool.has(c)), *columns])
     rows = info.column("row").to_numpy()
     if len(rows) != len(members):
         raise RuntimeError(f"{reason}: {len(members) - len(rows)} paired rows are not live rows of the pool")
     i, j = np.searchsorted(rows, left), np.searchsorted(rows, right)
-    if keep_pair is not None and len(i):
-        kept = keep_pair(info, i, j)
-        i, j = i[kept], j[kept]
+    if links is not None and len(i):
+        i, j = links(info, i, j)
     scores, pixels = keep_policy_inputs(info.select([c for c in info.column_names if pool.has(c)]))
     return removals(info.column("uid").to_pylist(), groups_of(len(rows), i, j), scores, pixels, reason, rows)
 
@@ -413,7 +414,7 @@ def exact_pair_rows(pool: Pool, columns: Sequence[str]) -> tuple[np.ndarray, np.
     """Pairs of rows with equal digests in one of ``columns`` (compared by a 128-bit hash), shuffled by digest."""
     partitions = max(task_count(len(pool.pieces) * 4), -(-pool.rows * len(columns) // ENTRIES_PER_TASK))
     found = pool.shuffle(_digests_to_owners, _equal_digest_pairs, (list(columns), partitions), list(columns),
-                         partitions)
+                         partitions, bytes_per_row=32 * len(columns))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])

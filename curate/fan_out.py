@@ -72,6 +72,12 @@ def fan_out(fn: Callable[[Any, Part], Result], shared: Any, parts: Sequence[Part
         raise _failed(fn, err) from None
 
 
+def _map(fn: Callable[[Any, Part], list[Any]], shared: Any, part: Part, partitions: int) -> Any:
+    """A map task: with one partition Ray stores the return value whole, so return the one piece itself."""
+    pieces = fn(shared, part)
+    return pieces if partitions > 1 else pieces[0]
+
+
 def _reduce(fn: Callable[[Any, int, list[Any]], Result], shared: Any, partition: int, *pieces: Any) -> Result:
     """A reduce task: Ray resolves the map outputs only when they are top-level arguments, hence the unpacking."""
     return fn(shared, partition, list(pieces))
@@ -82,22 +88,24 @@ def shuffle(map_fn: Callable[[Any, Part], list[Any]], reduce_fn: Callable[[Any, 
     """``reduce_fn(shared, j, [map_fn(shared, part)[j] for part in parts])`` for each partition ``j``.
 
     ``map_fn`` returns exactly ``partitions`` pieces. On Ray each map and each reduce is a task (retried if its
-    worker dies); a map output stays in the object store of the node that made it until its reduce task reads it
-    (outputs under 100 KB are inlined by Ray and pass through the driver, so give a map task enough rows). In one
-    process the maps run first, then the reduces."""
+    worker dies); a map output stays in the object store of the node that made it and is freed once its reduce task
+    has run. Ray inlines objects under 100 KB into their owner, the driver: callers size map tasks so that a piece
+    is bigger than that (curate.pool.Pool.shuffle). In one process the maps run first, then the reduces."""
     if not ships(max(len(parts), partitions)):
         pieces = [map_fn(shared, part) for part in parts]
         return [reduce_fn(shared, j, [p[j] for p in pieces]) for j in range(partitions)]
     import ray
 
-    mapper = ray.remote(num_cpus=cpus_per_task, max_retries=3, num_returns=partitions)(map_fn)
+    mapper = ray.remote(num_cpus=cpus_per_task, max_retries=3, num_returns=partitions)(_map)
     reducer = ray.remote(num_cpus=cpus_per_task, max_retries=3)(_reduce)
     shared_ref = ray.put(shared)
     try:
-        outputs = [mapper.remote(shared_ref, part) for part in parts]
+        outputs = [mapper.remote(map_fn, shared_ref, part, partitions) for part in parts]
         outputs = [refs if partitions > 1 else [refs] for refs in outputs]
-        return ray.get([reducer.remote(reduce_fn, shared_ref, j, *(refs[j] for refs in outputs))
-                        for j in range(partitions)])
+        results = [reducer.remote(reduce_fn, shared_ref, j, *(refs[j] for refs in outputs))
+                   for j in range(partitions)]
+        del outputs  # the driver's references: each map output is freed when the reduce task that reads it is done
+        return ray.get(results)
     except ray.exceptions.RayError as err:
         raise _failed(map_fn, err) from None
 

@@ -28,9 +28,14 @@ from curate.stage import OK
 Piece = Union[str, pa.Table]
 Result = TypeVar("Result")
 
-# Rows one map task reads (a group of parts): its memory is these rows' columns plus what it emits, e.g. about
-# 100 B a row for the pHash tier and 3 KB a row for 512-d embeddings.
+# Rows one map task reads (a group of parts), at most: its memory is these rows' columns and what it makes of them.
 ROWS_PER_TASK = 200_000
+# A shuffle's map task also stays under about this much memory, taken as 8× what it emits a row (the rows read, the
+# working copies, the pieces): 64k rows of 512-d float16 embeddings, the pHash tier's 200k rows well under it.
+MAP_TASK_BYTES = 512 << 20
+# A map task's output per reduce task: Ray keeps objects under 100 KB in their owner's memory (the driver), so a map
+# task reads enough rows for its pieces to stay in the object store of its own node.
+MIN_PIECE_BYTES = 256 << 10
 
 
 def ids_in(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -90,9 +95,13 @@ class Pool:
 
     @classmethod
     def from_parts(cls, paths: Sequence[Path]) -> Pool:
-        files = [pq.ParquetFile(p) for p in paths]
-        return cls(tuple(str(p) for p in paths), tuple(f.metadata.num_rows for f in files),
-                   frozenset().union(*(f.schema_arrow.names for f in files)))
+        """Only the parts' footers are read (row counts, column names), one file open at a time."""
+        sizes, stored = [], set()
+        for path in paths:
+            metadata = pq.read_metadata(path)
+            sizes.append(metadata.num_rows)
+            stored.update(metadata.schema.to_arrow_schema().names)
+        return cls(tuple(str(p) for p in paths), tuple(sizes), frozenset(stored))
 
     @classmethod
     def from_table(cls, table: pa.Table, pieces: int = 1) -> Pool:
@@ -116,10 +125,12 @@ class Pool:
         removed = np.union1d(self.removed, np.asarray(rows, dtype=np.int64))
         return Pool(self.pieces, self.sizes, self.stored, removed)
 
-    def groups(self) -> list[list[Piece]]:
-        """Pieces cut into task inputs of at most ROWS_PER_TASK rows (a piece is never split), and into at least
-        two per CPU when the pool is big enough for that."""
-        target = min(ROWS_PER_TASK, max(1, ceil(sum(self.sizes) / fan_out.task_count(len(self.pieces)))))
+    def groups(self, min_rows: int = 1, max_rows: int | None = None) -> list[list[Piece]]:
+        """Pieces cut into task inputs of at most ``max_rows`` (default ROWS_PER_TASK) rows (a piece is never
+        split), and into at least two per CPU when the pool is big enough for that; but of ``min_rows`` at least."""
+        cap = ROWS_PER_TASK if max_rows is None else max_rows
+        target = min(cap, max(1, ceil(sum(self.sizes) / fan_out.task_count(len(self.pieces)))))
+        target = max(target, min_rows)
         groups: list[list[Piece]] = [[]]
         rows = 0
         for piece, size in zip(self.pieces, self.sizes):
@@ -135,10 +146,12 @@ class Pool:
         return fan_out.fan_out(_map_task, (self.removed, list(columns), fn, None, shared), self.groups())
 
     def shuffle(self, map_fn: Callable[[Any, pa.Table], list[Any]], reduce_fn: Callable[[Any, int, list[Any]], Result],
-                shared: Any, columns: Sequence[str], partitions: int) -> list[Result]:
+                shared: Any, columns: Sequence[str], partitions: int, bytes_per_row: int) -> list[Result]:
         """``map_fn`` cuts each group's live rows into ``partitions`` pieces; ``reduce_fn(shared, j, pieces)`` gets
-        piece ``j`` of every group (curate.fan_out.shuffle)."""
-        groups = self.groups()
+        piece ``j`` of every group (curate.fan_out.shuffle). ``bytes_per_row``, what a map task emits per row, sets
+        a floor on the rows of a group: a piece of under MIN_PIECE_BYTES would be inlined by Ray into the driver."""
+        groups = self.groups(min_rows=ceil(partitions * MIN_PIECE_BYTES / max(1, bytes_per_row)),
+                             max_rows=min(ROWS_PER_TASK, MAP_TASK_BYTES // (8 * max(1, bytes_per_row))))
         if not groups:
             return []
         job = (self.removed, list(columns), map_fn, reduce_fn, shared)

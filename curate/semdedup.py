@@ -1,10 +1,11 @@
 """SemDeDup over a pool: spherical k-means on a sample of the stored image embeddings, then, inside each cluster,
 pairs at cosine ≥ threshold. Embeddings of different scoring models live in different spaces and are never compared.
 
-Three passes over the pool's parts, none of which gathers it: a count of the embedded rows per model; a sample of
-about ``fit_sample`` rows per model (chosen by a seeded hash of the uid, so it does not depend on the order of the
-rows or on how the pool is cut), on which the driver fits k-means; and a shuffle that sends each row to the reduce
-task owning its nearest centroid, where the pairs are found. Comparing only inside clusters is what makes it scale
+Passes over the pool's parts, none of which gathers it: a count of the embedded rows per model; a sample of about
+``fit_sample`` rows per model (chosen by a seeded hash of the uid, so it does not depend on the order of the rows or
+on how the pool is cut), on which the driver fits k-means; per model, a shuffle that sends each row to the reduce
+task owning its nearest centroid, where the pairs are found and reduced to a forest (a cluster of m copies has
+m²/2 pairs, but m - 1 edges hold its group); and the keep policy's lookup of the rows in some pair. Comparing only inside clusters is what makes it scale
 (n²/k pairs instead of n²); a duplicate pair split across two clusters is missed, which is rare at a high threshold.
 """
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 COLUMNS = ["clip_model", "image_embedding"]
 BLOCK_ELEMENTS = 1 << 25  # similarities computed per block inside a cluster: 128 MB of float32 at most
-BYTES_PER_TASK = 512 << 20  # float32 vectors a reduce task gets (plus its largest cluster's similarity blocks)
+BYTES_PER_TASK = 512 << 20  # float32 vectors a reduce task works on (plus its largest cluster's similarity blocks)
 
 
 def unit_rows(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -62,36 +63,42 @@ def _sample(job: tuple[dict[str, float], int], table: pa.Table) -> pa.Table:
 
 
 def _assign(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
-    """Map: each embedded row to the reduce task owning its nearest centroid, as (row, cluster id, unit vector)."""
+    """Map: each row embedded by this model to the reduce task owning its nearest centroid, as (row, cluster,
+    stored vector): the vectors travel at the precision they are stored in (float16) and are normalised there."""
     import faiss
 
-    centroids, offsets, partitions = job[:3]
+    from curate.stages.score import embedding_matrix
+
+    model, centroids, partitions = job[:3]
     table = _embedded(table)
-    rows, clusters, vectors = [], [], []
-    for model, model_centroids in centroids.items():
-        chosen = table.filter(pc.equal(table.column("clip_model"), model))
-        if not chosen.num_rows:
-            continue
-        x = unit_rows(chosen.column("image_embedding"))
-        if len(model_centroids) > 1:
-            index = faiss.IndexFlatIP(x.shape[1])
-            index.add(model_centroids)
-            nearest = index.search(x, 1)[1].ravel().astype(np.int64)
-        else:
-            nearest = np.zeros(len(x), np.int64)
-        rows.append(chosen.column("row").to_numpy().astype(np.int64))
-        clusters.append(offsets[model] + nearest)
-        vectors.append(x)
-    if not rows:
-        return [[np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1), np.float32)]] * partitions
-    cluster_ids = np.concatenate(clusters)
-    owner = (_mix(cluster_ids, 11) % np.uint64(partitions)).astype(np.intp)
-    return split_by_owner(owner, [np.concatenate(rows), cluster_ids, np.concatenate(vectors)], partitions)
+    table = table.filter(pc.equal(table.column("clip_model"), model))
+    stored = embedding_matrix(table.column("image_embedding")) if table.num_rows else np.zeros((0, 1), np.float16)
+    if len(centroids) > 1 and table.num_rows:
+        index = faiss.IndexFlatIP(centroids.shape[1])
+        index.add(centroids)
+        nearest = index.search(unit_rows(table.column("image_embedding")), 1)[1].ravel().astype(np.int64)
+    else:
+        nearest = np.zeros(table.num_rows, np.int64)
+    owner = (_mix(nearest, 11) % np.uint64(partitions)).astype(np.intp)
+    return split_by_owner(owner, [table.column("row").to_numpy().astype(np.int64), nearest, stored], partitions)
+
+
+def _forest(size: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same groups with fewer edges: each member linked to its group's first member. A cluster of m copies has
+    m²/2 pairs but m - 1 forest edges; the semantic tier keeps every pair it finds, so groups are all it needs."""
+    from curate.dedup import groups_of
+
+    labels = groups_of(size, left, right)
+    first = np.full(labels.max() + 1 if size else 0, size, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(size))
+    members = np.flatnonzero(first[labels] != np.arange(size))
+    return first[labels[members]], members
 
 
 def _pairs_in_clusters(job: tuple, partition: int, pieces: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Reduce: every pair inside each of this task's clusters whose cosine is at least the threshold, as rows.
-    Memory: the task's vectors and one block of at most BLOCK_ELEMENTS similarities."""
+    """Reduce: the groups of rows inside each of this task's clusters linked by cosine ≥ the threshold, as pairs of
+    rows (a forest: at most one edge per row). Memory: the task's vectors, one block of at most BLOCK_ELEMENTS
+    similarities and, per cluster, at most two edges a row between compactions."""
     threshold = job[3]
     pieces = [p for p in pieces if len(p[0])]
     left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -99,26 +106,34 @@ def _pairs_in_clusters(job: tuple, partition: int, pieces: list[list[np.ndarray]
         return left[0], right[0]
     rows = np.concatenate([p[0] for p in pieces])
     clusters = np.concatenate([p[1] for p in pieces])
-    vectors = np.concatenate([p[2] for p in pieces])
     order = np.lexsort((rows, clusters))
-    rows, clusters, vectors = rows[order], clusters[order], vectors[order]
+    rows, clusters = rows[order], clusters[order]
+    vectors = np.concatenate([p[2] for p in pieces])[order].astype(np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     starts = np.flatnonzero(np.concatenate([[True], clusters[1:] != clusters[:-1]]))
     for start, end in zip(starts, [*starts[1:], len(rows)]):
         cluster = vectors[start:end]
         size = end - start
         step = max(1, BLOCK_ELEMENTS // max(1, size))
+        found_i, found_j = np.zeros(0, np.int64), np.zeros(0, np.int64)
         for block in range(0, size, step):
             i, j = np.nonzero(cluster[block:block + step] @ cluster.T >= threshold)
             i = i + block
             upper = j > i  # each pair once, never a row with itself
-            left.append(rows[start + i[upper]])
-            right.append(rows[start + j[upper]])
+            found_i, found_j = np.concatenate([found_i, i[upper]]), np.concatenate([found_j, j[upper]])
+            if len(found_i) > 2 * size:
+                found_i, found_j = _forest(size, found_i, found_j)
+        if len(found_i):
+            found_i, found_j = _forest(size, found_i, found_j)
+            left.append(rows[start + found_i])
+            right.append(rows[start + found_j])
     return np.concatenate(left), np.concatenate(right)
 
 
 def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None, fit_sample: int = 100_000,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of rows (smaller row first) of one model whose image embeddings have cosine ≥ ``threshold``."""
+    """Pairs of rows (smaller row first) of one model whose image embeddings have cosine ≥ ``threshold``, as a
+    forest: rows linked through others may come as (first member, row) rather than as every pair."""
     import faiss
 
     counts: Counter[str] = sum(pool.map(_count_models, None, COLUMNS), Counter())
@@ -127,26 +142,27 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
     rates = {model: min(1.0, 1.2 * fit_sample / count) for model, count in counts.items()}
     sampled = [t for t in pool.map(_sample, (rates, seed), COLUMNS) if t.num_rows]
     sample = pa.concat_tables(sampled, promote_options="permissive")
-    centroids: dict[str, np.ndarray] = {}
-    offsets: dict[str, int] = {}
-    dim = 1
-    for model in sorted(counts):
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for model in sorted(counts):  # each model its own space: its own k-means and its own shuffle
         rows = sample.filter(pc.equal(sample.column("clip_model"), model))
         rows = rows.take(pc.sort_indices(rows, [("priority", "ascending"), ("uid", "ascending")]))[:fit_sample]
         x = unit_rows(rows.column("image_embedding"))
         dim = x.shape[1]
-        k = max(1, min(clusters or counts[model] // 1000, len(x) // 2 or 1))
+        k = clusters or min(counts[model] // 1000, len(x) // 40)  # faiss wants ~40 sample rows a centroid
+        k = max(1, min(k, len(x) // 2 or 1))
+        centroids = np.zeros((1, dim), np.float32)
         if k > 1:
             kmeans = faiss.Kmeans(dim, k, niter=20, seed=seed, spherical=True, verbose=False)
             kmeans.train(x)
-            centroids[model] = kmeans.centroids
-        else:
-            centroids[model] = np.zeros((1, dim), np.float32)
-        offsets[model] = sum(len(c) for c in centroids.values()) - len(centroids[model])
-    partitions = max(task_count(len(pool.pieces) * 4), -(-sum(counts.values()) * dim * 4 // BYTES_PER_TASK))
-    found = pool.shuffle(_assign, _pairs_in_clusters, (centroids, offsets, partitions, threshold), COLUMNS,
-                         partitions)
-    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+            centroids = kmeans.centroids
+        row_bytes = 2 * dim + 16  # a float16 vector, its row and cluster
+        partitions = max(task_count(len(pool.pieces) * 4), -(-counts[model] * 4 * dim // BYTES_PER_TASK))
+        found = pool.shuffle(_assign, _pairs_in_clusters, (model, centroids, partitions, threshold), COLUMNS,
+                             partitions, bytes_per_row=row_bytes)
+        left += [f[0] for f in found]
+        right += [f[1] for f in found]
+    left_rows, right_rows = np.concatenate(left), np.concatenate(right)
+    return np.minimum(left_rows, right_rows), np.maximum(left_rows, right_rows)
 
 
 def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | None = None,

@@ -68,7 +68,7 @@ def test_dedup_pairs_do_not_depend_on_how_the_pool_is_cut(monkeypatch) -> None:
     expected = (_pairs(dedup.phash_pair_rows(whole, radius=6)), _pairs(dedup.exact_pair_rows(whole, ["sha256"])),
                 _pairs(semdedup.semantic_pair_rows(whole, 0.999, clusters=4)))
     assert len(expected[0]) >= 290 and len(expected[1]) == 50 and len(expected[2]) >= 95
-    monkeypatch.setattr(dedup, "ENTRIES_PER_TASK", 1500)  # 24 pHash partitions
+    monkeypatch.setattr(dedup, "ENTRIES_PER_TASK", 1500)  # 19 pHash partitions (7 bands)
     monkeypatch.setattr(semdedup, "BYTES_PER_TASK", 20_000)  # 7 cluster partitions
     cut = Pool.from_table(table, pieces=7)
     assert (_pairs(dedup.phash_pair_rows(cut, radius=6)), _pairs(dedup.exact_pair_rows(cut, ["sha256"])),
@@ -82,3 +82,23 @@ def test_a_phash_reduce_task_gets_about_its_share_of_the_entries() -> None:
     sizes = [len(piece) for piece in pieces]
     assert len(sizes) == 36 and sum(sizes) == 9 * 20_000  # each row once per band
     assert max(sizes) <= 1.5 * sum(sizes) / 36
+
+
+def test_semantic_tier_handles_models_of_different_widths() -> None:
+    rng = np.random.default_rng(6)
+    narrow, wide = rng.normal(size=(300, 8)), rng.normal(size=(300, 16))
+    narrow[250:] = narrow[:50] + 0.001
+    wide[200:260] = wide[:60] + 0.001
+    table = pa.table({"uid": [f"u{i:04d}" for i in range(600)], "clip_model": ["small"] * 300 + ["large"] * 300,
+                      "image_embedding": pa.array([v.tolist() for v in narrow] + [v.tolist() for v in wide],
+                                                  pa.list_(pa.float32()))})
+    pairs = _pairs(semdedup.semantic_pair_rows(Pool.from_table(table, pieces=3), 0.999, clusters=2))
+    assert pairs == {(i, 250 + i) for i in range(50)} | {(300 + i, 500 + i) for i in range(60)}
+
+
+def test_a_cluster_of_many_copies_comes_back_as_a_forest() -> None:
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=16)
+    vectors = np.stack([base + 1e-4 * rng.normal(size=16) for _ in range(400)])
+    left, right = semdedup.semantic_pairs(vectors, threshold=0.99, clusters=1)
+    assert len(left) == 399 and set(left.tolist()) == {0} and set(right.tolist()) == set(range(1, 400))

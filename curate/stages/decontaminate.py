@@ -152,21 +152,36 @@ class Decontaminate(GlobalStage):
 
     @staticmethod
     def _match_phash(pool: Pool, evals: pa.Table, config: DecontaminateConfig, matched: dict[int, str]) -> None:
-        """Pool and eval codes banded together (eval items as rows -1, -2, ...); only pairs that cross count."""
+        """Pool and eval codes banded together (eval items as rows -1, -2, ...); pairs that cross count. The search
+        links an eval code to one row of each distinct pool code (the smallest) and chains the other rows with that
+        code to it: those rows are matched too, each after its own colour check."""
         hashed = evals.filter(pc.is_valid(evals.column("phash")))
         codes = hashed.column("phash").to_numpy(zero_copy_only=False).astype(np.int64)
         left, right = phash_pair_rows(pool, radius=config.phash_radius or 0, outside=codes)
         crossing = (left < 0) & (right >= 0)
-        left, right = -1 - left[crossing], right[crossing]
-        if not len(right):
+        evals_of, holders = -1 - left[crossing], right[crossing]
+        if not len(holders):
             return
-        info = pool.lookup(right, ["color_signature"])
-        at = np.searchsorted(info.column("row").to_numpy(), right)
+        within = (left >= 0) & np.isin(left, holders)  # pool pairs that start at a matched row
+        info = pool.lookup(np.concatenate([holders, right[within]]), ["phash", "color_signature"])
+        info_rows = info.column("row").to_numpy()
+        code_of = info.column("phash").to_numpy(zero_copy_only=False)
+        chain_from, chain_to = left[within], right[within]
+        same = code_of[np.searchsorted(info_rows, chain_from)] == code_of[np.searchsorted(info_rows, chain_to)]
+        chain_from, chain_to = chain_from[same], chain_to[same]
+        order = np.argsort(chain_from, kind="stable")
+        chain_from, chain_to = chain_from[order], chain_to[order]
+        first, last = np.searchsorted(chain_from, holders, "left"), np.searchsorted(chain_from, holders, "right")
+        more = last - first  # each crossing pair, plus one pair per row chained to its pool row
+        rows = np.concatenate([holders, chain_to[np.concatenate([np.arange(a, b) for a, b in zip(first, last)])
+                                                 if more.sum() else np.zeros(0, np.int64)]])
+        eval_index = np.concatenate([evals_of, np.repeat(evals_of, more)])
+        at = np.searchsorted(info_rows, rows)
         signatures = info.column("color_signature").to_pylist() + hashed.column("color_signature").to_pylist()
-        close = color_differences(signatures, at, info.num_rows + left) <= config.max_color_difference
+        close = color_differences(signatures, at, info.num_rows + eval_index) <= config.max_color_difference
         eval_uids = hashed.column("uid").to_pylist()
-        for row, eval_index in sorted(zip(right[close].tolist(), left[close].tolist())):
-            matched.setdefault(row, eval_uids[eval_index])
+        for row, index in sorted(zip(rows[close].tolist(), eval_index[close].tolist())):
+            matched.setdefault(row, eval_uids[index])
 
 
 def _match_digests(targets: dict[str, dict[str, str]], table: pa.Table) -> tuple[list[int], list[str]]:

@@ -26,7 +26,8 @@ class DedupSemanticConfig(StageConfig):
     stage: Literal["dedup_semantic"] = "dedup_semantic"
     threshold: float = Field(0.95, gt=0, le=1, description="cosine of image embeddings at or above which two rows "
                              "are duplicates (SemDeDup's 1 - eps)")
-    clusters: int | None = Field(None, ge=1, description="k-means clusters per model; default: one per 1000 rows")
+    clusters: int | None = Field(None, ge=1, description="k-means clusters per model; default: one per 1000 rows, "
+                                 "at most one per 40 rows of the fit sample")
     fit_sample: int = Field(100_000, ge=100, description="rows k-means is fitted on (all rows are assigned)")
     seed: int = 0
 

@@ -1,5 +1,5 @@
-"""Dedup over stored parts on the two-node cluster: map and reduce tasks run on both nodes, the driver reads no
-part, and the decisions equal those made in one process."""
+"""Dedup over stored parts on the two-node cluster: its tasks run on both nodes, the driver reads no part, and the
+decisions equal those made in one process."""
 
 from __future__ import annotations
 
@@ -49,15 +49,16 @@ ray.init(address=gcs, log_to_driver=False)
 on_cluster, _ = run_global_stages(parts, stages)
 pq.read_table = real_read
 job = ray.get_runtime_context().get_job_id()
-nodes = {}
-for _ in range(60):  # task events reach the state API a little after the tasks end
-    tasks = list_tasks(filters=[("job_id", "=", job)], limit=10000, raise_on_missing_output=False, detail=True)
+nodes, seen = {}, -1
+for _ in range(60):  # task events reach the state API a little after the tasks end: wait until they stop coming
+    tasks = [t for t in list_tasks(filters=[("job_id", "=", job)], limit=10000, raise_on_missing_output=False,
+                                   detail=True) if t.node_id]
+    if len(tasks) == seen and seen > 0:
+        break
+    seen = len(tasks)
     nodes = {}
     for task in tasks:
-        if task.node_id:
-            nodes.setdefault(task.name, set()).add(task.node_id)
-    if "_map_task" in nodes and "_reduce" in nodes:
-        break
+        nodes.setdefault(task.name, set()).add(task.node_id)
     time.sleep(1)
 print(json.dumps({"same": on_cluster == here, "driver_reads": len(reads),
                   "reasons": Counter(d[1] for d in on_cluster.values()),

@@ -87,3 +87,19 @@ def test_an_eval_set_without_images_is_one_clear_error(url_list, make_pipeline, 
     config.stages += [HashConfig(), DecontaminateConfig(eval=str(empty))]
     with pytest.raises(CurateError, match="no eval images found"):
         run_pipeline(config, input_path=str(url_list), output=tmp_path / "run", local=True, progress=False)
+
+
+def test_every_pool_row_with_a_matched_phash_is_filtered_after_its_own_colour_check() -> None:
+    """The pHash search links an eval code to one row per distinct pool code; the rows sharing that code are
+    matched too, unless their colours differ."""
+    from curate.pool import Pool
+    from curate.stages.decontaminate import Decontaminate
+
+    red, blue = bytes([200, 0, 0] * 16), bytes([0, 0, 200] * 16)
+    pool = Pool.from_table(pa.table({"uid": ["r0", "r1", "b2", "r3", "r4"],
+                                     "phash": pa.array([5, 5, 5, 2**40, 2**50 + 2**20], pa.int64()),
+                                     "color_signature": [red, red, blue, red, red]}))
+    evals = pa.table({"uid": ["eval:e"], "phash": pa.array([4], pa.int64()), "color_signature": [red]})
+    matched: dict[int, str] = {}
+    Decontaminate._match_phash(pool, evals, DecontaminateConfig(eval="unused", phash_radius=2), matched)
+    assert matched == {0: "eval:e", 1: "eval:e", 3: "eval:e"}  # not the blue copy, not the far code

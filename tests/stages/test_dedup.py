@@ -217,3 +217,15 @@ def test_semantic_tier_groups_near_directions_per_model() -> None:
     # embeddings of different models are never compared
     split = _removed(stage, _embedded(vectors, ["a"] * 200 + ["b"] * 50))
     assert split == {}
+
+
+def test_rows_of_one_phash_in_two_colours_group_by_colour() -> None:
+    """A red and two blue images share a pHash (pHash sees no hue), a third blue one is a bit away: the blues are
+    one group whichever row the search kept for the shared code, and the red stays apart."""
+    red, blue = bytes([200, 0, 0] * 16), bytes([0, 0, 200] * 16)
+    table = pa.table({"uid": ["r0", "b1", "b2", "b3"], "phash": pa.array([5, 5, 4, 5], pa.int64()),
+                      "color_signature": [red, blue, blue, blue],
+                      "clip_score": pa.array([0.9, 0.5, 0.8, 0.1], pa.float32())})
+    stage = DedupPhash(DedupPhashConfig())
+    assert _removed(stage, table) == {"b1": "b2", "b3": "b2"}
+    assert _removed(stage, table.take([3, 2, 1, 0])) == {"b1": "b2", "b3": "b2"}
