@@ -212,7 +212,7 @@ def _near_pairs_by_band_value(unique: np.ndarray, band: np.ndarray, tables: list
 
 def _pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Reduce: the pairs of rows among these entries within ``radius`` bits that meet in a table of their band (a
-    pair that meets in several bands is reported by each). Equal codes are searched once, as the smallest row
+    pair that meets in several bands is reported by each). Equal codes are searched once, as the smallest pool row
     holding them; the others are chained to it (in band 0, which equal codes always agree on)."""
     radius, tables, outside = job[0], job[2], job[3]
     layout = bands(radius)
@@ -223,10 +223,10 @@ def _pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tup
     starts = np.flatnonzero(np.diff(entries[:, 2], prepend=-1))
     for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(entries)]):
         b, rows, codes = int(entries[start, 2]), entries[start:end, 0], entries[start:end, 1]
-        order = np.lexsort((rows, codes))
+        order = np.lexsort((rows, rows < 0, codes))  # outside rows (eval items, negative) after the pool's
         rows, codes = rows[order], codes[order]
         first = np.concatenate([[True], codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, bool)
-        holder = rows[first]  # the smallest row of each distinct code
+        holder = rows[first]  # the smallest pool row of each distinct code (an outside row if it has none)
         if b == 0:
             same = np.flatnonzero(~first)
             left.append(holder[np.cumsum(first)[same] - 1])

@@ -84,19 +84,23 @@ def _reduce(fn: Callable[[Any, int, list[Any]], Result], shared: Any, partition:
 
 
 def shuffle(map_fn: Callable[[Any, Part], list[Any]], reduce_fn: Callable[[Any, int, list[Any]], Result],
-            shared: Any, parts: Sequence[Part], partitions: int, cpus_per_task: float = 1.0) -> list[Result]:
+            shared: Any, parts: Sequence[Part], partitions: int, cpus_per_task: float = 1.0,
+            map_memory: int | None = None) -> list[Result]:
     """``reduce_fn(shared, j, [map_fn(shared, part)[j] for part in parts])`` for each partition ``j``.
 
     ``map_fn`` returns exactly ``partitions`` pieces. On Ray each map and each reduce is a task (retried if its
     worker dies); a map output stays in the object store of the node that made it and is freed once its reduce task
     has run. Ray inlines objects under 100 KB into their owner, the driver: callers size map tasks so that a piece
-    is bigger than that (curate.pool.Pool.shuffle). In one process the maps run first, then the reduces."""
+    is bigger than that (curate.pool.Pool.shuffle). ``map_memory`` (bytes) is reserved for each map task when
+    given. In one process the maps run first, then the reduces."""
     if not ships(max(len(parts), partitions)):
         pieces = [map_fn(shared, part) for part in parts]
         return [reduce_fn(shared, j, [p[j] for p in pieces]) for j in range(partitions)]
     import ray
 
     mapper = ray.remote(num_cpus=cpus_per_task, max_retries=3, num_returns=partitions)(_map)
+    if map_memory:
+        mapper = mapper.options(memory=map_memory)
     reducer = ray.remote(num_cpus=cpus_per_task, max_retries=3)(_reduce)
     shared_ref = ray.put(shared)
     try:

@@ -146,16 +146,24 @@ class Pool:
         return fan_out.fan_out(_map_task, (self.removed, list(columns), fn, None, shared), self.groups())
 
     def shuffle(self, map_fn: Callable[[Any, pa.Table], list[Any]], reduce_fn: Callable[[Any, int, list[Any]], Result],
-                shared: Any, columns: Sequence[str], partitions: int, bytes_per_row: int) -> list[Result]:
+                shared: Any, columns: Sequence[str], partitions: int, bytes_per_row: float) -> list[Result]:
         """``map_fn`` cuts each group's live rows into ``partitions`` pieces; ``reduce_fn(shared, j, pieces)`` gets
-        piece ``j`` of every group (curate.fan_out.shuffle). ``bytes_per_row``, what a map task emits per row, sets
-        a floor on the rows of a group: a piece of under MIN_PIECE_BYTES would be inlined by Ray into the driver."""
-        groups = self.groups(min_rows=ceil(partitions * MIN_PIECE_BYTES / max(1, bytes_per_row)),
-                             max_rows=min(ROWS_PER_TASK, MAP_TASK_BYTES // (8 * max(1, bytes_per_row))))
+        piece ``j`` of every group (curate.fan_out.shuffle).
+
+        ``bytes_per_row``, what a map task emits per row it reads, sizes the groups: a piece under MIN_PIECE_BYTES
+        would be inlined by Ray into the driver, so a group holds ``partitions × MIN_PIECE_BYTES / bytes_per_row``
+        rows at least, even past MAP_TASK_BYTES on very large pools (the partitions grow with the pool); such map
+        tasks ask Ray for the memory they need, so a node runs fewer of them at once."""
+        per_row = max(1.0, bytes_per_row)
+        groups = self.groups(min_rows=ceil(partitions * MIN_PIECE_BYTES / per_row),
+                             max_rows=min(ROWS_PER_TASK, int(MAP_TASK_BYTES // (8 * per_row))))
         if not groups:
             return []
+        bounds = np.cumsum([0, *(len(group) for group in groups)])  # groups cut the pieces in order
+        largest = max(sum(self.sizes[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+        memory = int(8 * per_row * largest) if 8 * per_row * largest > MAP_TASK_BYTES else None
         job = (self.removed, list(columns), map_fn, reduce_fn, shared)
-        return fan_out.shuffle(_map_task, _reduce_task, job, groups, partitions)
+        return fan_out.shuffle(_map_task, _reduce_task, job, groups, partitions, map_memory=memory)
 
     def lookup(self, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
         """The live rows among ``rows`` with ``columns``, sorted by row."""

@@ -98,7 +98,7 @@ def _forest(size: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray,
 def _pairs_in_clusters(job: tuple, partition: int, pieces: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Reduce: the groups of rows inside each of this task's clusters linked by cosine ≥ the threshold, as pairs of
     rows (a forest: at most one edge per row). Memory: the task's vectors, one block of at most BLOCK_ELEMENTS
-    similarities and, per cluster, at most two edges a row between compactions."""
+    similarities and the pairs found in it (as many, in a cluster of copies), compacted to a forest per block."""
     threshold = job[3]
     pieces = [p for p in pieces if len(p[0])]
     left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -136,6 +136,8 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
     forest: rows linked through others may come as (first member, row) rather than as every pair."""
     import faiss
 
+    from curate.stages.score import embedding_matrix
+
     counts: Counter[str] = sum(pool.map(_count_models, None, COLUMNS), Counter())
     if not counts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -146,6 +148,8 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
     for model in sorted(counts):  # each model its own space: its own k-means and its own shuffle
         rows = sample.filter(pc.equal(sample.column("clip_model"), model))
         rows = rows.take(pc.sort_indices(rows, [("priority", "ascending"), ("uid", "ascending")]))[:fit_sample]
+        if not rows.num_rows:  # about 1.2 × fit_sample rows are expected: none only if the model has none left
+            continue
         x = unit_rows(rows.column("image_embedding"))
         dim = x.shape[1]
         k = clusters or min(counts[model] // 1000, len(x) // 40)  # faiss wants ~40 sample rows a centroid
@@ -155,10 +159,11 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
             kmeans = faiss.Kmeans(dim, k, niter=20, seed=seed, spherical=True, verbose=False)
             kmeans.train(x)
             centroids = kmeans.centroids
-        row_bytes = 2 * dim + 16  # a float16 vector, its row and cluster
+        itemsize = embedding_matrix(rows.column("image_embedding")[:1]).dtype.itemsize  # as stored: float16
+        emitted = (itemsize * dim + 16) * counts[model] / max(1, pool.rows)  # a vector, its row and cluster
         partitions = max(task_count(len(pool.pieces) * 4), -(-counts[model] * 4 * dim // BYTES_PER_TASK))
         found = pool.shuffle(_assign, _pairs_in_clusters, (model, centroids, partitions, threshold), COLUMNS,
-                             partitions, bytes_per_row=row_bytes)
+                             partitions, bytes_per_row=emitted)
         left += [f[0] for f in found]
         right += [f[1] for f in found]
     left_rows, right_rows = np.concatenate(left), np.concatenate(right)

@@ -102,3 +102,10 @@ def test_a_cluster_of_many_copies_comes_back_as_a_forest() -> None:
     vectors = np.stack([base + 1e-4 * rng.normal(size=16) for _ in range(400)])
     left, right = semdedup.semantic_pairs(vectors, threshold=0.99, clusters=1)
     assert len(left) == 399 and set(left.tolist()) == {0} and set(right.tolist()) == set(range(1, 400))
+
+
+def test_a_group_is_big_enough_for_its_pieces_even_past_its_row_cap(tmp_path) -> None:
+    pool = Pool.from_parts(_write_parts(tmp_path, parts=6, rows=100))
+    with in_process():
+        assert [len(g) for g in pool.groups(max_rows=100)] == [1] * 6
+        assert [len(g) for g in pool.groups(min_rows=300, max_rows=100)] == [3, 3]  # pieces must not be inlined

@@ -153,8 +153,9 @@ class Decontaminate(GlobalStage):
     @staticmethod
     def _match_phash(pool: Pool, evals: pa.Table, config: DecontaminateConfig, matched: dict[int, str]) -> None:
         """Pool and eval codes banded together (eval items as rows -1, -2, ...); pairs that cross count. The search
-        links an eval code to one row of each distinct pool code (the smallest) and chains the other rows with that
-        code to it: those rows are matched too, each after its own colour check."""
+        links each distinct code through one row (the smallest pool row holding it) and chains the other rows with
+        that code to it: every pool row and every eval item sharing the paired codes is compared, each pair after
+        its own colour check."""
         hashed = evals.filter(pc.is_valid(evals.column("phash")))
         codes = hashed.column("phash").to_numpy(zero_copy_only=False).astype(np.int64)
         left, right = phash_pair_rows(pool, radius=config.phash_radius or 0, outside=codes)
@@ -176,6 +177,11 @@ class Decontaminate(GlobalStage):
         rows = np.concatenate([holders, chain_to[np.concatenate([np.arange(a, b) for a, b in zip(first, last)])
                                                  if more.sum() else np.zeros(0, np.int64)]])
         eval_index = np.concatenate([evals_of, np.repeat(evals_of, more)])
+        by_code = np.argsort(codes, kind="stable")  # and every eval item with the same code as the one paired
+        low = np.searchsorted(codes[by_code], codes[eval_index], "left")
+        high = np.searchsorted(codes[by_code], codes[eval_index], "right")
+        rows = np.repeat(rows, high - low)
+        eval_index = by_code[np.concatenate([np.arange(a, b) for a, b in zip(low, high)])]
         at = np.searchsorted(info_rows, rows)
         signatures = info.column("color_signature").to_pylist() + hashed.column("color_signature").to_pylist()
         close = color_differences(signatures, at, info.num_rows + eval_index) <= config.max_color_difference

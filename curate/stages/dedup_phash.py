@@ -61,11 +61,11 @@ def colour_links(limit: float):
         leader = np.where(agree(np.arange(len(codes)), first), first, -1)
         classes: dict[int, list[int]] = {g: [int(order[a])] for g, a in enumerate(starts)}
         for row in np.flatnonzero(leader < 0)[np.argsort(uid_rank[leader < 0])].tolist():
-            group = classes[int(group_of[row])]  # a rare row of another colour than its code's first: a new class
-            match = [lead for lead in group if agree(np.array([row]), np.array([lead]))[0]]
-            leader[row] = match[0] if match else row
-            if not match:
-                group.append(row)
+            group = classes[int(group_of[row])]  # a row of another colour than its code's first row
+            match = np.flatnonzero(np.abs(grid[group] - grid[row]).max(axis=1) <= limit)
+            leader[row] = group[match[0]] if len(match) else row
+            if not len(match):
+                group.append(row)  # a new class
         near = codes[left] != codes[right]
         code_pairs = np.unique(np.stack([group_of[left[near]], group_of[right[near]]], 1), axis=0)
         split = np.array([len(classes[g]) > 1 for g in range(len(starts))], dtype=bool)

@@ -103,3 +103,20 @@ def test_every_pool_row_with_a_matched_phash_is_filtered_after_its_own_colour_ch
     matched: dict[int, str] = {}
     Decontaminate._match_phash(pool, evals, DecontaminateConfig(eval="unused", phash_radius=2), matched)
     assert matched == {0: "eval:e", 1: "eval:e", 3: "eval:e"}  # not the blue copy, not the far code
+
+
+def test_eval_items_sharing_a_code_are_each_compared() -> None:
+    """Two eval images share a pHash in different colours; one eval image has a pool row's very code: each eval
+    item is compared with the pool rows, whichever row the search kept for a shared code."""
+    from curate.pool import Pool
+    from curate.stages.decontaminate import Decontaminate
+
+    red, green = bytes([200, 0, 0] * 16), bytes([0, 200, 0] * 16)
+    pool = Pool.from_table(pa.table({"uid": ["g0", "r1"], "phash": pa.array([5, 2**40], pa.int64()),
+                                     "color_signature": [green, red]}))
+    evals = pa.table({"uid": ["eval:green", "eval:red", "eval:same", "eval:near"],  # rows -1, -2, -3, -4
+                      "phash": pa.array([4, 4, 2**40, 2**40 + 1], pa.int64()),
+                      "color_signature": [green, red, green, red]})
+    matched: dict[int, str] = {}
+    Decontaminate._match_phash(pool, evals, DecontaminateConfig(eval="unused", phash_radius=1), matched)
+    assert matched == {0: "eval:green", 1: "eval:near"}
