@@ -245,7 +245,7 @@ def phash_pair_rows(pool: Pool, radius: int = DEFAULT_RADIUS, tables: int | None
     pair once. The pool is shuffled by (band, band bits) into reduce tasks of at most ENTRIES_PER_TASK entries.
     ``outside`` codes (eval images) join the search as rows -1, -2, ...: each reduce task gets those of its keys."""
     entries = len(bands(radius)) * max(1, pool.rows)
-    partitions = min(1 << 16, max(task_count(len(pool.pieces) * 4), -(-entries // ENTRIES_PER_TASK)))
+    partitions = min(1 << 16, pool.partitions(entries, ENTRIES_PER_TASK))
     extra = None
     if outside is not None:
         import pyarrow as pa
@@ -256,10 +256,7 @@ def phash_pair_rows(pool: Pool, radius: int = DEFAULT_RADIUS, tables: int | None
     job = (radius, partitions, band_tables(radius, tables or tables_for(radius, bits), bits, seed), extra)
     found = pool.shuffle(_codes_to_bands, _pairs_in_bands, job, ["phash"], partitions,
                          bytes_per_row=24 * len(bands(radius)))
-    if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])], 1),
-                      axis=0)  # a pair agreeing on several bands may meet in several
+    pairs = np.unique(np.stack(joined(found), 1), axis=0)  # a pair agreeing on several bands may meet in several
     return pairs[:, 0], pairs[:, 1]
 
 
@@ -294,14 +291,18 @@ def groups_of(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+def uid_ranks(uids: Sequence[str]) -> np.ndarray:
+    """Each row's position in uid order: the tie-break that makes a decision independent of the input's order."""
+    return np.argsort(np.argsort(np.asarray(uids, dtype=object)))
+
+
 def keep_order(uids: Sequence[str], scores: np.ndarray | None, pixels: np.ndarray | None) -> np.ndarray:
     """Row positions from the best survivor to the worst: the highest clip_score, then the larger image, then the
     smallest uid. Missing values rank last."""
     n = len(uids)
     score = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf) if scores is not None else np.zeros(n)
     size = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=-1) if pixels is not None else np.zeros(n)
-    uid_rank = np.argsort(np.argsort(np.asarray(uids, dtype=object)))
-    return np.lexsort((uid_rank, -size, -score))
+    return np.lexsort((uid_ranks(uids), -size, -score))
 
 
 def duplicates_of(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -314,10 +315,15 @@ def duplicates_of(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
     return survivor[labels]
 
 
+def color_grid(signatures: Sequence[bytes]) -> np.ndarray:
+    """The 4 × 4 RGB grids as one signed row each, ready to subtract."""
+    return np.frombuffer(b"".join(signatures), dtype=np.uint8).reshape(len(signatures), -1).astype(np.int16)
+
+
 def color_differences(signatures: Sequence[bytes], left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """The largest difference (0-255) of any channel of any cell of the pairs' 4 × 4 RGB grids: a shape that changed
     colour changes the cells it covers a lot, a re-encode or a brighter copy changes every cell a little."""
-    grid = np.frombuffer(b"".join(signatures), dtype=np.uint8).reshape(len(signatures), -1).astype(np.int16)
+    grid = color_grid(signatures)
     return np.abs(grid[left] - grid[right]).max(axis=1) if len(left) else np.zeros(0)
 
 
@@ -367,7 +373,7 @@ def decide_groups(pool: Pool, left: np.ndarray, right: np.ndarray, reason: str, 
     i, j = np.searchsorted(rows, left), np.searchsorted(rows, right)
     if links is not None and len(i):
         i, j = links(info, i, j)
-    scores, pixels = keep_policy_inputs(info.select([c for c in info.column_names if pool.has(c)]))
+    scores, pixels = keep_policy_inputs(info)  # only the columns the pool stores were looked up
     return removals(info.column("uid").to_pylist(), groups_of(len(rows), i, j), scores, pixels, reason, rows)
 
 
@@ -412,9 +418,12 @@ def _equal_digest_pairs(job: tuple, partition: int, pieces: list[np.ndarray]) ->
 
 def exact_pair_rows(pool: Pool, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of rows with equal digests in one of ``columns`` (compared by a 128-bit hash), shuffled by digest."""
-    partitions = max(task_count(len(pool.pieces) * 4), -(-pool.rows * len(columns) // ENTRIES_PER_TASK))
-    found = pool.shuffle(_digests_to_owners, _equal_digest_pairs, (list(columns), partitions), list(columns),
-                         partitions, bytes_per_row=32 * len(columns))
-    if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+    partitions = pool.partitions(pool.rows * len(columns), ENTRIES_PER_TASK)
+    return joined(pool.shuffle(_digests_to_owners, _equal_digest_pairs, (list(columns), partitions), list(columns),
+                               partitions, bytes_per_row=32 * len(columns)))
+
+
+def joined(found: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of all reduce tasks as two arrays."""
+    return (np.concatenate([np.zeros(0, np.int64), *(f[0] for f in found)]),
+            np.concatenate([np.zeros(0, np.int64), *(f[1] for f in found)]))

@@ -121,6 +121,10 @@ class Pool:
     def has(self, column: str) -> bool:
         return column in self.stored
 
+    def partitions(self, work: float, per_task: float) -> int:
+        """Reduce tasks for a shuffle: ``per_task`` of ``work`` each at most, and two per CPU at least."""
+        return max(fan_out.task_count(len(self.pieces) * 4), ceil(work / per_task))
+
     def without(self, rows: np.ndarray) -> Pool:
         removed = np.union1d(self.removed, np.asarray(rows, dtype=np.int64))
         return Pool(self.pieces, self.sizes, self.stored, removed)

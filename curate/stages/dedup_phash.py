@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.dedup import DEFAULT_BITS, DEFAULT_RADIUS, KEEP_POLICY_COLUMNS, MAX_RADIUS, decide_groups, phash_pair_rows
+from curate.dedup import (DEFAULT_BITS, DEFAULT_RADIUS, KEEP_POLICY_COLUMNS, MAX_RADIUS, color_grid, decide_groups,
+                          phash_pair_rows, uid_ranks)
 from curate.pool import Pool
 from curate.stage import GlobalStage, StageConfig
 
@@ -45,14 +46,13 @@ def colour_links(limit: float):
     code are first split into colour classes (in uid order, each row joins the first class whose leader's colours
     agree with its own), and near pairs of codes link the classes of the two codes whose leaders agree."""
     def links(info: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        grid = np.frombuffer(b"".join(info.column("color_signature").to_pylist()), dtype=np.uint8)
-        grid = grid.reshape(info.num_rows, -1).astype(np.int16)
+        grid = color_grid(info.column("color_signature").to_pylist())
         codes = info.column("phash").to_numpy(zero_copy_only=False)
 
         def agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return np.abs(grid[a] - grid[b]).max(axis=1) <= limit if len(a) else np.zeros(0, bool)
 
-        uid_rank = np.argsort(np.argsort(np.asarray(info.column("uid").to_pylist(), dtype=object)))
+        uid_rank = uid_ranks(info.column("uid").to_pylist())
         order = np.lexsort((uid_rank, codes))
         starts = np.flatnonzero(np.concatenate([[True], codes[order][1:] != codes[order][:-1]]))
         group_of = np.empty(len(codes), np.int64)
