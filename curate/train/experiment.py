@@ -52,14 +52,18 @@ class ExperimentConfig(BaseModel):
 
 @dataclass
 class Selection:
-    raw: set[str]
-    curated: set[str]
+    """The uids each arm trains on (raw and curated first, then any others, e.g. an oracle), and the held-out rows."""
+
+    arms: dict[str, set[str]]
     heldout: set[str]
+
+    def sets(self) -> dict[str, set[str]]:
+        return {**self.arms, "heldout": self.heldout}
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        for name in ("raw", "curated", "heldout"):
-            h.update(name.encode() + b"\0" + "\n".join(sorted(getattr(self, name))).encode() + b"\0")
+        for name, uids in self.sets().items():
+            h.update(name.encode() + b"\0" + "\n".join(sorted(uids)).encode() + b"\0")
         return h.hexdigest()[:16]
 
 
@@ -67,8 +71,9 @@ def held_out(uid: str, fraction: float) -> bool:
     return int(uid[12:20], 16) / 16**8 < fraction  # other digits than the bootstrap folds use: independent splits
 
 
-def select(out: Path, config: ExperimentConfig) -> Selection:
-    """raw: every row with a stored image; curated: the kept rows; held out of both when no eval set is given."""
+def select(out: Path, config: ExperimentConfig, extra: dict[str, set[str]] | None = None) -> Selection:
+    """raw: every row with a stored image; curated: the kept rows; ``extra`` arms as given (their rows must have a
+    stored image); the held-out rows (when no eval set is given) are in no arm."""
     raw: set[str] = set()
     for part in part_store.part_files(out):
         table = pq.read_table(part, columns=["uid", "image"])
@@ -76,12 +81,18 @@ def select(out: Path, config: ExperimentConfig) -> Selection:
     ledger = read_ledger(out).select(["uid", "status"])
     curated = set(ledger.filter(pc.equal(ledger.column("status"), "kept")).column("uid").to_pylist())
     heldout = set() if config.eval_data else {uid for uid in curated if held_out(uid, config.holdout)}
-    return Selection(raw - heldout, curated - heldout, heldout)
+    arms = {"raw": raw - heldout, "curated": curated - heldout}
+    for name, uids in (extra or {}).items():
+        if name in (*arms, "heldout"):
+            raise CurateError(f"experiment arm {name!r}: the name is taken; choose another")
+        arms[name] = (uids & raw) - heldout
+    return Selection(arms, heldout)
 
 
 def write_sets(out: Path, folder: Path, selection: Selection) -> dict[str, list[Path]]:
     """Tars per arm (rows spread by uid over ceil(n / 1000) tars) and one for the held-out rows."""
-    sets = {name: sorted(getattr(selection, name)) for name in (*ARMS, "heldout")}
+    members = selection.sets()
+    sets = {name: sorted(uids) for name, uids in members.items()}
     paths: dict[str, list[Path]] = {}
     for name, uids in sets.items():
         count = max(1, math.ceil(len(uids) / SAMPLES_PER_TAR)) if uids else 0
@@ -91,10 +102,9 @@ def write_sets(out: Path, folder: Path, selection: Selection) -> dict[str, list[
 
     def route(uid: str) -> list[int]:
         spread = int(uid[:8], 16)
-        return [offset[name] + spread % len(paths[name]) for name in sets
-                if paths[name] and uid in getattr(selection, name)]
+        return [offset[name] + spread % len(paths[name]) for name in sets if paths[name] and uid in members[name]]
 
-    wanted = selection.raw | selection.curated | selection.heldout
+    wanted = set().union(*members.values())
     write_pair_tars(out, flat, route, lambda table: pc.is_in(table.column("uid"), value_set=_array(wanted)))
     return paths
 
@@ -148,18 +158,21 @@ def eval_curve(model_dir: Path, pairs: list[dict[str, Any]], device: str) -> lis
     return curve
 
 
-def run_experiment(out: Path, config: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
+def run_experiment(out: Path, config: ExperimentConfig, progress: bool = True,
+                   extra_arms: dict[str, set[str]] | None = None, folder: Path | None = None) -> dict[str, Any]:
+    """Trains and evaluates every arm; ``extra_arms`` adds arms of given uids (benchmarks/efficacy.py's oracle),
+    ``folder`` (default OUT/experiment) keeps the tars, models and results apart per setting."""
     from curate.train.eval import decodable, load_pairs
     from curate.train.loop import resolve_device
 
     out = Path(out).resolve()
     if not (out / "manifest.json").exists():
         raise CurateError(f"{out}: not a finished run (no manifest.json); run the pipeline to the end first")
-    folder = out / FOLDER
-    selection = select(out, config)
-    for arm in ARMS:
-        if len(getattr(selection, arm)) < config.batch_size:
-            raise CurateError(f"{out}: the {arm} set has {len(getattr(selection, arm))} rows, fewer than "
+    folder = Path(folder) if folder else out / FOLDER
+    selection = select(out, config, extra_arms)
+    for arm, uids in selection.arms.items():
+        if len(uids) < config.batch_size:
+            raise CurateError(f"{out}: the {arm} set has {len(uids)} rows, fewer than "
                               f"batch_size={config.batch_size}; lower --batch-size")
     _prepare(out, folder, config, selection, progress)
     paths = write_sets(out, folder, selection)
@@ -174,10 +187,10 @@ def run_experiment(out: Path, config: ExperimentConfig, progress: bool = True) -
         "eval": {"source": config.eval_data or f"{config.holdout:.0%} of the kept rows, held out of both arms",
                  "pairs": len(pairs), "undecodable": undecodable},
         "samples_seen": config.steps * config.batch_size, "arms": {}}
-    for arm in ARMS:
+    for arm, uids in selection.arms.items():
         model_dir = train_arm(folder, arm, paths[arm], config, progress)
         curve = eval_curve(model_dir, pairs, device)
-        rows = len(getattr(selection, arm))
+        rows = len(uids)
         results["arms"][arm] = {"rows": rows, "epochs": round(results["samples_seen"] / rows, 2),
                                 "final": curve[-1], "curve": curve, "log": _read_log(model_dir)}
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
