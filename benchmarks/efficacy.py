@@ -36,6 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_semantic")
 R5 = ("image_to_text_R@5", "text_to_image_R@5")
@@ -258,6 +259,102 @@ def train_figures(run: Path, rows: dict[str, np.ndarray], pool: Path, args: argp
             "recovered": gain / oracle_gain if oracle_gain else float("nan")}
 
 
+ISSUE_VARIANTS = ("jpeg_q40", "half_size", "crop_5", "brightness", "png_to_jpeg")
+
+
+def _issue_variant(image, variant: str) -> bytes:
+    """The five copies of the issue's protocol: JPEG q40, half size, 5% off each side, 8% brighter, PNG to JPEG q90."""
+    import io
+
+    from PIL import ImageEnhance
+
+    import realpool
+
+    if variant == "crop_5":
+        w, h = image.size
+        return realpool._encode(image.crop((round(0.05 * w), round(0.05 * h), w - round(0.05 * w),
+                                            h - round(0.05 * h))), "PNG")
+    if variant == "brightness":
+        return realpool._encode(ImageEnhance.Brightness(realpool.flatten(image)).enhance(1.08), "JPEG", 90)
+    return realpool.near_copy(image, variant, np.random.default_rng(0))[0]
+
+
+def variant_protocol(pool: Path, pipeline: Path, overrides: list[str], pictures: int, seed: int) -> dict:
+    """The issue's measurement: ``pictures`` pool pictures each with five planted copies, among every other clean
+    picture of the pool as distractors, stored as the pipeline's download stage stores them (its resize spec), then
+    the pipeline's hash and dedup stages (decided in this process). Groups left with exactly one survivor, removals
+    pointing at a different picture, distractors removed."""
+    import hashlib
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from curate.config import load_pipeline
+    from curate.imaging import ImageRejected, decode_and_resize
+    from curate.stages import STAGES
+    from curate.stages.hash import HashConfig, HashStage
+
+    config = load_pipeline(pipeline, ["download.allow_private_networks=true", *overrides])
+    download = next(s for s in config.stages if s.stage == "download")
+    spec = download.resize_spec()  # type: ignore[attr-defined]
+    tiers = [STAGES[s.stage](s) for s in config.stages if s.stage in ("dedup_exact", "dedup_phash")]
+    hash_config = next((s for s in config.stages if s.stage == "hash"), HashConfig())
+    truth = pq.read_table(pool / "truth.parquet").to_pylist()
+    own = [r for r in truth if r["kind"] in ("clean", "shuffled", "translated", "junk", "boilerplate")]
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(len(own), size=min(pictures, len(own)), replace=False).tolist())
+    names, data, picture = [], [], []
+    for k, row in enumerate(own):
+        raw = (pool / "files" / row["name"]).read_bytes()
+        copies = [("original", raw)]
+        if k in chosen:
+            with Image.open(io.BytesIO(raw)) as opened:
+                image = opened.convert("RGBA")
+            copies += [(v, _issue_variant(image, v)) for v in ISSUE_VARIANTS]
+        for variant, blob in copies:
+            try:
+                stored = decode_and_resize(blob, spec)
+            except ImageRejected:
+                continue
+            names.append(f"{k:05d}-{variant}")
+            data.append(stored.data)
+            picture.append((row["picture"], k in chosen, variant, stored.original_width * stored.original_height))
+    n = len(names)
+    batch = pa.table({"uid": names, "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "image": data})
+    hashed = HashStage(hash_config).process(batch)  # type: ignore[arg-type]
+    pixels = [p[3] for p in picture]
+    table = hashed.drop_columns(["image"]).append_column(
+        "sha256", pa.array([hashlib.sha256(d).hexdigest() for d in data])).append_column(
+        "original_width", pa.array(pixels, pa.int64())).append_column("original_height", pa.array([1] * n, pa.int64()))
+    removed: dict[str, str] = {}
+    for tier in tiers:
+        live = table.filter(pa.compute.invert(pa.compute.is_in(table.column("uid"),
+                                                               value_set=pa.array(sorted(removed), pa.string()))))
+        columns = ["uid", *tier.inputs(), *[c for c in tier.optional_inputs() if c in live.column_names]]
+        out = tier.decide(live.select(list(dict.fromkeys(columns))))
+        removed.update(zip(out.column("uid").to_pylist(), out.column("duplicate_of").to_pylist()))
+    survivor = {}
+    for uid in names:
+        target = uid
+        while target in removed:
+            target = removed[target]
+        survivor[uid] = target
+    info = dict(zip(names, picture))
+    groups: dict[str, list[str]] = {}
+    for uid in names:
+        if info[uid][1]:
+            groups.setdefault(info[uid][0], []).append(uid)
+    one = sum(sum(u not in removed for u in members) == 1 for members in groups.values())
+    wrong = [u for u in removed if info[survivor[u]][0] != info[u][0]]
+    by_variant = Counter(info[u][2] for members in groups.values() for u in members if u not in removed)
+    return {"pictures": len(groups), "rows": n, "groups_one_survivor": one / max(1, len(groups)),
+            "removals": len(removed), "removals_pointing_at_other_picture": len(wrong) / max(1, len(removed)),
+            "distractors_removed": sum(1 for u in removed if not info[u][1]),
+            "survivors_by_variant": dict(by_variant)}
+
+
 def print_figures(figures: dict) -> None:
     cheap = figures["cheap"]
     print(f"\nrows {cheap['rows']}, kept {cheap['kept']}, failed {cheap['failed']}")
@@ -276,6 +373,12 @@ def print_figures(figures: dict) -> None:
     print(f"  removals pointing at another picture, by source: {cheap.get('wrong_removals_by_source')}, "
           f"by stage: {cheap.get('wrong_removals_by_stage')}")
     print(f"  kept by planted kind: {cheap['kept_by_kind']}")
+    if "variants" in figures:
+        v = figures["variants"]
+        print(f"\nissue protocol: {v['pictures']} pictures × 5 copies among {v['rows']} stored images: "
+              f"{v['groups_one_survivor']:.1%} of groups keep one survivor, "
+              f"{v['removals_pointing_at_other_picture']:.1%} of {v['removals']} removals point at another picture, "
+              f"{v['distractors_removed']} distractors removed; survivors by copy: {v['survivors_by_variant']}")
     if "train" in figures:
         train = figures["train"]
         print(f"\n{'arm':<10}{'rows':>7}" + "".join(f"{k.replace('image_to_text_', 'i->t ').replace('text_to_image_', 't->i '):>11}"
@@ -298,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                         "stages into OUT/redecided (nothing fetched or scored)")
     parser.add_argument("--reuse", action="store_true", help="figures of the run already in OUT/run")
     parser.add_argument("--train", action="store_true", help="also train raw, curated and oracle arms")
+    parser.add_argument("--variants", type=int, default=0, metavar="N", help="also the issue's dedup protocol: N "
+                        "pictures with five copies each among the pool's other pictures (no download)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -312,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         run_pool(args.pool.resolve(), run, args.pipeline, args.overrides, args.local)
     rows = rows_with_truth(args.pool, run)
     figures: dict = {"run": str(run), "cheap": cheap_figures(rows, stage_order(run))}
+    if args.variants:
+        figures["variants"] = variant_protocol(args.pool.resolve(), args.pipeline, args.overrides, args.variants,
+                                               args.seeds[0])
     if args.train:
         figures["train"] = train_figures(run, rows, args.pool.resolve(), args)
     (args.out / f"figures{'-redecided' if args.redecide else ''}.json").write_text(

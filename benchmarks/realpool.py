@@ -7,8 +7,8 @@ Sources (fetched with ``apt-get download`` into a cache folder and unpacked with
 - ``fonts-noto-color-emoji``: ~1,900 colour emoji (no skin-tone variants) drawn with Pillow, captioned with the
   emoji's Unicode name (``unicode-data``'s emoji-test.txt) and its CLDR keywords (``unicode-cldr-core``), whose other
   languages give the translations;
-- ``fonts-symbola``: black line art of ~1,700 pictographic symbols (Miscellaneous Symbols, Dingbats, Technical,
-  Pictographs, Transport, Supplemental), captioned with their Unicode (or CLDR) names: line art on white.
+- ``fonts-symbola``: black line art of ~1,600 pictographic symbols (Miscellaneous Symbols, Dingbats, Pictographs,
+  Transport, Supplemental), captioned with their Unicode (or CLDR) names: line art on white.
 
 The ``openclipart*`` packages are never used: they are kept for an independent acceptance check.
 
@@ -54,8 +54,10 @@ SYMBOLA = "usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"
 EMOJI_TEST = "usr/share/unicode/emoji/emoji-test.txt"
 UNICODE_DATA = "usr/share/unicode/UnicodeData.txt"
 CLDR = "usr/share/unicode/cldr/common/annotations"
-# Pictographic blocks of Symbola: things a caption can describe (arrows, shapes and letters are left out)
-SYMBOL_BLOCKS = ((0x2300, 0x23FF), (0x2600, 0x27BF), (0x1F300, 0x1F6FF), (0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF))
+# Pictographic blocks of Symbola: things a caption describes (Miscellaneous Symbols, Dingbats, Pictographs,
+# Transport, Supplemental). Technical, arrows, shapes and letters are left out: bracket pieces, scan lines and box
+# strokes are typography, not pictures a page would caption.
+SYMBOL_BLOCKS = ((0x2600, 0x27BF), (0x1F300, 0x1F6FF), (0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF))
 TRANSLATION_LANGUAGES = ("de", "fr", "es", "it", "pt", "nl", "pl", "ru", "tr", "sv", "ja", "zh", "ko", "el", "fi", "cs")
 
 # Share of the pool's rows planted with each kind of caption noise (the rest keep their true caption)
@@ -257,15 +259,43 @@ def symbola_pictures(tree: Path, staging: Path) -> list[Picture]:
 SOURCES = {"tuxpaint": tuxpaint_pictures, "emoji": emoji_pictures, "symbola": symbola_pictures}
 
 
+def _normalised(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """The drawn part of a picture, padded to a square: 48 × 48 grey, 8 × 8 RGB and its aspect ratio."""
+    with Image.open(path) as opened:
+        rgba = opened.convert("RGBA")
+    box = rgba.getchannel("A").getbbox() or (0, 0, *rgba.size)
+    drawn = flatten(rgba.crop(box))
+    side = max(drawn.size)
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square.paste(drawn, ((side - drawn.width) // 2, (side - drawn.height) // 2))
+    grey = np.asarray(square.convert("L").resize((48, 48), Image.Resampling.BOX), dtype=np.int16)
+    colour = np.asarray(square.resize((8, 8), Image.Resampling.BOX), dtype=np.int16)
+    return grey, colour, drawn.width / drawn.height
+
+
 def merge_identical(pictures: list[Picture]) -> list[Picture]:
-    """Pictures whose flattened pixels are equal are one picture (the packages hold a few natural copies): the first
-    keeps its id, the rest are dropped, so the truth never calls two copies different pictures."""
-    seen: dict[str, Picture] = {}
-    for picture in pictures:
-        with Image.open(picture.image) as image:
-            digest = hashlib.sha256(flatten(image).tobytes() + repr(image.size).encode()).hexdigest()
-        seen.setdefault(digest, picture)
-    return list(seen.values())
+    """One picture of each set that looks the same: the packages hold natural copies, and fonts draw some code
+    points with one glyph (vertical bars, quotation marks, circles of several sizes, which are drawn at one size
+    here). Two pictures are the same when their drawn parts, padded to squares, agree nearly pixel for pixel (mean
+    grey difference under 2 of 255, no 8 × 8 colour cell off by 16) at the same aspect ratio; the first is kept, so
+    the truth never calls two copies of one drawing different pictures."""
+    features = [_normalised(p.image) for p in pictures]
+    grey = np.stack([f[0] for f in features]).reshape(len(pictures), -1)
+    coarse = grey.reshape(len(pictures), 8, 6, 8, 6).mean(axis=(2, 4)).reshape(len(pictures), -1)
+    kept: list[int] = []
+    for i in range(len(pictures)):
+        same = False
+        if kept:
+            others = np.asarray(kept)
+            near = others[np.abs(coarse[others] - coarse[i]).max(axis=1) <= 24]  # cheap first cut
+            for j in near.tolist():
+                if abs(features[i][2] / features[j][2] - 1) < 0.04 and \
+                        np.abs(grey[i] - grey[j]).mean() < 2 and np.abs(features[i][1] - features[j][1]).max() <= 16:
+                    same = True
+                    break
+        if not same:
+            kept.append(i)
+    return [pictures[i] for i in kept]
 
 
 def flatten(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -40,7 +40,9 @@ BASE_DESCRIPTIONS = {
 WRITER_INPUTS = ["uid", "url", "caption", "image", "image_ext"]
 
 # Columns kept out of each sample's .json (bytes, bookkeeping, timings).
-NOT_IN_SAMPLE_JSON = {"image", "image_ext", "status", "reason", "decided_by", "row"}
+# dedup evidence (thumbnails, colour grids) stays in the shard's parquet index: it would triple a sample's .json
+NOT_IN_SAMPLE_JSON = {"image", "image_ext", "status", "reason", "decided_by", "row", "content_thumbnail",
+                      "content_colors"}
 
 LEDGER_SCHEMA = pa.schema(
     [

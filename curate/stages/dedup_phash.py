@@ -1,10 +1,17 @@
-"""Perceptual duplicates: pHashes within ``radius`` bits whose colour grids also agree.
+"""Perceptual duplicates: rows whose content hashes are within ``radius`` bits and whose thumbnails then agree.
 
-Candidates come from multi-index hashing and banding over the stored hashes (curate.dedup.phash_pair_rows: a
-shuffle by hash band across tasks, never all pairs); a pair counts when
-its pHashes are within ``radius`` and no channel of any cell of its 4 × 4 colour grids differs by more than
-``max_color_difference`` (pHash is blind to hue). Pairs join into groups (connected components); each group keeps one row by the keep policy
-of dedup_exact and filters the others with ``dedup:phash``, pointing at the survivor.
+Candidates come from multi-index hashing and banding over the stored hashes (curate.dedup: a shuffle by hash band
+across tasks, never all pairs). Each row takes part with the hashes of its content box, of the box's centre 90% and
+80% (a copy cropped 5-10% a side), optionally of the mirrored box, and of the whole image (curate.fingerprints).
+A candidate becomes a link only if an independent second check agrees: the two rows' content thumbnails, one
+registered onto the other, differ by at most ``max_difference`` in every block, and their colour grids by at most
+``max_color_difference`` (pHash is blind to hue). Without the check, degenerate hashes (near-white line art, small
+drawings in large margins) merged unrelated pictures: on the development pool 31% of this tier's removals pointed at
+a different picture (benchmarks/efficacy.py). Links join rows into groups (connected components); each group keeps
+one row by the keep policy of dedup_exact and filters the others with ``dedup:phash``, pointing at the survivor.
+
+Runs stored before the content fingerprints existed (no ``content_phash`` column) are decided as before: whole-image
+pHashes within ``radius`` whose 4 × 4 colour grids agree.
 """
 
 from __future__ import annotations
@@ -15,19 +22,30 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.dedup import (DEFAULT_BITS, DEFAULT_RADIUS, KEEP_POLICY_COLUMNS, MAX_RADIUS, color_grid, decide_groups,
-                          phash_pair_rows, uid_ranks)
+from curate.dedup import (DEFAULT_BITS, DEFAULT_RADIUS, KEEP_POLICY_COLUMNS, MAX_RADIUS, color_grid,
+                          content_candidates, decide_groups, phash_pair_rows, uid_ranks, verified_links)
 from curate.pool import Pool
 from curate.stage import GlobalStage, StageConfig
 
 REASON = "dedup:phash"
+CONTENT_COLUMNS = ("content_phash", "content_thumbnail", "content_colors")
 
 
 class DedupPhashConfig(StageConfig):
     stage: Literal["dedup_phash"] = "dedup_phash"
     radius: int = Field(DEFAULT_RADIUS, ge=0, le=MAX_RADIUS, description="largest Hamming distance between "
-                        "duplicates' 64-bit pHashes (8 finds JPEG re-encodes, resizes and most 5% crops; see "
-                        "benchmarks/dedup.py; above 12 the banding search needs thousands of tables)")
+                        "candidates' 64-bit pHashes (8 finds re-encodes, resizes, borders and most 5-10% crops on the "
+                        "development pool; 10 adds a few crops and costs more tables; above 12 the banding search "
+                        "needs thousands of tables)")
+    max_difference: float = Field(8.0, ge=0, le=255, description="largest mean difference of any 4 × 4 block of "
+                                  "two candidates' registered 16 × 16 content thumbnails (contrast-normalised, 0-255 "
+                                  "scale). On the development pool 8 links 90% of planted copies while 4.2% of "
+                                  "removals point at a different picture; 6 gives 80% and 3.4%, 10 gives 92% and "
+                                  "6% (benchmarks/efficacy.py)")
+    mirror: bool = Field(False, description="also link mirrored copies. Off by default: on drawings and symbols "
+                         "mirror images are often different pictures (< and >, b and d, a clock at 2 and at 10); on "
+                         "the development pool it links 61% of mirrored copies and raises the removals that point "
+                         "at a different picture from 4.2% to 6.1%")
     max_color_difference: float = Field(28.0, ge=0, le=255, description="largest difference of any channel of any "
                                         "cell of the 4 × 4 RGB grids (0-255): a 10% brighter copy differs by about "
                                         "23, the same shape in another colour by 30 or more")
@@ -90,14 +108,19 @@ class DedupPhash(GlobalStage):
     def inputs(self) -> list[str]:
         return ["phash", "color_signature"]
 
-    def optional_inputs(self) -> list[str]:
-        return list(KEEP_POLICY_COLUMNS)
-
     def outputs(self) -> dict[str, pa.DataType]:
         return {"duplicate_of": pa.string()}
 
+    def optional_inputs(self) -> list[str]:
+        return [*KEEP_POLICY_COLUMNS, *CONTENT_COLUMNS]
+
     def decide_pool(self, pool: Pool) -> pa.Table:
         config: DedupPhashConfig = self.config  # type: ignore[assignment]
+        if all(pool.has(c) for c in CONTENT_COLUMNS):
+            left, right, centre, mirrored = content_candidates(pool, config.radius, config.bits, config.seed,
+                                                               config.mirror)
+            return decide_groups(pool, left, right, REASON, ["content_thumbnail", "content_colors"],
+                                 verified_links(config.max_difference, config.max_color_difference, centre, mirrored))
         left, right = phash_pair_rows(pool, radius=config.radius, bits=config.bits, seed=config.seed)
         return decide_groups(pool, left, right, REASON, ["phash", "color_signature"],
                              colour_links(config.max_color_difference))

@@ -6,6 +6,10 @@ container or re-saved losslessly matches even when the bytes (``sha256``, from t
 resizes and small edits land within a few bits of each other. pHash sees only luminance, so a red star and a green
 star of the same brightness hash alike: ``color_signature`` (the mean RGB of a 4 × 4 grid, 48 bytes) lets the pHash
 tier tell them apart.
+
+The ``content_*`` columns fingerprint what is drawn rather than the whole canvas (curate.fingerprints): hashes of
+the content box and of its centre and mirror views, a thumbnail and a colour grid for the second check the pHash
+tier makes before it links two rows, and ``content_fraction`` for the rules stage's low-information rule.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pyarrow as pa
 
 from pydantic import Field
 
+from curate.fingerprints import content_print
 from curate.stage import Resources, RowOutcomes, Stage, StageConfig
 
 
@@ -55,7 +60,9 @@ class HashStage(Stage):
         return ["image"]
 
     def outputs(self) -> dict[str, pa.DataType]:
-        return {"phash": pa.int64(), "pixel_sha256": pa.string(), "color_signature": pa.binary()}
+        return {"phash": pa.int64(), "pixel_sha256": pa.string(), "color_signature": pa.binary(),
+                "content_phash": pa.list_(pa.int64()), "content_thumbnail": pa.binary(),
+                "content_colors": pa.binary(), "content_fraction": pa.float32()}
 
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
@@ -71,4 +78,9 @@ class HashStage(Stage):
             outcomes.set(i, "phash", phash_bits(rgb))
             outcomes.set(i, "pixel_sha256", pixel_digest(rgb))
             outcomes.set(i, "color_signature", color_signature(rgb))
+            content = content_print(rgb)
+            outcomes.set(i, "content_phash", content.phashes)
+            outcomes.set(i, "content_thumbnail", content.thumbnail)
+            outcomes.set(i, "content_colors", content.colors)
+            outcomes.set(i, "content_fraction", content.fraction)
         return outcomes.apply(batch)
