@@ -432,7 +432,8 @@ def joined(found: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
 # The content path of the pHash tier (curate.fingerprints): each row takes part in the band search with several
 # codes, as entries ``row * VIEW_SLOTS + view``: the views of its content box and its whole-image pHash.
 VIEW_SLOTS = 8
-FULL_VIEW = 4  # the whole-image ``phash`` column, after the four content views
+MEAN_VIEW = 4  # the content box's mean hash: compared with other mean hashes only
+FULL_VIEW = 5  # the whole-image ``phash`` column, after the five content views
 
 
 def entry_views(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -468,9 +469,9 @@ def content_candidates(pool: Pool, radius: int, bits: int, seed: int, mirror: bo
     """Pairs of rows whose codes of compatible views are within ``radius`` bits: (row a, row b, b's centre share,
     whether a is mirrored), with row a's whole box on one side. A centre view is compared with whole boxes only (two
     centre views agree for drawings that differ outside them, an outlined T and an outlined ⊥), a mirror view with
-    the other's box only, the whole-image pHash with the other's only. A row pair matched through several view
+    the other's box only, a mean hash or the whole-image pHash with the other's only. A row pair matched through several view
     pairs is verified for each."""
-    views = [0, 1, 2, 3] if mirror else [0, 1, 2]
+    views = [0, 1, 2, 3, MEAN_VIEW] if mirror else [0, 1, 2, MEAN_VIEW]
     per_row = len(views) + 1
     entries = per_row * len(bands(radius)) * max(1, pool.rows)
     partitions = min(1 << 16, pool.partitions(entries, ENTRIES_PER_TASK))
@@ -485,7 +486,7 @@ def content_candidates(pool: Pool, radius: int, bits: int, seed: int, mirror: bo
     row_a, row_b = np.where(swap, row_b, row_a), np.where(swap, row_a, row_b)
     view_a, view_b = np.where(swap, view_b, view_a), np.where(swap, view_a, view_b)
     allowed = ((view_a == 0) & np.isin(view_b, [0, 1, 2])) | ((view_a == 3) & (view_b == 0)) | \
-              ((view_a == FULL_VIEW) & (view_b == FULL_VIEW))
+              ((view_a == MEAN_VIEW) & (view_b == MEAN_VIEW)) | ((view_a == FULL_VIEW) & (view_b == FULL_VIEW))
     keep = allowed & (row_a != row_b)
     centre = np.select([view_b == 1, view_b == 2], [0.9, 0.8], 1.0)
     table = np.unique(np.stack([row_a[keep], row_b[keep], (100 * centre[keep]).astype(np.int64),

@@ -37,7 +37,7 @@ class DedupPhashConfig(StageConfig):
                         "candidates' 64-bit pHashes (8 finds re-encodes, resizes, borders and most 5-10% crops on the "
                         "development pool; 10 adds a few crops and costs more tables; above 12 the banding search "
                         "needs thousands of tables)")
-    max_difference: float = Field(8.0, ge=0, le=255, description="largest mean difference of any 4 × 4 block of "
+    max_difference: float = Field(7.5, ge=0, le=255, description="largest mean difference of any 4 × 4 block of "
                                   "two candidates' registered 16 × 16 content thumbnails (contrast-normalised, 0-255 "
                                   "scale). On the development pool 8 links 90% of planted copies while 4.2% of "
                                   "removals point at a different picture; 6 gives 80% and 3.4%, 10 gives 92% and "

@@ -1,5 +1,8 @@
 """Rule filters over stored metadata, as in DataComp's basic filtering: caption length, image size and shape, caption
-language, and captions that are no description at all (file names, URLs, placeholders, mostly non-letters).
+language, and captions that are no description at all (file names, URLs, placeholders, mostly non-letters); and two
+that real pools need (measured on the development pool, benchmarks/efficacy.py): images that show next to nothing
+(a transparent PNG flattened to white, one flat colour, a speck on a page: the hash stage's ``content_fraction``)
+and boilerplate, the same caption on many different images ("Royalty free stock illustration").
 
 Every rule that is set is evaluated on every row: a row is filtered with the reason of the first rule it fails (in
 the order below), and the manifest counts, per rule, every row that rule would have rejected on its own.
@@ -13,6 +16,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 from pydantic import Field
 
 from curate.stage import FILTERED, GlobalStage, StageConfig
@@ -48,6 +52,18 @@ class RulesConfig(StageConfig):
                                         "another language (langid, its model ships in the package): rule:language")
     language_min_chars: int = Field(12, ge=1, description="shorter captions are not judged by language (a "
                                     "detector guesses on a few words)")
+    min_content_fraction: float | None = Field(None, gt=0, le=1, description="images whose share of pixels unlike "
+                                               "their background is lower (the hash stage's content_fraction): "
+                                               "rule:low_information. On the development pool every planted "
+                                               "near-blank image is under 0.002 and every real picture, line art "
+                                               "included, over 0.012")
+    boilerplate_captions: bool = Field(False, description="a caption (compared lower-cased, without digits and "
+                                       "punctuation) on more different images than boilerplate_min_images and "
+                                       "boilerplate_share of the live rows: rule:boilerplate_caption")
+    boilerplate_min_images: int = Field(10, ge=2, description="different images a caption must be on, at least, to "
+                                        "be boilerplate")
+    boilerplate_share: float = Field(1e-4, gt=0, le=1, description="and this share of the live rows (100 at 1M "
+                                     "rows, 100k at 1B)")
 
 
 def _words(caption: str) -> int:
@@ -59,6 +75,38 @@ def is_junk(caption: str) -> bool:
         return True
     return NOT_LETTERS.sub(" ", caption.lower()).split() == [] or \
         " ".join(NOT_LETTERS.sub(" ", caption.lower()).split()) in PLACEHOLDERS
+
+
+PICTURE_COLUMNS = ("pixel_sha256", "sha256")
+WORDS_ONLY = re.compile(r"[^\w\s]|\d|_")
+
+
+def caption_key(caption: str) -> str:
+    """A caption as boilerplate is compared: lower case, no digits or punctuation, single spaces ("Photo #12: Stock
+    image!" and "photo 13 stock image" are one)."""
+    return " ".join(WORDS_ONLY.sub(" ", caption.lower()).split())
+
+
+def _pictures(metadata: pa.Table) -> pa.Array:
+    """Each row's picture identity: the decoded-pixel digest, else the bytes' digest, else the row itself."""
+    for name in PICTURE_COLUMNS:
+        if name in metadata.column_names:
+            column = metadata.column(name).combine_chunks()
+            return pa.compute.coalesce(column, pa.array([f"row:{i}" for i in range(metadata.num_rows)]))
+    return pa.array([f"row:{i}" for i in range(metadata.num_rows)])
+
+
+def boilerplate(captions: list[str], pictures: pa.Array, config: RulesConfig) -> np.ndarray:
+    """Rows whose caption is on more different pictures than the pool-relative threshold (copies of one picture
+    count once: they are dedup's, not boilerplate). Counted by Arrow's group-by, not a set per caption."""
+    import pyarrow.compute as pc
+
+    threshold = max(config.boilerplate_min_images, config.boilerplate_share * len(captions))
+    keys = pa.array([caption_key(c) for c in captions], pa.string())
+    counts = pa.table({"key": keys, "picture": pictures}).group_by("key").aggregate([("picture", "count_distinct")])
+    common = counts.filter(pc.and_(pc.greater(counts.column("picture_count_distinct"), threshold),
+                                   pc.not_equal(counts.column("key"), "")))
+    return pc.is_in(keys, value_set=common.column("key")).to_numpy(zero_copy_only=False)
 
 
 def letter_share(caption: str) -> float:
@@ -74,7 +122,12 @@ class RuleFilter(GlobalStage):
     def inputs(self) -> list[str]:
         config: RulesConfig = self.config  # type: ignore[assignment]
         image = config.min_image_side is not None or config.max_aspect_ratio is not None
-        return ["caption"] + (["original_width", "original_height"] if image else [])
+        return ["caption"] + (["original_width", "original_height"] if image else []) + \
+            (["content_fraction"] if config.min_content_fraction is not None else [])
+
+    def optional_inputs(self) -> list[str]:
+        """The picture a boilerplate caption is counted on: its decoded pixels, else its bytes."""
+        return list(PICTURE_COLUMNS) if self.config.boilerplate_captions else []  # type: ignore[attr-defined]
 
     def rules(self, metadata: pa.Table) -> list[tuple[str, np.ndarray]]:
         """(reason, mask of rows the rule rejects) for every rule that is set, in order."""
@@ -115,6 +168,11 @@ class RuleFilter(GlobalStage):
                 out.append(("rule:aspect_ratio", ratio > config.max_aspect_ratio))
         if config.languages:
             out.append(("rule:language", self._other_language(captions, config)))
+        if config.min_content_fraction is not None:
+            fraction = metadata.column("content_fraction").to_numpy(zero_copy_only=False).astype(np.float64)
+            out.append(("rule:low_information", np.nan_to_num(fraction, nan=1.0) < config.min_content_fraction))
+        if config.boilerplate_captions:
+            out.append(("rule:boilerplate_caption", boilerplate(captions, _pictures(metadata), config)))
         return out
 
     @staticmethod

@@ -63,3 +63,65 @@ def test_the_first_failed_rule_is_the_reason_and_every_rule_counts() -> None:
     removed, would = _decide(rows, min_words=3, junk_captions=True, min_image_side=32)
     assert removed == {"r0": "rule:caption_too_short", "r1": "rule:caption_too_short"}
     assert would == {"rule:caption_too_short": 2, "rule:caption_junk": 1, "rule:image_too_small": 2}
+
+
+def _stored(image) -> bytes:
+    """An image as the download stage stores it: alpha flattened on white, resized, re-encoded."""
+    import io
+
+    from curate.imaging import ResizeSpec, decode_and_resize
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return decode_and_resize(buffer.getvalue(), ResizeSpec(image_size=128, resize_mode="border")).data
+
+
+def test_images_that_show_nothing_are_low_information_and_line_art_is_not() -> None:
+    """The development pool's quirk, made small: a transparent PNG flattens to a white page and passed every filter.
+    A thin line drawing on white, the least ink a real picture has there, must stay."""
+    from PIL import Image, ImageDraw
+
+    from curate.stages.hash import HashConfig, HashStage
+
+    transparent = Image.new("RGBA", (200, 150), (0, 0, 0, 0))
+    flat = Image.new("RGB", (160, 160), (40, 90, 200))
+    speck = Image.new("RGB", (200, 200), "white")
+    ImageDraw.Draw(speck).ellipse((100, 100, 103, 103), fill="grey")
+    line_art = Image.new("RGBA", (200, 200), (0, 0, 0, 0))  # an outlined star, 2 px strokes, transparent around
+    points = [(100 + 80 * __import__("math").cos(a * 0.6283 - 1.5708) * (1 if a % 2 == 0 else 0.4),
+               100 + 80 * __import__("math").sin(a * 0.6283 - 1.5708) * (1 if a % 2 == 0 else 0.4)) for a in range(10)]
+    ImageDraw.Draw(line_art).polygon(points, outline=(0, 0, 0, 255), width=2)
+    names = ["transparent", "flat", "speck", "line_art"]
+    images = [_stored(im) for im in (transparent, flat, speck, line_art)]
+    batch = pa.table({"uid": names, "status": ["ok"] * 4, "reason": pa.nulls(4, pa.string()), "image": images})
+    hashed = HashStage(HashConfig()).process(batch)
+    stage = RuleFilter(RulesConfig(min_content_fraction=0.005))
+    out = stage.decide(hashed.append_column("caption", pa.array(["a star"] * 4)).select(["uid", *stage.inputs()]))
+    assert dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist())) == {
+        "transparent": "rule:low_information", "flat": "rule:low_information", "speck": "rule:low_information"}
+    assert stage.would_reject == {"rule:low_information": 3}
+
+
+def _captioned(captions: list[str], pictures: list[str]) -> pa.Table:
+    return pa.table({"uid": [f"r{i:03d}" for i in range(len(captions))], "caption": captions,
+                     "pixel_sha256": pictures})
+
+
+def test_one_caption_on_thirty_different_images_is_boilerplate() -> None:
+    boiler = [f"Royalty free stock illustration #{i}" for i in range(30)]  # digits differ: one caption still
+    copies = ["a red apple on a table"] * 20  # twenty copies of one picture: dedup's business, not boilerplate
+    unique = [f"a {word} on a white background" for word in ("cat", "dog", "owl", "fox")]
+    captions = boiler + copies + unique
+    pictures = [f"b{i}" for i in range(30)] + ["apple"] * 20 + [f"u{i}" for i in range(4)]
+    stage = RuleFilter(RulesConfig(boilerplate_captions=True))
+    table = _captioned(captions, pictures)
+    out = stage.decide(table.select(["uid", *stage.inputs(), *(c for c in stage.optional_inputs()
+                                                              if c in table.column_names)]))
+    removed = dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist()))
+    assert removed == {f"r{i:03d}": "rule:boilerplate_caption" for i in range(30)}
+    # the threshold is relative to the pool: the same thirty among many more rows are not boilerplate
+    many = RuleFilter(RulesConfig(boilerplate_captions=True, boilerplate_share=0.6))
+    assert many.decide(_captioned(captions, pictures).select(["uid", "caption", "pixel_sha256"])).num_rows == 0
+    # without a pixel digest, the bytes' digest tells the pictures apart
+    by_bytes = _captioned(captions, pictures).rename_columns(["uid", "caption", "sha256"])
+    assert stage.decide(by_bytes).num_rows == 30
