@@ -45,8 +45,31 @@ def planted_codes(n: int, seed: int):
     return codes.view(np.int64)
 
 
-def write_parts(folder: Path, codes, rows_per_part: int) -> list[Path]:
-    """The codes as a run stores them: parquet parts of ``rows_per_part`` rows with uid, row, status and hashes."""
+def content_columns(codes, seed: int) -> dict:
+    """The hash stage's content columns for planted codes: five view codes per row, each the row's code with the
+    same bits flipped in every view of a copy as in its whole-image code (so copies stay copies in every view),
+    and thumbnails and colour grids copied from the source row for copies (random for the rest)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 5])
+    n = len(codes)
+    views = rng.integers(-2**63, 2**63 - 1, size=(n, 5), dtype=np.int64)
+    views[:, 0] = codes
+    thumbs = rng.integers(0, 256, size=(n, 256), dtype=np.uint8)
+    colours = rng.integers(0, 256, size=(n, 192), dtype=np.uint8)
+    rng = np.random.default_rng(seed)  # planted_codes' draws, again: which rows copy which
+    rng.integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
+    copies = rng.choice(n, size=n // 10, replace=False)
+    sources = rng.integers(0, n, size=len(copies))
+    flips = (codes[copies].view(np.uint64) ^ codes[sources].view(np.uint64)).view(np.int64)
+    views[copies] = (views[sources].view(np.uint64) ^ flips.view(np.uint64)[:, None]).view(np.int64)
+    thumbs[copies], colours[copies] = thumbs[sources], colours[sources]
+    return {"views": views, "thumbs": thumbs, "colours": colours}
+
+
+def write_parts(folder: Path, codes, rows_per_part: int, content: dict | None = None) -> list[Path]:
+    """The codes as a run stores them: parquet parts of ``rows_per_part`` rows with uid, row, status and hashes
+    (and the content columns when given)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -54,15 +77,20 @@ def write_parts(folder: Path, codes, rows_per_part: int) -> list[Path]:
     paths = []
     for start in range(0, len(codes), rows_per_part):
         rows = np.arange(start, min(len(codes), start + rows_per_part))
-        table = pa.table({"uid": [f"{i:012x}" for i in rows], "row": pa.array(rows, pa.int64()),
-                          "status": ["ok"] * len(rows), "phash": pa.array(codes[rows], pa.int64()),
-                          "color_signature": pa.array([bytes(48)] * len(rows), pa.binary())})
+        columns = {"uid": [f"{i:012x}" for i in rows], "row": pa.array(rows, pa.int64()),
+                   "status": ["ok"] * len(rows), "phash": pa.array(codes[rows], pa.int64()),
+                   "color_signature": pa.array([bytes(48)] * len(rows), pa.binary())}
+        if content is not None:
+            columns["content_phash"] = pa.array(content["views"][rows].tolist(), pa.list_(pa.int64()))
+            columns["content_thumbnail"] = pa.array([r.tobytes() for r in content["thumbs"][rows]], pa.binary())
+            columns["content_colors"] = pa.array([r.tobytes() for r in content["colours"][rows]], pa.binary())
+        table = pa.table(columns)
         paths.append(folder / f"{start:012d}.parquet")
         pq.write_table(table, paths[-1])
     return paths
 
 
-def child(n: int, radius: int, seed: int, on_ray: bool) -> dict:
+def child(n: int, radius: int, seed: int, on_ray: bool, content: bool = False) -> dict:
     import tempfile
 
     if on_ray:  # map and reduce tasks on Ray (curate.pool, curate.fan_out), as in a pipeline run on Ray
@@ -76,7 +104,8 @@ def child(n: int, radius: int, seed: int, on_ray: bool) -> dict:
 
     codes = planted_codes(n, seed)
     with tempfile.TemporaryDirectory(prefix="curate-dedup-bench-") as folder:
-        pool = Pool.from_parts(write_parts(Path(folder), codes, rows_per_part=10_000))
+        pool = Pool.from_parts(write_parts(Path(folder), codes, rows_per_part=10_000,
+                                           content=content_columns(codes, seed) if content else None))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         removed = DedupPhash(DedupPhashConfig(radius=radius)).decide_pool(pool)
@@ -103,21 +132,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ray", action="store_true",
                         help="run the map and reduce tasks on an embedded Ray; Ray's start not timed")
+    parser.add_argument("--content", action="store_true", help="the content path a pipeline with today's hash stage "
+                        "runs: five view codes a row in the band search, then the thumbnails' second check")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from curate.dedup import DEFAULT_RADIUS, tables_for
 
     radius = DEFAULT_RADIUS if args.radius is None else args.radius
     if args.child:
-        print(json.dumps(child(args.child, radius, args.seed, args.ray)))
+        print(json.dumps(child(args.child, radius, args.seed, args.ray, args.content)))
         return
     print(f"pHash dedup tier, radius {radius}: {radius + 1} bands × {tables_for(radius)} banding tables; 10% planted "
-          "near copies" + ("; map and reduce tasks on Ray (peak RSS: the driver's)" if args.ray else ""))
+          "near copies" + ("; content path (five codes a row, second check)" if args.content else "") + ("; map and reduce tasks on Ray (peak RSS: the driver's)" if args.ray else ""))
     print(f"{'rows':>10}{'seconds':>10}{'peak RSS MiB':>14}{'removed':>10}{'time ratio':>12}")
     results = []
     for n in args.sizes:
         done = subprocess.run([sys.executable, __file__, "--child", str(n), "--radius", str(radius),
-                               "--seed", str(args.seed)] + (["--ray"] if args.ray else []), capture_output=True, text=True, check=True)
+                               "--seed", str(args.seed)] + (["--ray"] if args.ray else [])
+                              + (["--content"] if args.content else []), capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         ratio = f"{result['seconds'] / results[-1]['seconds']:.1f}x" if results else ""
         results.append(result)

@@ -86,7 +86,7 @@ def rows_with_truth(pool: Path, run: Path) -> dict[str, np.ndarray]:
     truth = pq.read_table(pool / "truth.parquet")
     by_name = {name: i for i, name in enumerate(truth.column("name").to_pylist())}
     order = np.array([by_name[url.rsplit("/", 1)[1]] for url in ledger.column("url").to_pylist()])
-    wanted = ["uid", "clip_score", "clip_model", "alignment_score", "image"]
+    wanted = ["uid", "clip_score", "clip_model", "image"]
     stored = []
     for part in part_store.part_files(run):
         names = pq.ParquetFile(part).schema_arrow.names
@@ -108,8 +108,19 @@ def rows_with_truth(pool: Path, run: Path) -> dict[str, np.ndarray]:
             for name in ("uid", "status", "reason", "decided_by", "duplicate_of")}
     for name in ("kind", "picture", "source", "caption_ok", "variant"):
         rows[name] = column(truth, name, order)
-    for name in ("clip_score", "clip_model", "alignment_score", "has_image"):
+    for name in ("clip_score", "clip_model", "has_image"):
         rows[name] = column(scores, name, index)
+    rows["relative_score"] = np.full(len(index), None, dtype=object)
+    if any(s is not None for s in rows["clip_score"]) and "image_embedding" in pq.ParquetFile(
+            part_store.part_files(run)[0]).schema_arrow.names:
+        from curate.pool import Pool
+        from curate.stages.alignment import AlignmentConfig, relative_scores
+
+        defaults = AlignmentConfig(keep_top=1.0)
+        table = relative_scores(Pool.from_parts(part_store.part_files(run)), defaults.reference_rows,
+                                defaults.neighbours)
+        score_of = dict(zip(table.column("uid").to_pylist(), table.column("score").to_pylist()))
+        rows["relative_score"] = np.array([score_of.get(u) for u in rows["uid"]], dtype=object)
     return rows
 
 
@@ -156,10 +167,14 @@ def cheap_figures(rows: dict[str, np.ndarray], order: list[str]) -> dict:
     figures["auc_clip_score"] = roc_auc(score[aligned], score[shuffled])
     ranked = rank_in_model(score, models)
     figures["auc_rank_in_model"] = roc_auc(ranked[aligned], ranked[shuffled])
-    if any(s is not None for s in rows["alignment_score"]):
-        ranking = np.array([np.nan if s is None else s for s in rows["alignment_score"]], dtype=float)
-        figures["auc_alignment_score"] = roc_auc(rank_in_model(ranking, models)[aligned],
-                                                 rank_in_model(ranking, models)[shuffled])
+    if any(s is not None for s in rows["relative_score"]):
+        relative = rank_in_model(np.array([np.nan if s is None else s for s in rows["relative_score"]], dtype=float),
+                                 models)
+        figures["auc_relative"] = roc_auc(relative[aligned], relative[shuffled])
+        boiler = kind == "boilerplate"
+        figures["boilerplate_mean_rank"] = {"clip_score": float(np.nanmean(ranked[boiler])),
+                                            "relative": float(np.nanmean(relative[boiler])),
+                                            "aligned_rows": float(np.nanmean(ranked[aligned]))}
     figures["kept_shuffled_share"] = float((kept & shuffled).sum() / max(1, kept.sum()))
     figures["kept_bad_caption_share"] = float((kept & ~ok).sum() / max(1, kept.sum()))
     figures["kept_by_kind"] = {k: f"{int((kept & (kind == k)).sum())}/{int((kind == k).sum())}"
@@ -358,7 +373,7 @@ def variant_protocol(pool: Path, pipeline: Path, overrides: list[str], pictures:
 def print_figures(figures: dict) -> None:
     cheap = figures["cheap"]
     print(f"\nrows {cheap['rows']}, kept {cheap['kept']}, failed {cheap['failed']}")
-    for key in ("auc_clip_score", "auc_rank_in_model", "auc_alignment_score"):
+    for key in ("auc_clip_score", "auc_rank_in_model", "auc_relative"):
         if key in cheap:
             print(f"  {key:<38}{cheap[key]:.3f}")
     for key in ("kept_shuffled_share", "kept_bad_caption_share", "dup_groups_one_survivor",
@@ -369,6 +384,8 @@ def print_figures(figures: dict) -> None:
                 "near_blank_removed_by_dedup"):
         if key in cheap:
             print(f"  {key:<38}{cheap[key]}")
+    if "boilerplate_mean_rank" in cheap:
+        print(f"  boilerplate rows' mean rank in their model (0-1): {cheap['boilerplate_mean_rank']}")
     print(f"  copies merged with their original, by variant: {cheap.get('copies_merged_with_original')}")
     print(f"  removals pointing at another picture, by source: {cheap.get('wrong_removals_by_source')}, "
           f"by stage: {cheap.get('wrong_removals_by_stage')}")

@@ -104,11 +104,12 @@ class Row:
 
 def fetch(cache: Path, packages: tuple[str, ...] = PACKAGES) -> Path:
     """Each package downloaded once into cache/debs and unpacked into cache/tree (one tree: paths do not clash)."""
+    refused = [p for p in packages if FORBIDDEN.search(p)]
+    if refused:  # before anything is fetched
+        raise SystemExit(f"{', '.join(refused)}: the openclipart packages are reserved for the acceptance check")
     debs, tree = cache / "debs", cache / "tree"
     debs.mkdir(parents=True, exist_ok=True)
     for package in packages:
-        if FORBIDDEN.search(package):
-            raise SystemExit(f"{package}: the openclipart packages are reserved for the acceptance check")
         marker = tree / ".unpacked" / package
         if marker.exists():
             continue

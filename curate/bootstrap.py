@@ -73,6 +73,7 @@ def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], bat
             model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
             output=str(folder / f"model_{k}"), steps=boot.steps, batch_size=batch_size,
             lr=boot.lr, warmup_steps=min(20, boot.steps // 10), seed=boot.seed + k, log_every=max(1, boot.steps // 5),
+            drop_noisiest=boot.drop_noisiest,
             checkpoint_every=boot.steps, keep_checkpoints=1, device=device)
         models.append(train(train_config, progress=progress).checkpoint)
     return models  # type: ignore[return-value]

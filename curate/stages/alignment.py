@@ -3,6 +3,13 @@
 ``min_score`` keeps rows whose score reaches an absolute cosine; ``keep_top`` keeps the best fraction of the pool,
 ranked within each scoring model (the ``clip_model`` column). Ranking per model matters: cosines of different models
 are on different scales, and a bootstrapped score (one model per fold) is only comparable inside its fold.
+
+``relative: true`` ranks by how much better a caption fits its own image than it fits the pool's other images, and
+the image its caption than the pool's other captions: the cosine minus the mean of the two rows' cosines to their
+``neighbours`` nearest counterparts in a reference sample of the pool (CSLS, the hubness correction of
+cross-lingual retrieval). A caption common in the pool ("flag", a boilerplate line) sits near many images and a blank
+image near many captions; raw cosines reward both for being common, relative ones do not. It reads the stored
+embeddings in tasks (curate.pool): the driver holds the reference sample and one score per row.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from curate.pool import Pool
 from curate.stage import FILTERED, GlobalStage, StageConfig
 
 BELOW_MIN, BELOW_TOP = "alignment:below_min_score", "alignment:below_top_fraction"
@@ -26,6 +34,12 @@ class AlignmentConfig(StageConfig):
     keep_top: float | None = Field(
         None, gt=0, le=1, description="keep this fraction of the live rows with the highest scores, per model "
         "(e.g. 0.3 for DataComp's CLIP top-30%)")
+    relative: bool = Field(False, description="rank by the score relative to the pool (CSLS: the cosine minus the "
+                           "rows' mean cosine to their nearest counterparts in a reference sample), so a caption or "
+                           "image is not rewarded for being common; needs the score stage's stored embeddings")
+    reference_rows: int = Field(4096, ge=16, description="rows per scoring model in the reference sample (chosen "
+                                "by a hash of the uid, the same on every rerun)")
+    neighbours: int = Field(10, ge=1, description="nearest reference counterparts a row's correction averages over")
 
     @model_validator(mode="after")
     def _one_rule(self) -> AlignmentConfig:
@@ -40,7 +54,18 @@ class AlignmentFilter(GlobalStage):
     counts_would_reject = True
 
     def inputs(self) -> list[str]:
-        return [self.config.column, "clip_model"]  # type: ignore[attr-defined]
+        config: AlignmentConfig = self.config  # type: ignore[assignment]
+        return [config.column, "clip_model"] + (["image_embedding", "text_embedding"] if config.relative else [])
+
+    def decide_pool(self, pool: Pool) -> pa.Table:
+        config: AlignmentConfig = self.config  # type: ignore[assignment]
+        if not config.relative:
+            return super().decide_pool(pool)
+        scored = relative_scores(pool, config.reference_rows, config.neighbours)
+        removed = self.decide(scored.rename_columns(["row", "uid", "clip_model", config.column]))
+        rows = dict(zip(scored.column("uid").to_pylist(), scored.column("row").to_pylist()))
+        return removed.append_column("row", pa.array([rows[u] for u in removed.column("uid").to_pylist()],
+                                                     pa.int64()))
 
     def decide(self, metadata: pa.Table) -> pa.Table:
         config: AlignmentConfig = self.config  # type: ignore[assignment]
@@ -69,3 +94,77 @@ class AlignmentFilter(GlobalStage):
             order = index[np.lexsort((uids[index], -scores[index]))]
             removed[order[math.ceil(fraction * len(index)):]] = True
         return removed
+
+
+HUB_WEIGHT = 0.5
+
+
+def _uid_draw(uids: list[str]) -> np.ndarray:
+    """A number in [0, 1) per uid (uids are hex digests), independent of the bootstrap folds' and the experiment's
+    digits: which rows join the reference sample."""
+    return np.array([int(u[20:28], 16) / 16**8 if len(u) >= 28 else 0.5 for u in uids])
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = len(values[0]) if len(values) else 0
+    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(len(values), width) if width else np.zeros((len(values), 0), np.float32)
+
+
+def _sample(share: float, table: pa.Table) -> pa.Table:
+    picked = _uid_draw(table.column("uid").to_pylist()) < share
+    return table.filter(pa.array(picked & np.asarray(table.column("image_embedding").is_valid())))
+
+
+def _relative(reference: dict, table: pa.Table) -> pa.Table:
+    """CSLS per row: 2 cos(i, t) − mean of t's k best cosines to reference images − mean of i's to reference
+    captions (halved, to stay on the cosine's scale); rows of a model without a reference keep their cosine."""
+    k = reference["neighbours"]
+    models = table.column("clip_model").to_pylist()
+    scores = table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64).copy()
+    valid = np.asarray(table.column("image_embedding").is_valid()) & np.asarray(table.column("text_embedding").is_valid())
+    for model in set(models):
+        rows = np.flatnonzero((np.asarray(models, dtype=object) == model) & valid)
+        if model not in reference["models"] or not len(rows):
+            continue
+        ref_image, ref_text, ref_uids = reference["models"][model]
+        image = _vectors(table.column("image_embedding").take(pa.array(rows)))
+        text = _vectors(table.column("text_embedding").take(pa.array(rows)))
+        own = np.einsum("ij,ij->i", image, text)
+        uids = np.asarray(table.column("uid").to_pylist(), dtype=object)[rows]
+        self_at = {u: j for j, u in enumerate(ref_uids)}
+        text_to_images, image_to_texts = text @ ref_image.T, image @ ref_text.T
+        for i, uid in enumerate(uids):  # a reference row is not its own counterpart
+            j = self_at.get(uid)
+            if j is not None:
+                text_to_images[i, j] = image_to_texts[i, j] = -np.inf
+        depth = min(k, max(1, len(ref_uids) - 1))
+        text_hub = -np.sort(-text_to_images, axis=1)[:, :depth].mean(axis=1)
+        image_hub = -np.sort(-image_to_texts, axis=1)[:, :depth].mean(axis=1)
+        scores[rows] = own - HUB_WEIGHT * (text_hub + image_hub)
+    return pa.table({"row": table.column("row"), "uid": table.column("uid"), "clip_model": table.column("clip_model"),
+                     "score": pa.array(scores, pa.float64())})
+
+
+def relative_scores(pool: Pool, reference_rows: int, neighbours: int) -> pa.Table:
+    """row, uid, clip_model and the CSLS score of every live row; the reference sample per model is drawn by uid."""
+    columns = ["image_embedding", "text_embedding", "clip_model", "clip_score"]
+    share = min(1.0, 24 * reference_rows / max(1, pool.rows))  # enough for up to ~24 scoring models (folds)
+    sampled = [t for t in pool.map(_sample, share, columns) if t.num_rows]
+    models: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    if sampled:
+        sample = pa.concat_tables(sampled)
+        draw = _uid_draw(sample.column("uid").to_pylist())
+        names = sample.column("clip_model").to_pylist()
+        for model in sorted(set(n for n in names if n is not None)):
+            rows = np.flatnonzero(np.asarray(names, dtype=object) == model)
+            rows = rows[np.argsort(draw[rows], kind="stable")][:reference_rows]
+            picked = sample.take(pa.array(rows))
+            models[model] = (_vectors(picked.column("image_embedding")), _vectors(picked.column("text_embedding")),
+                             picked.column("uid").to_pylist())
+    pieces = pool.map(_relative, {"models": models, "neighbours": neighbours}, columns)
+    if not pieces:
+        return pa.table({"row": pa.array([], pa.int64()), "uid": pa.array([], pa.string()),
+                         "clip_model": pa.array([], pa.string()), "score": pa.array([], pa.float64())})
+    return pa.concat_tables(pieces)

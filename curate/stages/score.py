@@ -48,6 +48,9 @@ class BootstrapConfig(BaseModel):
                         "trains only on the rows the previous round ranked in its top `keep_top`, then rescores all")
     keep_top: float = Field(0.7, gt=0, le=1, description="share of each fold (by the previous round's scores) that "
                             "the next round trains on")
+    drop_noisiest: float = Field(0.0, ge=0, lt=1, description="the share of each training batch's pairs with the "
+                                 "highest loss left out of the update (train.drop_noisiest): a shuffled caption is "
+                                 "learned last, so it is left out instead of memorised")
 
 
 class ScoreConfig(StageConfig):

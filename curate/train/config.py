@@ -45,6 +45,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
+    drop_noisiest: float = Field(0.0, ge=0, lt=1, description="the share of each batch's pairs with the highest "
+                                 "clip loss left out of the update, ramped up over the first third of the steps (noisy "
+                                 "captions are learned last): for noisy pools, e.g. bootstrapped scorers; one process "
+                                 "only")
     seed: int = 0
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the shuffle buffer (per loader worker)")
     workers: int = Field(0, ge=0, description="DataLoader worker processes (0: decode in the training process)")
@@ -68,6 +72,8 @@ class TrainConfig(BaseModel):
         check_spec(self.spec())
         if "itm" in self.objectives and not {"clip", "siglip"} & set(self.objectives):
             raise ValueError("objectives: itm mines its hard negatives from a contrastive term: add clip or siglip")
+        if self.drop_noisiest and ("clip" not in self.objectives or self.distributed.workers):
+            raise ValueError("drop_noisiest: needs the clip objective, trained in one process (distributed.workers: 0)")
         if "itm" in self.objectives and "coca" in self.objectives:
             raise ValueError("objectives: itm and coca each add a fusion model; pick one")
         if "coca" in self.objectives:

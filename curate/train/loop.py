@@ -174,8 +174,8 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
             print(f"[train] resuming from {resume} at step {step}", file=sys.stderr)
     if workers.main:
         (out / "train_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-    step_module = workers.wrap(TrainStep(model, head, make_losses(config.objectives, head, workers.rank,
-                                                                  workers.world)))
+    loss_terms = make_losses(config.objectives, head, workers.rank, workers.world)
+    step_module = workers.wrap(TrainStep(model, head, loss_terms))
     batches = batch_stream(urls, preprocess, tokenizer, config, position, workers.rank, workers.world)
     saved = resume
     run_start, samples_before = time.perf_counter(), position["samples_seen"]
@@ -192,6 +192,8 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
+            # ramped up over the first third of training: early on every loss is high, clean or not
+            loss_terms.drop = config.drop_noisiest * min(1.0, step / max(1, config.steps // 3))
             images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
             with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 terms = step_module(images, texts)

@@ -64,3 +64,47 @@ def test_alignment_needs_a_score_stage_before_it() -> None:
            "stages": [{"stage": "download"}, {"stage": "alignment", "keep_top": 0.3}]}
     with pytest.raises(CurateError, match="needs column 'clip_score'"):
         validate_pipeline(raw, "p.yaml")
+
+
+def _embedded_pool(seed: int = 0) -> tuple[pa.Table, set[str]]:
+    """Embeddings as CLIPs make them, sharing one common direction: 200 aligned pairs whose captions fit their own
+    image, and 30 rows of one boilerplate caption (the common direction itself) on random images, which a raw
+    cosine puts above the aligned pairs."""
+    rng = np.random.default_rng(seed)
+    d = 32
+    common = rng.normal(size=d)
+    common /= np.linalg.norm(common)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    own = unit(rng.normal(size=(230, d)))
+    images = unit(common + 0.5 * own)
+    texts = unit(common + 0.5 * own + 0.7 * unit(rng.normal(size=(230, d))))
+    texts[200:] = common  # the boilerplate caption
+    uids = [f"{int(h):032x}" for h in rng.integers(0, 2**62, size=230)]
+    scores = np.einsum("ij,ij->i", images, texts)
+    table = pa.table({"uid": uids, "clip_score": pa.array(scores, pa.float32()), "clip_model": ["m"] * 230,
+                      "image_embedding": pa.array(images.astype(np.float16).tolist(), pa.list_(pa.float16())),
+                      "text_embedding": pa.array(texts.astype(np.float16).tolist(), pa.list_(pa.float16())),
+                      "status": ["ok"] * 230})
+    return table, set(uids[200:])
+
+
+def test_relative_ranking_does_not_reward_a_caption_for_being_common() -> None:
+    from curate.pool import Pool
+
+    table, boilerplate = _embedded_pool()
+    raw = AlignmentFilter(AlignmentConfig(keep_top=0.7))
+    raw_removed = set(raw.decide_pool(Pool.from_table(table.select(["uid", "clip_score", "clip_model"])))
+                      .column("uid").to_pylist())
+    assert not boilerplate & raw_removed  # the quirk: the raw cosine keeps every boilerplate row
+    relative = AlignmentFilter(AlignmentConfig(keep_top=0.7, relative=True, reference_rows=64, neighbours=64))
+    out = relative.decide_pool(Pool.from_table(table, pieces=3))
+    removed = set(out.column("uid").to_pylist())
+    assert boilerplate <= removed and len(removed) == 230 - 161  # ceil(0.7 × 230) kept
+    assert out.column("row").to_pylist() == [table.column("uid").to_pylist().index(u) for u in
+                                             out.column("uid").to_pylist()]
+    # the same decisions however the pool is cut into pieces
+    again = relative.decide_pool(Pool.from_table(table, pieces=7))
+    assert set(again.column("uid").to_pylist()) == removed

@@ -267,3 +267,36 @@ def test_eval_skips_and_counts_images_that_do_not_decode(trained, demo_pool, tmp
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "eval.parquet")
     results = evaluate(ClipSpec(str(trained / "checkpoints" / "step_00000150")), str(tmp_path / "eval.parquet"))
     assert results["pairs"] == 10 and results["undecodable"] == 1
+
+
+def test_small_loss_clip_leaves_the_noisiest_pairs_out() -> None:
+    """Three pairs that match and one whose caption is another picture's: with drop 0.25 the mismatched pair is
+    the one left out of the loss (it still serves as a negative), with drop 0 the loss is open_clip's."""
+    import torch
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    from curate.train.losses import small_loss_clip
+
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(4, 16), dim=-1)
+    text = image + 0.05 * torch.randn(4, 16)
+    text[3] = F.normalize(torch.randn(16), dim=-1)  # the noisy pair
+    text = F.normalize(text, dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * image @ text.T
+    labels = torch.arange(4)
+    per_pair = (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+    assert int(per_pair.argmax()) == 3
+    assert torch.isclose(small_loss_clip(image, text, scale, 0.25), per_pair[:3].mean())
+    assert torch.isclose(small_loss_clip(image, text, scale, 0.0), ClipLoss()(image, text, scale))
+
+
+def test_drop_noisiest_needs_clip_in_one_process() -> None:
+    from curate.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="drop_noisiest"):
+        TrainConfig(model="curate-tiny", objectives=["siglip"], drop_noisiest=0.3)
+    with pytest.raises(ValueError, match="drop_noisiest"):
+        TrainConfig(model="curate-tiny", drop_noisiest=0.3, distributed={"workers": 2})
+    assert TrainConfig(model="curate-tiny", drop_noisiest=0.3).drop_noisiest == 0.3
