@@ -249,29 +249,60 @@ def oracle_arm(rows: dict[str, np.ndarray]) -> set[str]:
     return {rows["uid"][i] for i in chosen.values()}
 
 
+def pair_auc(model_dir: Path, eval_parquet: Path) -> float:
+    """Held-out alignment of an arm's last checkpoint: the chance that an eval image's own caption scores above
+    another eval caption, and a caption's own image above another image (averaged). R@K on a few hundred pairs is
+    near chance for models this small and moves by a few hits; this uses every pair."""
+    from curate.models.clip import ClipSpec, load_clip
+    from curate.train.eval import decodable, embed, load_pairs
+
+    checkpoint = sorted((model_dir / "checkpoints").glob("step_*"))[-1]
+    clip = load_clip(ClipSpec(str(checkpoint)), "cpu")
+    pairs, _ = decodable(load_pairs(str(eval_parquet)))
+    image, text = embed(clip, [p["image"] for p in pairs], [p["caption"] for p in pairs], "cpu")
+    similarity = image @ text.T
+    own = np.diag(similarity)
+    n = len(own)
+    below_rows = ((similarity < own[:, None]).sum(axis=1)) / (n - 1)
+    below_cols = ((similarity < own[None, :]).sum(axis=0)) / (n - 1)
+    return float((below_rows.mean() + below_cols.mean()) / 2)
+
+
 def train_figures(run: Path, rows: dict[str, np.ndarray], pool: Path, args: argparse.Namespace) -> dict:
+    """Each seed's final retrieval per arm, their means over seeds, the curated gain over raw in mean R@5 and the
+    share of the oracle's gain that curation recovers. With ``--arms curated --reference F``, only the curated arm is
+    trained and raw and oracle come from an earlier figures.json of the same pool and settings."""
     from curate.train.experiment import ExperimentConfig, run_experiment
 
     oracle = oracle_arm(rows)
-    per_seed = {}
+    reference = json.loads(Path(args.reference).read_text())["train"]["per_seed"] if args.reference else {}
+    per_seed: dict = {}
     for seed in args.seeds:
         config = ExperimentConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   eval_every=args.steps, eval_data=str(pool / "eval" / "eval.parquet"), seed=seed,
                                   device="cpu")
         results = run_experiment(run, config, progress=True, extra_arms={"oracle": oracle},
-                                 folder=args.out / "train" / f"seed_{seed}")
-        per_seed[seed] = {arm: {"rows": data["rows"], **data["final"]} for arm, data in results["arms"].items()}
+                                 folder=args.out / f"train-{run.name}" / f"seed_{seed}", only=set(args.arms))
+        folder = args.out / f"train-{run.name}" / f"seed_{seed}"
+        per_seed[str(seed)] = {**reference.get(str(seed), {}),
+                               **{arm: {"rows": data["rows"], **data["final"],
+                                        "pair_auc": pair_auc(folder / arm, pool / "eval" / "eval.parquet")}
+                                  for arm, data in results["arms"].items()}}
+    arms = [a for a in ("raw", "curated", "oracle") if all(a in per_seed[s] for s in per_seed)]
     mean = {arm: {key: float(np.mean([per_seed[s][arm][key] for s in per_seed]))
-                  for key in per_seed[args.seeds[0]][arm] if key != "step"} for arm in ("raw", "curated", "oracle")}
+                  for key in per_seed[str(args.seeds[0])][arm] if key != "step"} for arm in arms}
 
     def r5(arm: str) -> float:
         return float(np.mean([mean[arm][k] for k in R5]))
 
-    gain = r5("curated") / r5("raw") - 1
-    oracle_gain = r5("oracle") / r5("raw") - 1
-    return {"per_seed": per_seed, "mean": mean, "mean_R@5": {a: r5(a) for a in mean},
-            "curated_gain": gain, "oracle_gain": oracle_gain,
-            "recovered": gain / oracle_gain if oracle_gain else float("nan")}
+    out = {"per_seed": per_seed, "mean": mean, "mean_R@5": {a: r5(a) for a in mean},
+           "pair_auc": {a: mean[a]["pair_auc"] for a in mean},
+           "steps": args.steps, "batch_size": args.batch_size, "model": args.model}
+    if {"raw", "curated", "oracle"} <= set(mean):
+        gain, oracle_gain = r5("curated") / r5("raw") - 1, r5("oracle") / r5("raw") - 1
+        out.update(curated_gain=gain, oracle_gain=oracle_gain,
+                   recovered=gain / oracle_gain if oracle_gain else float("nan"))
+    return out
 
 
 ISSUE_VARIANTS = ("jpeg_q40", "half_size", "crop_5", "brightness", "png_to_jpeg")
@@ -398,13 +429,15 @@ def print_figures(figures: dict) -> None:
               f"{v['distractors_removed']} distractors removed; survivors by copy: {v['survivors_by_variant']}")
     if "train" in figures:
         train = figures["train"]
+        first = next(iter(train["mean"].values()))
         print(f"\n{'arm':<10}{'rows':>7}" + "".join(f"{k.replace('image_to_text_', 'i->t ').replace('text_to_image_', 't->i '):>11}"
-                                                 for k in train["mean"]["raw"] if "R@" in k) + f"{'mean R@5':>10}")
+                                                 for k in first if "R@" in k) + f"{'mean R@5':>10}{'pair AUC':>10}")
         for arm, metrics in train["mean"].items():
             print(f"{arm:<10}{metrics['rows']:>7.0f}" + "".join(f"{metrics[k]:>11.3f}" for k in metrics if "R@" in k)
-                  + f"{train['mean_R@5'][arm]:>10.3f}")
-        print(f"curated gain over raw (mean R@5): {train['curated_gain']:+.1%}; oracle's: {train['oracle_gain']:+.1%};"
-              f" recovered: {train['recovered']:.0%}")
+                  + f"{train['mean_R@5'][arm]:>10.3f}{metrics['pair_auc']:>10.3f}")
+        if "curated_gain" in train:
+            print(f"curated gain over raw (mean R@5): {train['curated_gain']:+.1%}; oracle's: "
+                  f"{train['oracle_gain']:+.1%}; recovered: {train['recovered']:.0%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=int, default=0, metavar="N", help="also the issue's dedup protocol: N "
                         "pictures with five copies each among the pool's other pictures (no download)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", default=["raw", "curated", "oracle"], choices=["raw", "curated", "oracle"],
+                        help="arms to train (the others from --reference)")
+    parser.add_argument("--reference", type=Path, help="an earlier figures.json whose raw and oracle arms to reuse")
+    parser.add_argument("--name", default=None, help="name of this figures file (default: figures, or "
+                        "figures-redecided)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -429,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     run = args.out / "run"
     if args.redecide:
-        run = redecide_run(run, args.out / "redecided", args.pipeline, args.overrides)
+        run = redecide_run(run, args.out / (args.name or "redecided"), args.pipeline, args.overrides)
     elif not args.reuse:
         run_pool(args.pool.resolve(), run, args.pipeline, args.overrides, args.local)
     rows = rows_with_truth(args.pool, run)
@@ -439,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                                                args.seeds[0])
     if args.train:
         figures["train"] = train_figures(run, rows, args.pool.resolve(), args)
-    (args.out / f"figures{'-redecided' if args.redecide else ''}.json").write_text(
+    name = args.name or f"figures{'-redecided' if args.redecide else ''}"
+    (args.out / f"{name}.json").write_text(
         json.dumps(figures, indent=1, default=str) + "\n")
     print_figures(figures)
     return 0

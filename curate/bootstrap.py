@@ -54,8 +54,8 @@ def write_fold_shards(out: Path, folds: int, folder: Path, trusted: set[str] | N
 
 
 def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], batch_size: int,
-                      progress: bool) -> list[Path]:
-    """Model k trained on every fold but k; returns their checkpoint folders."""
+                      progress: bool, training_rows: int) -> list[Path]:
+    """Model k trained on every fold but k (about ``training_rows`` rows); returns their checkpoint folders."""
     import torch
 
     from curate.train.config import TrainConfig
@@ -64,6 +64,7 @@ def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], bat
     boot = config.bootstrap
     # this runs in the driver: a GPU only if the driver has one (a CPU-only head node trains on its CPUs)
     device = "cuda" if config.resources.gpus and torch.cuda.is_available() else "cpu"
+    steps = boot.steps_for(training_rows, batch_size)
     models = []
     for k in range(len(shards)):
         if progress:
@@ -71,10 +72,10 @@ def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], bat
                   file=sys.stderr)
         train_config = TrainConfig(
             model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
-            output=str(folder / f"model_{k}"), steps=boot.steps, batch_size=batch_size,
-            lr=boot.lr, warmup_steps=min(20, boot.steps // 10), seed=boot.seed + k, log_every=max(1, boot.steps // 5),
+            output=str(folder / f"model_{k}"), steps=steps, batch_size=batch_size,
+            lr=boot.lr, warmup_steps=min(20, steps // 10), seed=boot.seed + k, log_every=max(1, steps // 5),
             drop_noisiest=boot.drop_noisiest,
-            checkpoint_every=boot.steps, keep_checkpoints=1, device=device)
+            checkpoint_every=steps, keep_checkpoints=1, device=device)
         models.append(train(train_config, progress=progress).checkpoint)
     return models  # type: ignore[return-value]
 
@@ -175,7 +176,8 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
             break
         folder = round_folder(out, round_)
         shards = write_fold_shards(out, boot.folds, folder, trusted)
-        models = train_fold_models(folder, config, shards, min(boot.batch_size, training_rows), progress)
+        models = train_fold_models(folder, config, shards, min(boot.batch_size, training_rows), progress,
+                                   training_rows)
         scorers = [ScoreStage(config.model_copy(update={"model": str(model)})) for model in models]
         if round_ < boot.rounds:
             trusted = trusted_rows(_round_scores(out, StageWorker(_ScoreByFold(config, scorers)), folder),

@@ -12,8 +12,9 @@ inside it), alternately, up to four times. Then it stores:
   roughly symmetric drawing are near zero and flip under a re-encode (a thin-lined bicycle moved 26 bits under JPEG
   q75); the cells' ink does not. A view with no contrast left (the white inside of an outlined square) has no
   hash: it would match every other blank view.
-- ``content_thumbnail`` (16 × 16 grey) and ``content_colors`` (8 × 8 RGB) of the box stretched to a square: the
-  second check, independent of the hash, that two rows must pass before they are linked (curate.dedup.verify).
+- ``content_thumbnail`` (16 × 16 grey, strokes thickened first) and ``content_colors`` (8 × 8 RGB) of the box
+  stretched to a square: the second check, independent of the hash, that two rows must pass before they are
+  linked (``verify`` below).
 - ``content_fraction``: the share of the image's pixels that differ from its background colour: near zero for a
   transparent PNG flattened to white, one flat colour or a speck on a page (the rules stage's low-information rule).
 """
@@ -43,7 +44,7 @@ class ContentPrint:
 def _mask_box(pixels: np.ndarray, background: np.ndarray) -> tuple[int, int, int, int] | None:
     """The box of rows and columns holding pixels unlike ``background`` (two at least, and 1% of the line: JPEG
     specks do not count), or None."""
-    mask = np.abs(pixels - background).max(axis=2) > TOLERANCE
+    mask = (np.abs(pixels - np.asarray(background, dtype=np.int16)) > TOLERANCE).any(axis=2)
     rows = np.flatnonzero(mask.sum(axis=1) >= max(2, mask.shape[1] // 100))
     cols = np.flatnonzero(mask.sum(axis=0) >= max(2, mask.shape[0] // 100))
     if len(rows) < 2 or len(cols) < 2:
@@ -84,7 +85,8 @@ def content_fraction(pixels: np.ndarray) -> float:
     """The share of pixels more than TOLERANCE from the background (the median of the outer ring)."""
     values = pixels.astype(np.int16)
     ring = np.concatenate([values[0], values[-1], values[:, 0], values[:, -1]])
-    return float((np.abs(values - np.median(ring, axis=0)).max(axis=2) > TOLERANCE).mean())
+    background = np.median(ring, axis=0).astype(np.int16)
+    return float((np.abs(values - background) > TOLERANCE).any(axis=2).mean())
 
 
 def dct_hash(grey: np.ndarray) -> int:
@@ -102,7 +104,7 @@ def _square(image: object) -> object:
 
     width, height = image.size  # type: ignore[attr-defined]
     side = max(width, height)
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas = Image.new(image.mode, (side, side), 255 if image.mode == "L" else (255, 255, 255))  # type: ignore
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
 
@@ -121,14 +123,15 @@ def content_print(rgb: object) -> ContentPrint:
     box = rgb.crop(content_box(pixels))  # type: ignore[attr-defined]
     codes: list[int | None] = []
     # strokes thickened first: a 1-pixel line keeps its ink at 16 × 16 instead of fading into noise
-    inked = box.filter(ImageFilter.MinFilter(3)) if min(box.size) >= 12 else box
-    thumbnail = inked.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    grey_box = box.convert("L")
+    inked = grey_box.filter(ImageFilter.MinFilter(3)) if min(box.size) >= 12 else grey_box
+    thumbnail = inked.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
     for view in VIEWS[:4]:
-        part = ImageOps.mirror(box) if view == "mirror" else _centre(box, CENTRE[view])
-        grey = np.asarray(_square(part).convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+        part = ImageOps.mirror(grey_box) if view == "mirror" else _centre(grey_box, CENTRE[view])
+        grey = np.asarray(_square(part).resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
         codes.append(dct_hash(grey) if grey.std() >= MIN_VIEW_STD else None)
     codes.append(mean_hash(np.asarray(thumbnail, dtype=np.float32)))
-    colors = inked.resize((COLOR_GRID, COLOR_GRID), Image.Resampling.BOX).tobytes()
+    colors = box.resize((COLOR_GRID, COLOR_GRID), Image.Resampling.BOX).tobytes()
     return ContentPrint(codes, thumbnail.tobytes(), colors, content_fraction(pixels))
 
 

@@ -42,6 +42,8 @@ class DedupPhashConfig(StageConfig):
                                   "scale). On the development pool 8 links 90% of planted copies while 4.2% of "
                                   "removals point at a different picture; 6 gives 80% and 3.4%, 10 gives 92% and "
                                   "6% (benchmarks/efficacy.py)")
+    content: bool = Field(True, description="use the content fingerprints when the pool stores them; false: "
+                          "whole-image pHashes and colour grids only, as before them (for comparison)")
     mirror: bool = Field(False, description="also link mirrored copies. Off by default: on drawings and symbols "
                          "mirror images are often different pictures (< and >, b and d, a clock at 2 and at 10); on "
                          "the development pool it links 61% of mirrored copies and raises the removals that point "
@@ -116,7 +118,7 @@ class DedupPhash(GlobalStage):
 
     def decide_pool(self, pool: Pool) -> pa.Table:
         config: DedupPhashConfig = self.config  # type: ignore[assignment]
-        if all(pool.has(c) for c in CONTENT_COLUMNS):
+        if config.content and all(pool.has(c) for c in CONTENT_COLUMNS):
             left, right, centre, mirrored = content_candidates(pool, config.radius, config.bits, config.seed,
                                                                config.mirror)
             return decide_groups(pool, left, right, REASON, ["content_thumbnail", "content_colors"],

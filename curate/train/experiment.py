@@ -159,9 +159,11 @@ def eval_curve(model_dir: Path, pairs: list[dict[str, Any]], device: str) -> lis
 
 
 def run_experiment(out: Path, config: ExperimentConfig, progress: bool = True,
-                   extra_arms: dict[str, set[str]] | None = None, folder: Path | None = None) -> dict[str, Any]:
+                   extra_arms: dict[str, set[str]] | None = None, folder: Path | None = None,
+                   only: set[str] | None = None) -> dict[str, Any]:
     """Trains and evaluates every arm; ``extra_arms`` adds arms of given uids (benchmarks/efficacy.py's oracle),
-    ``folder`` (default OUT/experiment) keeps the tars, models and results apart per setting."""
+    ``folder`` (default OUT/experiment) keeps the tars, models and results apart per setting, ``only`` trains just
+    those arms (a re-decided run compared with another run's raw arm)."""
     from curate.train.eval import decodable, load_pairs
     from curate.train.loop import resolve_device
 
@@ -188,13 +190,16 @@ def run_experiment(out: Path, config: ExperimentConfig, progress: bool = True,
                  "pairs": len(pairs), "undecodable": undecodable},
         "samples_seen": config.steps * config.batch_size, "arms": {}}
     for arm, uids in selection.arms.items():
+        if only is not None and arm not in only:
+            continue
         model_dir = train_arm(folder, arm, paths[arm], config, progress)
         curve = eval_curve(model_dir, pairs, device)
         rows = len(uids)
         results["arms"][arm] = {"rows": rows, "epochs": round(results["samples_seen"] / rows, 2),
                                 "final": curve[-1], "curve": curve, "log": _read_log(model_dir)}
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_curves(results, folder / "curves.png")
+    if only is None:
+        plot_curves(results, folder / "curves.png")
     return results
 
 
