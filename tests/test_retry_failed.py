@@ -14,8 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config():
+    # the timeout well above a loaded machine's reply time (a 503 that takes 0.6 s must not read as a timeout) and
+    # well below the slow route's 5 s
     return load_pipeline(REPO / "pipelines" / "demo.yaml", [
-        "download.timeout=0.5", "download.retries=0", "input.rows_per_chunk=20", "output.samples_per_shard=15"])
+        "download.timeout=2.0", "download.retries=0", "input.rows_per_chunk=20", "output.samples_per_shard=15"])
 
 
 def test_retry_failed_refetches_only_retryable_failures(tmp_path):
@@ -26,7 +28,8 @@ def test_retry_failed_refetches_only_retryable_failures(tmp_path):
         run_pipeline(_config(), input_path=str(urls), output=out, local=True, progress=False)
         first = {r["url"]: r for r in read_ledger(out).to_pylist()}
         flaky = [u for u in first if "/flaky/" in u]
-        assert flaky and all(first[u]["reason"] == "download:http_503" for u in flaky)
+        assert flaky and all(first[u]["reason"] == "download:http_503" for u in flaky), \
+            {u: first[u]["reason"] for u in flaky}
 
         server.reset_counts()
         run_pipeline(_config(), input_path=str(urls), output=out, local=True, progress=False)
