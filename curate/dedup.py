@@ -213,8 +213,10 @@ def _near_pairs_by_band_value(unique: np.ndarray, band: np.ndarray, tables: list
 def _pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Reduce: the pairs of rows among these entries within ``radius`` bits that meet in a table of their band (a
     pair that meets in several bands is reported by each). Equal codes are searched once, as the smallest pool row
-    holding them; the others are chained to it (in band 0, which equal codes always agree on)."""
+    holding them; the others are chained to it (in band 0, which equal codes always agree on). A job with an
+    ``expand`` (``job[5]``) lists the pairs of entries instead (``_expanded_pairs``)."""
     radius, tables, outside = job[0], job[2], job[3]
+    expand = job[5] if len(job) > 5 else 0
     layout = bands(radius)
     pieces = [*pieces, outside[partition]] if outside is not None else pieces
     entries = np.concatenate(pieces) if pieces else np.zeros((0, 3), np.int64)
@@ -227,6 +229,9 @@ def _pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tup
         rows, codes = rows[order], codes[order]
         first = np.concatenate([[True], codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, bool)
         holder = rows[first]  # the smallest pool row of each distinct code (an outside row if it has none)
+        if expand:
+            _expanded_pairs(rows, first, codes, b, layout[b], tables[b], radius, expand, left, right)
+            continue
         if b == 0:
             same = np.flatnonzero(~first)
             left.append(holder[np.cumsum(first)[same] - 1])
@@ -237,6 +242,38 @@ def _pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tup
             right.append(holder[j])
     left_rows, right_rows = np.concatenate(left), np.concatenate(right)
     return np.minimum(left_rows, right_rows), np.maximum(left_rows, right_rows)
+
+
+def _ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """0..count-1 for each count, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _expanded_pairs(rows: np.ndarray, first: np.ndarray, codes: np.ndarray, b: int, band: np.ndarray,
+                    tables: list[np.ndarray], radius: int, expand: int, left: list, right: list) -> None:
+    """Every pair of entries instead of the holders' (for links that are not transitive, such as the content
+    path's second check): all pairs among the first ``expand`` entries of one code (the others chained to the
+    holder) and the cross product of those of two near codes. ``rows`` are sorted by code, then row."""
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, len(rows)))
+    code_of = np.cumsum(first) - 1
+    position = np.arange(len(rows)) - starts[code_of]
+    if b == 0:  # equal codes agree on every band: band 0 lists them
+        late = np.flatnonzero((position > 0) & (position < expand))
+        counts = position[late]
+        left.append(rows[np.repeat(starts[code_of[late]], counts) + _ragged_arange(counts)])
+        right.append(np.repeat(rows[late], counts))
+        beyond = np.flatnonzero(position >= expand)
+        left.append(rows[starts[code_of[beyond]]])
+        right.append(rows[beyond])
+    if radius:
+        i, j = _near_pairs_by_band_value(codes[first], band, tables, radius)
+        size_i, size_j = np.minimum(sizes[i], expand), np.minimum(sizes[j], expand)
+        counts = size_i * size_j
+        step = _ragged_arange(counts)
+        width = np.repeat(size_j, counts)
+        left.append(rows[np.repeat(starts[i], counts) + step // width])
+        right.append(rows[np.repeat(starts[j], counts) + step % width])
 
 
 def phash_pair_rows(pool: Pool, radius: int = DEFAULT_RADIUS, tables: int | None = None, bits: int = DEFAULT_BITS,
@@ -432,6 +469,9 @@ def joined(found: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
 # The content path of the pHash tier (curate.fingerprints): each row takes part in the band search with several
 # codes, as entries ``row * VIEW_SLOTS + view``: the views of its content box and its whole-image pHash.
 VIEW_SLOTS = 8
+# entries of one code paired with each other (the second check is not transitive: a code shared by two copies and
+# an unrelated drawing must still pair the copies); past it, the rest are chained to the code's first entry
+EXPAND = 64
 MEAN_VIEW = 4  # the content box's mean hash: compared with other mean hashes only
 FULL_VIEW = 5  # the whole-image ``phash`` column, after the five content views
 
@@ -456,7 +496,8 @@ def _content_codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
         view = np.arange(len(flat)) - offsets
         present = (~np.asarray(flat.is_null())) & np.isin(view, views)
         entries.append(rows[parent[present]] * VIEW_SLOTS + view[present])
-        codes.append(flat.to_numpy(zero_copy_only=False)[present].astype(np.int64))
+        # nulls filled before the conversion: with nulls numpy gets float64, which rounds a code to 53 bits
+        codes.append(flat.fill_null(0).to_numpy()[present].astype(np.int64))
     whole = table.filter(pc.is_valid(table.column("phash")))
     entries.append(whole.column("row").to_numpy().astype(np.int64) * VIEW_SLOTS + FULL_VIEW)
     codes.append(whole.column("phash").to_numpy(zero_copy_only=False).astype(np.int64))
@@ -475,7 +516,7 @@ def content_candidates(pool: Pool, radius: int, bits: int, seed: int, mirror: bo
     per_row = len(views) + 1
     entries = per_row * len(bands(radius)) * max(1, pool.rows)
     partitions = min(1 << 16, pool.partitions(entries, ENTRIES_PER_TASK))
-    job = (radius, partitions, band_tables(radius, tables_for(radius, bits), bits, seed), None, views)
+    job = (radius, partitions, band_tables(radius, tables_for(radius, bits), bits, seed), None, views, EXPAND)
     found = pool.shuffle(_content_codes_to_bands, _pairs_in_bands, job, ["content_phash", "phash"], partitions,
                          bytes_per_row=24 * len(bands(radius)) * per_row)
     left, right = joined(found)

@@ -92,16 +92,19 @@ class Pool:
     sizes: tuple[int, ...]  # stored rows per piece (live or not)
     stored: frozenset[str]  # the columns any piece stores
     removed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted rows removed earlier
+    common: frozenset[str] | None = None  # the columns every piece stores (None: all of ``stored``)
 
     @classmethod
     def from_parts(cls, paths: Sequence[Path]) -> Pool:
         """Only the parts' footers are read (row counts, column names), one file open at a time."""
-        sizes, stored = [], set()
+        sizes, stored, common = [], set(), None
         for path in paths:
             metadata = pq.read_metadata(path)
             sizes.append(metadata.num_rows)
-            stored.update(metadata.schema.to_arrow_schema().names)
-        return cls(tuple(str(p) for p in paths), tuple(sizes), frozenset(stored))
+            names = set(metadata.schema.to_arrow_schema().names)
+            stored.update(names)
+            common = names if common is None else common & names
+        return cls(tuple(str(p) for p in paths), tuple(sizes), frozenset(stored), common=frozenset(common or ()))
 
     @classmethod
     def from_table(cls, table: pa.Table, pieces: int = 1) -> Pool:
@@ -121,13 +124,17 @@ class Pool:
     def has(self, column: str) -> bool:
         return column in self.stored
 
+    def has_everywhere(self, column: str) -> bool:
+        """Every piece stores ``column`` (parts written before a stage gained it, kept on resume, do not)."""
+        return column in (self.stored if self.common is None else self.common)
+
     def partitions(self, work: float, per_task: float) -> int:
         """Reduce tasks for a shuffle: ``per_task`` of ``work`` each at most, and two per CPU at least."""
         return max(fan_out.task_count(len(self.pieces) * 4), ceil(work / per_task))
 
     def without(self, rows: np.ndarray) -> Pool:
         removed = np.union1d(self.removed, np.asarray(rows, dtype=np.int64))
-        return Pool(self.pieces, self.sizes, self.stored, removed)
+        return Pool(self.pieces, self.sizes, self.stored, removed, self.common)
 
     def groups(self, min_rows: int = 1, max_rows: int | None = None) -> list[list[Piece]]:
         """Pieces cut into task inputs of at most ``max_rows`` (default ROWS_PER_TASK) rows (a piece is never

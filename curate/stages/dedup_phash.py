@@ -118,7 +118,9 @@ class DedupPhash(GlobalStage):
 
     def decide_pool(self, pool: Pool) -> pa.Table:
         config: DedupPhashConfig = self.config  # type: ignore[assignment]
-        if config.content and all(pool.has(c) for c in CONTENT_COLUMNS):
+        # parts hashed before the content fingerprints (kept on resume) have none: the whole pool takes the
+        # whole-image path then, rather than a search that misses their rows
+        if config.content and all(pool.has_everywhere(c) for c in CONTENT_COLUMNS):
             left, right, centre, mirrored = content_candidates(pool, config.radius, config.bits, config.seed,
                                                                config.mirror)
             return decide_groups(pool, left, right, REASON, ["content_thumbnail", "content_colors"],

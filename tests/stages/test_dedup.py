@@ -286,3 +286,58 @@ def test_line_art_its_crop_and_its_reencode_are_one_group_and_other_drawings_sta
         assert len(survivors) == 1, (kind, survivors)
         assert all(removed[u] in group for u in group & set(removed))  # never pointing at another drawing
     assert len(removed) == 6
+
+
+def test_a_code_shared_with_an_unrelated_drawing_still_pairs_the_copies() -> None:
+    """Two copies and an unrelated drawing share a content code: the second check turns the unrelated one away, and
+    the copies must still be compared with each other, whichever row the input lists first."""
+    rng = np.random.default_rng(3)
+    copy = np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (16, 1))
+    unrelated = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    far = [int(c) for c in rng.integers(-2**62, 2**62, 3)]  # whole-image codes nowhere near each other
+    table = pa.table({
+        "uid": ["u0", "u1", "u2"], "phash": pa.array(far, pa.int64()),
+        "content_phash": pa.array([[0x0F0F_3C3C_5A5A_A5A5, None, None, None, None]] * 3, pa.list_(pa.int64())),
+        "content_thumbnail": [unrelated.tobytes(), copy.tobytes(), copy.tobytes()],
+        "content_colors": [bytes([90] * 192)] * 3, "color_signature": [bytes([90] * 48)] * 3,
+        "clip_score": pa.array([0.9, 0.5, 0.8], pa.float32())})
+    stage = DedupPhash(DedupPhashConfig())
+    for order in ([0, 1, 2], [1, 2, 0], [2, 0, 1]):
+        assert _removed(stage, table.take(order)) == {"u1": "u2"}
+
+
+def test_content_codes_keep_all_64_bits_next_to_blank_views() -> None:
+    """Two copies whose content codes are one bit apart, with blank views (nulls) beside them: the codes must reach
+    the search as they are (as floats, 0x0FFF...FF rounds to 0x1000...00 and the pair ends ~40 bits apart)."""
+    thumbnail = np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (16, 1)).tobytes()
+    code = 0x0FFF_FFFF_FFFF_FFFF
+    table = pa.table({
+        "uid": ["a", "b"], "phash": pa.array([0x5555_5555_5555_5555, ~0x5555_5555_5555_5555], pa.int64()),
+        "content_phash": pa.array([[code, None, None, None, None], [code ^ (1 << 20), None, None, None, None]],
+                                  pa.list_(pa.int64())),
+        "content_thumbnail": [thumbnail] * 2, "content_colors": [bytes([90] * 192)] * 2,
+        "color_signature": [bytes([90] * 48)] * 2, "clip_score": pa.array([0.9, 0.5], pa.float32())})
+    assert _removed(DedupPhash(DedupPhashConfig()), table) == {"b": "a"}
+
+
+def test_parts_hashed_before_the_content_fingerprints_take_the_whole_image_path(planted, tmp_path) -> None:
+    """A resumed run keeps parts hashed before the content columns existed: the tier decides the whole pool by its
+    whole-image pHashes (the copies in the old part are still found) instead of failing on the missing columns."""
+    import pyarrow.parquet as pq
+
+    from curate.fan_out import in_process
+    from curate.pool import Pool
+
+    table = planted.append_column("row", pa.array(np.arange(planted.num_rows), pa.int64()))
+    uids = table.column("uid").to_pylist()
+    new = table.take([uids.index(u) for u in ("o0", "look0", "o1")])
+    old = table.take([uids.index(u) for u in ("o0_as_png", "o1_jpeg_q40")]).drop_columns(
+        ["content_phash", "content_thumbnail", "content_colors", "content_fraction"])
+    pq.write_table(new, tmp_path / "000.parquet")
+    pq.write_table(old, tmp_path / "001.parquet")
+    pool = Pool.from_parts([tmp_path / "000.parquet", tmp_path / "001.parquet"])
+    assert pool.has("content_thumbnail") and not pool.has_everywhere("content_thumbnail")
+    with in_process():
+        decided = DedupPhash(DedupPhashConfig()).decide_pool(pool)
+    groups = [{u, d} for u, d in zip(decided.column("uid").to_pylist(), decided.column("duplicate_of").to_pylist())]
+    assert sorted(map(sorted, groups)) == [["o0", "o0_as_png"], ["o1", "o1_jpeg_q40"]]
