@@ -554,4 +554,5 @@ def verified_links(max_difference: float, max_color_difference: float, centre: n
     return links
 
 
-VERIFY_CHUNK = 20_000  # candidate pairs registered at once: ~27 windows × 16 × 16 floats each, ~150 MB a pass
+VERIFY_CHUNK = 20_000  # candidate pairs registered at once: each of the 49 window tries samples 20k × 16 × 16
+# floats (20 MB) and a few temporaries of that size

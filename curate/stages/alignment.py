@@ -45,6 +45,12 @@ class AlignmentConfig(StageConfig):
     def _one_rule(self) -> AlignmentConfig:
         if (self.min_score is None) == (self.keep_top is None):
             raise ValueError("give exactly one of min_score (an absolute cosine) or keep_top (a fraction of the pool)")
+        if self.relative and self.column != "clip_score":
+            raise ValueError(f"relative: true ranks clip_score against the stored embeddings, not {self.column}: "
+                             "set column: clip_score or relative: false")
+        if self.relative and self.min_score is not None:
+            raise ValueError("relative scores are not on the cosine's scale, so min_score means nothing for them: "
+                             "use keep_top with relative: true")
         return self
 
 
@@ -134,17 +140,31 @@ def _relative(reference: dict, table: pa.Table) -> pa.Table:
         own = np.einsum("ij,ij->i", image, text)
         uids = np.asarray(table.column("uid").to_pylist(), dtype=object)[rows]
         self_at = {u: j for j, u in enumerate(ref_uids)}
-        text_to_images, image_to_texts = text @ ref_image.T, image @ ref_text.T
-        for i, uid in enumerate(uids):  # a reference row is not its own counterpart
-            j = self_at.get(uid)
-            if j is not None:
-                text_to_images[i, j] = image_to_texts[i, j] = -np.inf
-        depth = min(k, max(1, len(ref_uids) - 1))
-        text_hub = -np.sort(-text_to_images, axis=1)[:, :depth].mean(axis=1)
-        image_hub = -np.sort(-image_to_texts, axis=1)[:, :depth].mean(axis=1)
-        scores[rows] = own - HUB_WEIGHT * (text_hub + image_hub)
+        in_reference = np.array([self_at.get(u, -1) for u in uids], dtype=np.int64)
+        depth = min(k, len(ref_uids))
+        hubs = _hubness(text, ref_image, in_reference, depth) + _hubness(image, ref_text, in_reference, depth)
+        scores[rows] = own - HUB_WEIGHT * hubs
     return pa.table({"row": table.column("row"), "uid": table.column("uid"), "clip_model": table.column("clip_model"),
                      "score": pa.array(scores, pa.float64())})
+
+
+HUB_CHUNK = 4096  # rows compared with the reference at once: 4096 × 4096 float32 cosines, 64 MB
+
+
+def _hubness(vectors: np.ndarray, reference: np.ndarray, in_reference: np.ndarray, depth: int) -> np.ndarray:
+    """Each row's mean cosine to its ``depth`` nearest reference vectors, its own entry (``in_reference``, -1: none)
+    left out; 0 when nothing is left."""
+    hubs = np.zeros(len(vectors))
+    for start in range(0, len(vectors), HUB_CHUNK):
+        cosines = vectors[start:start + HUB_CHUNK] @ reference.T
+        own = in_reference[start:start + HUB_CHUNK]
+        listed = np.flatnonzero(own >= 0)
+        cosines[listed, own[listed]] = -np.inf  # a reference row is not its own counterpart
+        best = np.partition(cosines, cosines.shape[1] - depth, axis=1)[:, -depth:]
+        counted = np.isfinite(best).sum(axis=1)
+        total = np.where(np.isfinite(best), best, 0.0).sum(axis=1)
+        hubs[start:start + HUB_CHUNK] = np.where(counted > 0, total / np.maximum(counted, 1), 0.0)
+    return hubs
 
 
 def relative_scores(pool: Pool, reference_rows: int, neighbours: int) -> pa.Table:

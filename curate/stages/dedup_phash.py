@@ -2,7 +2,8 @@
 
 Candidates come from multi-index hashing and banding over the stored hashes (curate.dedup: a shuffle by hash band
 across tasks, never all pairs). Each row takes part with the hashes of its content box, of the box's centre 90% and
-80% (a copy cropped 5-10% a side), optionally of the mirrored box, and of the whole image (curate.fingerprints).
+80% (a copy cropped 5-10% a side), optionally of the mirrored box, the box's mean hash (ink per cell: steady
+where the DCT signs of symmetric line art flip) and the whole image (curate.fingerprints).
 A candidate becomes a link only if an independent second check agrees: the two rows' content thumbnails, one
 registered onto the other, differ by at most ``max_difference`` in every block, and their colour grids by at most
 ``max_color_difference`` (pHash is blind to hue). Without the check, degenerate hashes (near-white line art, small
@@ -10,8 +11,8 @@ drawings in large margins) merged unrelated pictures: on the development pool 31
 a different picture (benchmarks/efficacy.py). Links join rows into groups (connected components); each group keeps
 one row by the keep policy of dedup_exact and filters the others with ``dedup:phash``, pointing at the survivor.
 
-Runs stored before the content fingerprints existed (no ``content_phash`` column) are decided as before: whole-image
-pHashes within ``radius`` whose 4 × 4 colour grids agree.
+Runs stored before the content fingerprints existed (a part without the ``content_*`` columns), and ``content:
+false``, are decided as before: whole-image pHashes within ``radius`` whose 4 × 4 colour grids agree.
 """
 
 from __future__ import annotations
@@ -39,15 +40,16 @@ class DedupPhashConfig(StageConfig):
                         "needs thousands of tables)")
     max_difference: float = Field(7.5, ge=0, le=255, description="largest mean difference of any 4 × 4 block of "
                                   "two candidates' registered 16 × 16 content thumbnails (contrast-normalised, 0-255 "
-                                  "scale). On the development pool 8 links 90% of planted copies while 4.2% of "
-                                  "removals point at a different picture; 6 gives 80% and 3.4%, 10 gives 92% and "
-                                  "6% (benchmarks/efficacy.py)")
+                                  "scale). On the development pool 7.5 leaves 82% of duplicate groups with one "
+                                  "survivor while 5.7% of removals point at a different picture (the issue's "
+                                  "5-copy protocol: 87% and 3.1%); 6 gives 76% and 4.1%, 10 gives 82.5% and 7.6% "
+                                  "(benchmarks/efficacy.py)")
     content: bool = Field(True, description="use the content fingerprints when the pool stores them; false: "
                           "whole-image pHashes and colour grids only, as before them (for comparison)")
     mirror: bool = Field(False, description="also link mirrored copies. Off by default: on drawings and symbols "
                          "mirror images are often different pictures (< and >, b and d, a clock at 2 and at 10); on "
-                         "the development pool it links 61% of mirrored copies and raises the removals that point "
-                         "at a different picture from 4.2% to 6.1%")
+                         "the development pool it links more of the mirrored copies but raises the removals that point "
+                         "at a different picture to 6.1%")
     max_color_difference: float = Field(28.0, ge=0, le=255, description="largest difference of any channel of any "
                                         "cell of the 4 × 4 RGB grids (0-255): a 10% brighter copy differs by about "
                                         "23, the same shape in another colour by 30 or more")

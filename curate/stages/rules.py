@@ -60,8 +60,8 @@ class RulesConfig(StageConfig):
     boilerplate_captions: bool = Field(False, description="a caption (compared lower-cased, without digits and "
                                        "punctuation) on more different images than boilerplate_min_images and "
                                        "boilerplate_share of the live rows: rule:boilerplate_caption")
-    boilerplate_min_images: int = Field(10, ge=2, description="different images a caption must be on, at least, to "
-                                        "be boilerplate")
+    boilerplate_min_images: int = Field(10, ge=2, description="a caption is boilerplate only on more different "
+                                        "images than this")
     boilerplate_share: float = Field(1e-4, gt=0, le=1, description="and this share of the live rows (100 at 1M "
                                      "rows, 100k at 1B)")
 

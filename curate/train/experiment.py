@@ -172,6 +172,9 @@ def run_experiment(out: Path, config: ExperimentConfig, progress: bool = True,
         raise CurateError(f"{out}: not a finished run (no manifest.json); run the pipeline to the end first")
     folder = Path(folder) if folder else out / FOLDER
     selection = select(out, config, extra_arms)
+    if only is not None and only - set(selection.arms):
+        raise CurateError(f"experiment arms {sorted(only - set(selection.arms))}: not arms of this experiment "
+                          f"(it has {sorted(selection.arms)})")
     for arm, uids in selection.arms.items():
         if len(uids) < config.batch_size:
             raise CurateError(f"{out}: the {arm} set has {len(uids)} rows, fewer than "

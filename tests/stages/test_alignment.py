@@ -108,3 +108,26 @@ def test_relative_ranking_does_not_reward_a_caption_for_being_common() -> None:
     # the same decisions however the pool is cut into pieces
     again = relative.decide_pool(Pool.from_table(table, pieces=7))
     assert set(again.column("uid").to_pylist()) == removed
+
+
+def test_relative_scores_are_the_same_in_chunks(monkeypatch) -> None:
+    """The neighbours' cosines are taken a chunk of rows at a time (a pool part's rows × the reference would not fit
+    in memory): the scores do not depend on the chunk size."""
+    from curate.pool import Pool
+    from curate.stages import alignment
+
+    table, _ = _embedded_pool()
+    pool = Pool.from_table(table, pieces=2)
+    whole = alignment.relative_scores(pool, 64, 10).sort_by("row")
+    monkeypatch.setattr(alignment, "HUB_CHUNK", 7)
+    chunked = alignment.relative_scores(pool, 64, 10).sort_by("row")
+    assert np.allclose(whole.column("score").to_numpy(), chunked.column("score").to_numpy(), atol=1e-6)
+    raw = table.column("clip_score").to_numpy().astype(np.float64)
+    assert not np.allclose(whole.column("score").to_numpy(), raw)  # the correction did something
+
+
+@pytest.mark.parametrize("settings, words", [({"keep_top": 0.5, "relative": True, "column": "itm_score"}, "itm_score"),
+                                             ({"min_score": 0.2, "relative": True}, "keep_top")])
+def test_relative_ranking_refuses_settings_it_cannot_honour(settings, words) -> None:
+    with pytest.raises(ValueError, match=words):
+        AlignmentConfig(**settings)
