@@ -48,8 +48,8 @@ class DedupPhashConfig(StageConfig):
                           "whole-image pHashes and colour grids only, as before them (for comparison)")
     mirror: bool = Field(False, description="also link mirrored copies. Off by default: on drawings and symbols "
                          "mirror images are often different pictures (< and >, b and d, a clock at 2 and at 10); on "
-                         "the development pool it links more of the mirrored copies but raises the removals that point "
-                         "at a different picture to 6.1%")
+                         "the development pool it links more of the mirrored copies but raises the removals that "
+                         "point at a different picture to 6.1%")
     max_color_difference: float = Field(28.0, ge=0, le=255, description="largest difference of any channel of any "
                                         "cell of the 4 × 4 RGB grids (0-255): a 10% brighter copy differs by about "
                                         "23, the same shape in another colour by 30 or more")

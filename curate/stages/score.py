@@ -51,9 +51,9 @@ class BootstrapConfig(BaseModel):
                               "training rows")
     epochs: float = Field(6.0, gt=0, description="passes over a scorer's training rows when `steps` is null (the "
                           "step count scales with the pool). On the development pool (4.4k rows, 25% shuffled "
-                          "captions, benchmarks/efficacy.py) 6 epochs (300 steps of 64) gave ROC AUC 0.691; 20 epochs 0.685, a 2× "
-                          "learning rate 0.676, the 64 px curate-small 0.690, 5 folds 0.691, a second round 0.681, "
-                          "drop_noisiest 0.3 0.694")
+                          "captions, benchmarks/efficacy.py) 6 epochs (300 steps of 64) gave ROC AUC 0.691; 20 "
+                          "epochs 0.685, a 2× learning rate 0.676, the 64 px curate-small 0.690, 5 folds 0.691, "
+                          "a second round 0.681, drop_noisiest 0.3 0.694")
     max_steps: int = Field(20_000, ge=1, description="at most this many steps per scorer, whatever the pool")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
