@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import parts as part_store
+from curate.atomic import atomic_file
 from curate.pair_tars import write_pair_tars
 from curate.stage import OK, Stage
 from curate.stages.score import ScoreConfig, ScoreStage
@@ -144,9 +145,8 @@ def _round_scores(out: Path, worker: StageWorker, folder: Path) -> pa.Table:
             scored = worker(table.filter(pc.equal(table.column("status"), OK)))
             pieces.append(scored.filter(pc.equal(scored.column("status"), OK)).select(
                 ["uid", "clip_score", "clip_model"]))
-        tmp = folder / ".scores.parquet.tmp"
-        pq.write_table(pa.concat_tables(pieces), tmp)
-        tmp.replace(path)
+        with atomic_file(path) as handle:
+            pq.write_table(pa.concat_tables(pieces), handle)
     return pq.read_table(path)
 
 

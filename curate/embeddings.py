@@ -10,13 +10,14 @@ Read them with pyarrow (the folder is one dataset)::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from curate.atomic import atomic_file
 
 from curate.schema import is_embedding_column
 
@@ -47,9 +48,8 @@ class EmbeddingWriter:
         rows = table.select(kept).replace_schema_metadata(metadata)
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{len(self.files):05d}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(rows, tmp)
-        os.replace(tmp, self.folder / name)
+        with atomic_file(self.folder / name) as handle:
+            pq.write_table(rows, handle)
         self.files.append(f"{EMBEDDINGS}/{name}")
         self.rows += rows.num_rows
 

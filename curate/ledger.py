@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
+
+from curate.atomic import AtomicFile, write_text_atomic
 
 from curate.schema import LEDGER_SCHEMA
 from curate.stage import FINAL_STATUSES, KEPT
@@ -55,9 +56,7 @@ class Manifest(BaseModel):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(out: Path) -> Manifest | None:
@@ -72,8 +71,8 @@ class LedgerWriter:
 
     def __init__(self, out: Path) -> None:
         self.path = out / LEDGER
-        self.tmp = out / f".{LEDGER}.tmp"
-        self._writer = pq.ParquetWriter(self.tmp, LEDGER_SCHEMA)
+        self._file = AtomicFile(self.path)
+        self._writer = pq.ParquetWriter(self._file.handle, LEDGER_SCHEMA)
         self.by_status: Counter[str] = Counter()
         self.by_reason: Counter[str] = Counter()
         self.rows = 0
@@ -93,11 +92,11 @@ class LedgerWriter:
 
     def close(self) -> None:
         self._writer.close()
-        os.replace(self.tmp, self.path)
+        self._file.commit()
 
     def abort(self) -> None:
         self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+        self._file.discard()
 
 
 def read_ledger(out: Path) -> pa.Table:

@@ -7,7 +7,6 @@ the images the per-sample pass stored, so nothing is downloaded or decoded twice
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import parts as part_store
+from curate.atomic import AtomicFile
 
 
 def write_pair_tars(out: Path, paths: list[Path], route: Callable[[str], Iterable[int]],
@@ -28,8 +28,8 @@ def write_pair_tars(out: Path, paths: list[Path], route: Callable[[str], Iterabl
         return paths
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmps = [p.with_name(f".{p.name}.tmp") for p in paths]
-    tars = [tarfile.open(t, "w") for t in tmps]
+    files = [AtomicFile(p) for p in paths]
+    tars = [tarfile.open(fileobj=f.handle, mode="w") for f in files]
     try:
         for part in part_store.part_files(out):
             table = pq.read_table(part, columns=["uid", "status", "image", "image_ext", "caption"])
@@ -40,9 +40,11 @@ def write_pair_tars(out: Path, paths: list[Path], route: Callable[[str], Iterabl
                         info = tarfile.TarInfo(f"{row['uid']}.{ext}")
                         info.size = len(data)
                         tars[index].addfile(info, io.BytesIO(data))
-    finally:
-        for tar in tars:
-            tar.close()
-    for tmp, path in zip(tmps, paths):
-        os.replace(tmp, path)
+    except BaseException:
+        for file in files:
+            file.discard()
+        raise
+    for tar, file in zip(tars, files):
+        tar.close()
+        file.commit()
     return paths

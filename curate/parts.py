@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from curate.atomic import atomic_file
 
 PARTS = "parts"
 _NAME = re.compile(r"^(\d{12})-(\d{12})-([0-9a-f]{16})\.parquet$")
@@ -46,9 +47,8 @@ def write_part(batch: pa.Table, folder: str) -> pa.Table:
     name = f"{pc.min(rows).as_py():012d}-{pc.max(rows).as_py():012d}-{digest}.parquet"
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-    pq.write_table(batch, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        pq.write_table(batch, handle)
     return batch_summary(batch)
 
 

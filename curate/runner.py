@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate import parts as part_store
+from curate.atomic import write_text_atomic
 from curate.config import PipelineConfig, check_stage_order
 from curate.decide import decide_and_write
 from curate.errors import CurateError
@@ -113,9 +114,7 @@ def prepare_output(out: Path, config: PipelineConfig, sources: list[str]) -> Non
             )
     resolved = config.resolved()
     resolved["per_sample_signature"] = _per_sample_signature(config)
-    tmp = saved.with_name(f".{CONFIG_FILE}.tmp")
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    tmp.replace(saved)
+    write_text_atomic(saved, yaml.safe_dump(resolved, sort_keys=False))
 
 
 def pending_inputs(out: Path, chunks: InputChunks, rows_per_chunk: int) -> list[Path]:

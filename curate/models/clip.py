@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curate.atomic import atomic_folder
 from curate.errors import CurateError
 
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
@@ -234,14 +235,15 @@ def save_checkpoint_dir(model: Any, model_cfg: dict, folder: Path, extra: dict |
                         tokenizer: Any = None) -> Path:
     """Save ``model`` as a checkpoint folder any ClipSpec (and open_clip's ``local-dir:``) loads: its config with
     the model's eval preprocessing, and safetensors weights. Written to a temporary folder, then renamed."""
-    import shutil
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        _save_into(tmp, model, model_cfg, extra, tokenizer)
+    return folder
 
+
+def _save_into(tmp: Path, model, model_cfg: dict, extra: dict | None, tokenizer) -> None:
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess, **(extra or {})}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -249,10 +251,3 @@ def save_checkpoint_dir(model: Any, model_cfg: dict, folder: Path, extra: dict |
     save_file(state, str(tmp / WEIGHTS_FILE))
     if hasattr(tokenizer, "save_pretrained"):  # HF tokenizers: a local-dir model loads its tokenizer from the folder
         tokenizer.save_pretrained(str(tmp))
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():  # set aside, not deleted, until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import parts as part_store
+from curate.atomic import write_text_atomic
 from curate.errors import CurateError
 from curate.ledger import Manifest, read_ledger, read_manifest
 
@@ -228,9 +229,7 @@ def write_report(out: Path, path: Path) -> Path:
                     f"<script id='ledger-data' type='application/json'>{_json_for_html(table_rows)}</script>")
     page = PAGE.format(title=html.escape(f"{manifest.pipeline}: {out}"), body="\n".join(sections), script=SCRIPT)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, page)
     return path
 
 
@@ -239,7 +238,10 @@ def _fmt(value: Any) -> str:
 
 
 def _json_for_html(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # never closes the script element early
+    # No '<', '>' or '&' reaches the page inside the script element: "</script" would close it early and "<!--<script"
+    # would switch the HTML parser into a state that swallows the page's own script. JSON.parse reads them back.
+    text = json.dumps(data, ensure_ascii=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 def _counts(manifest: Manifest) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from curate.atomic import atomic_file
 
 from curate.ledger import ShardEntry
 from curate.schema import NOT_IN_SAMPLE_JSON, is_embedding_column, is_timing_column
@@ -68,10 +69,38 @@ def existing_shard(out: Path, plan: ShardPlan) -> ShardEntry | None:
         return None
     if uids != plan.uids or int(meta.get("tar_bytes", -1)) != tar_path.stat().st_size:
         return None
+    if _sha256_of(tar_path) != meta.get("tar_sha256"):  # same size, other bytes: damaged or replaced since
+        return None
     return ShardEntry(
         path=plan.tar_name, index=plan.index_name, samples=len(uids), bytes=int(meta["tar_bytes"]),
         sha256=meta["tar_sha256"],
     )
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Hashing:
+    """A write-only file that hashes and counts what passes through it (the tar is hashed as it is written)."""
+
+    def __init__(self, handle, digest) -> None:
+        self.handle, self.digest, self.size = handle, digest, 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def __enter__(self) -> "_Hashing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _json_value(value: Any) -> Any:
@@ -114,9 +143,9 @@ def write_shard(out: str, plan: ShardPlan) -> ShardEntry:
         raise RuntimeError(f"{plan.tar_name}: stored rows do not match the shard plan")
     json_columns = [c for c in table.column_names if c not in NOT_IN_SAMPLE_JSON and not is_timing_column(c)]
     tar_path = out_path / plan.tar_name
-    tmp_tar = tar_path.with_name(f".{tar_path.name}.tmp")
     digest = hashlib.sha256()
-    with open(tmp_tar, "wb") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
+    with atomic_file(tar_path) as handle, _Hashing(handle, digest) as hashed, \
+            tarfile.open(fileobj=hashed, mode="w|") as tar:
         meta_rows = table.select(json_columns).to_pylist()
         images = table.column("image").to_pylist()
         exts = table.column("image_ext").to_pylist()
@@ -135,18 +164,13 @@ def write_shard(out: str, plan: ShardPlan) -> ShardEntry:
                 members["syn.txt"] = syn.encode("utf-8")
             for member in sorted(members):
                 _add_member(tar, f"{key}.{member}", members[member])
-    with open(tmp_tar, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    size = tmp_tar.stat().st_size
-    os.replace(tmp_tar, tar_path)
+    size = hashed.size
     index = table.drop_columns(["image"]).append_column("key", pa.array(plan.keys, pa.string()))
     index = index.replace_schema_metadata(
         {"tar_sha256": digest.hexdigest(), "tar_bytes": str(size), "samples": str(len(plan.keys))}
     )
     index_path = out_path / plan.index_name
-    tmp_index = index_path.with_name(f".{index_path.name}.tmp")
-    pq.write_table(index, tmp_index)
-    os.replace(tmp_index, index_path)
+    with atomic_file(index_path) as handle:
+        pq.write_table(index, handle)
     return ShardEntry(path=plan.tar_name, index=plan.index_name, samples=len(plan.keys), bytes=size,
                       sha256=digest.hexdigest())

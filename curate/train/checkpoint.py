@@ -5,10 +5,11 @@ plus ``train_state.pt`` (optimizer, step, data position, RNG, loss scaler, objec
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from curate.atomic import atomic_file, write_text_atomic
 
 from curate.models.clip import CONFIG_FILE, save_checkpoint_dir
 
@@ -30,12 +31,9 @@ def save(out: Path, step: int, model: Any, model_cfg: dict, optimizer: Any, posi
 
         save_head(itm_head, folder)
     state = {"optimizer": optimizer.state_dict(), "step": step, **position, **(extra_state or {})}
-    tmp = folder / f".{STATE_FILE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / STATE_FILE)
-    latest = Path(out) / LATEST
-    (Path(out) / f".{LATEST}.tmp").write_text(json.dumps({"step": step, "checkpoint": str(folder.relative_to(out))}))
-    os.replace(Path(out) / f".{LATEST}.tmp", latest)
+    with atomic_file(folder / STATE_FILE) as handle:
+        torch.save(state, handle)
+    write_text_atomic(Path(out) / LATEST, json.dumps({"step": step, "checkpoint": str(folder.relative_to(out))}))
     for old in sorted((Path(out) / "checkpoints").glob("step_*"))[:-keep]:
         shutil.rmtree(old)
     return folder

@@ -3,6 +3,7 @@ are inline, and the browser logs no console message; a screenshot is saved next 
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -30,13 +31,26 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+# Captions come from strangers: each of these, embedded raw in the page's JSON, ends or swallows its script.
+HOSTILE_CAPTIONS = ["<!--<script", "</script><script>document.title='owned'</script>", "a & b <b>bold</b>"]
+
+
 @pytest.fixture(scope="module")
 def report(url_list, make_pipeline, tiny_clip, tmp_path_factory, fault_server) -> Path:
-    out = tmp_path_factory.mktemp("html") / "run"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("html")
+    urls = pq.read_table(url_list)
+    captions = urls.column("caption").to_pylist()
+    captions[:len(HOSTILE_CAPTIONS)] = HOSTILE_CAPTIONS
+    hostile_list = folder / "urls.parquet"
+    pq.write_table(urls.set_column(urls.schema.get_field_index("caption"), "caption", pa.array(captions)), hostile_list)
+    out = folder / "run"
     config = make_pipeline(score=ScoreConfig(model=str(tiny_clip)))
     config.stages.insert(1, HashConfig())
     config.stages += [DedupExactConfig(), DedupPhashConfig(), AlignmentConfig(keep_top=0.7)]
-    run_pipeline(config, input_path=str(url_list), output=out, local=True, progress=False)
+    run_pipeline(config, input_path=str(hostile_list), output=out, local=True, progress=False)
     path = out.parent / "report.html"
     assert main(["inspect", str(out), "--html", str(path)]) == 0
     return path
@@ -57,6 +71,9 @@ def test_report_renders_in_a_real_browser_without_console_errors(report, tmp_pat
     assert len(thumbnails) >= 20 and len(charts) >= 2  # inline: nothing to fetch
     assert "http" not in " ".join(re.findall(r'src="([^"]*)"', dom))
     assert "threshold" in dom and "kept" in dom
+    assert "owned" not in dom.split("</title>")[0]  # no caption ran as script
+    for caption in HOSTILE_CAPTIONS:  # each shows as text in the table the script filled
+        assert f"<td>{html.escape(caption, quote=False)}</td>" in ledger, caption
 
 
 def test_report_screenshot(report, tmp_path) -> None:
