@@ -47,6 +47,19 @@ def test_junk_captions_are_recognised(caption) -> None:
     assert removed == {"r0": "rule:caption_junk"}
 
 
+def test_junk_rule_takes_linear_time_on_hostile_captions() -> None:
+    """Captions come from strangers: 200k characters that make a backtracking pattern try every split."""
+    import time
+
+    hostile = [" " * 200_000 + "x", "(" * 200_000 + "x", "img1" + "-" * 200_000 + " a dog", "http://" + "a" * 200_000 + " b",
+               "  " + "a." * 100_000 + "png "]
+    start = time.perf_counter()
+    removed, _ = _decide([(c, 100, 100) for c in hostile], junk_captions=True)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, f"{elapsed:.1f} s for {len(hostile)} captions"  # quadratic: about a minute each
+    assert removed == {}  # none is a name: each is far longer than any file name
+
+
 def test_image_rules_on_both_sides_of_the_boundary() -> None:
     rows = [("a", 100, 100), ("b", 99, 120), ("c", 300, 100), ("d", 301, 100)]
     removed, would = _decide(rows, min_image_side=100, max_aspect_ratio=3)
