@@ -8,6 +8,7 @@ from pathlib import Path
 
 from curate.errors import CurateError
 from curate.ledger import read_ledger, read_manifest
+from curate.report.terminal import printable
 
 
 def print_diff(a: Path, b: Path, examples: int = 5) -> int:
@@ -35,5 +36,5 @@ def print_diff(a: Path, b: Path, examples: int = 5) -> int:
         other = rows_b if title.endswith("in B") else rows_a
         for uid in sorted(uids)[:examples]:
             row = other[uid]
-            print(f"  {uid[:12]}  {row['status']:<8} {row['reason'] or '':<30} {row['url']}  {(row['caption'] or '')[:50]!r}")
+            print(f"  {uid[:12]}  {row['status']:<8} {row['reason'] or '':<30} {printable(row['url'])}  {(row['caption'] or '')[:50]!r}")
     return 0

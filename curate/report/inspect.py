@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 
 from curate.errors import CurateError
 from curate.ledger import Manifest, check_run, read_ledger, read_manifest
+from curate.report.terminal import printable
 
 
 def _funnel_steps(manifest: Manifest) -> list[str]:
@@ -74,7 +75,7 @@ def inspect_run(out: Path, sample: int = 5, reason: str | None = None, verify: b
     for row in rows.slice(0, sample).to_pylist():
         where = f"{row['shard']}#{row['key']}" if row["shard"] else row["reason"]
         caption = (row["caption"] or "")[:60]
-        print(f"  {row['uid'][:12]}  {row['status']:<8} {where:<34} {row['url']}  {caption!r}")
+        print(f"  {row['uid'][:12]}  {row['status']:<8} {where:<34} {printable(row['url'])}  {caption!r}")
     if verify:
         problems = check_run(out)
         if problems:

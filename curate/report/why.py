@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from curate import parts as part_store
 from curate.errors import CurateError
 from curate.ledger import read_ledger
+from curate.report.terminal import printable
 from curate.schema import BASE_COLUMNS, is_embedding_column
 
 HIDDEN = {"image"}  # bytes: shown as a size
@@ -64,13 +65,13 @@ def print_why(out: Path, key: str) -> int:
     ledger = read_ledger(out)
     by_uid = {r["uid"]: r for r in ledger.select(["uid", "status", "reason"]).to_pylist()}
     for row in find_rows(out, key):
-        print(f"uid {row['uid']}\n  url      {row['url']}\n  caption  {row['caption']!r}")
+        print(f"uid {row['uid']}\n  url      {printable(row['url'])}\n  caption  {row['caption']!r}")
         stored = stored_row(out, row["uid"])
         stages: dict[str, list[str]] = {}
         for column, value in stored.items():
             if column in ("uid", "url", "caption", "status", "reason", "decided_by") or is_embedding_column(column):
                 continue
-            stages.setdefault(owner.get(column, "input"), []).append(f"{column}={_show(value)}")
+            stages.setdefault(owner.get(column, "input"), []).append(f"{printable(column)}={_show(value)}")
         for stage, values in stages.items():
             print(f"  [{stage}] " + ", ".join(values))
         embedded = [c for c in stored if is_embedding_column(c) and stored[c] is not None]

@@ -62,3 +62,46 @@ def test_diff_shows_counts_and_the_rows_only_one_run_keeps(runs, capsys) -> None
     line = next(line for line in text.splitlines() if line.strip().startswith("dedup:phash"))
     assert line.split()[1:] == [str(phash), "0", f"-{phash}"]
     assert f"kept in B, not in A: {phash}" in text and "kept in A, not in B: 0" in text
+
+
+# A fragment is never sent to the server, so these URLs download: their rows are kept, then printed by every command.
+HOSTILE_FRAGMENTS = ["#\x1b]0;owned\x07", "#\x1b[2J\x1b[H", "#\rkept   00000.tar#0000  http://forged", "#\u202egpj.exe"]
+
+
+@pytest.fixture(scope="module")
+def hostile_runs(url_list, make_pipeline, tmp_path_factory, fault_server):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.stages.rules import RulesConfig
+
+    root = tmp_path_factory.mktemp("hostile_urls")
+    table = pq.read_table(url_list)
+    ok = [i for i, name in enumerate(table.column("url").to_pylist()) if name.endswith("/000000.jpg")
+          or name.endswith("/000001.jpg") or name.endswith("/000002.jpg") or name.endswith("/000003.jpg")]
+    table = table.take(ok or list(range(4)))
+    urls = [u + f for u, f in zip(table.column("url").to_pylist(), HOSTILE_FRAGMENTS)]
+    table = table.set_column(table.schema.get_field_index("url"), "url", pa.array(urls))
+    table = table.set_column(table.schema.get_field_index("caption"), "caption",
+                             pa.array(["a caption long enough to be cut by the rule in run B"] * table.num_rows))
+    pq.write_table(table, root / "urls.parquet")
+    run_pipeline(make_pipeline(), input_path=str(root / "urls.parquet"), output=root / "a", local=True, progress=False)
+    config = make_pipeline()
+    config.stages.append(RulesConfig(max_chars=20))
+    redecide(config, root / "a", root / "b", local=True)
+    return root / "a", root / "b", urls
+
+
+def test_urls_are_printed_without_their_control_characters(hostile_runs, capsys) -> None:
+    a, b, urls = hostile_runs
+    kept = [r for r in read_ledger(a).to_pylist() if r["status"] == "kept"]
+    assert {r["url"] for r in kept} >= set(urls[:3])  # the rows are real and kept: their URLs reach the printout
+    outputs = {}
+    for command in (["inspect", str(a), "--sample", "10"], ["why", str(a), next(r["uid"] for r in kept if r["url"] == urls[0])], ["diff", str(a), str(b)]):
+        assert main(command) == 0
+        outputs[command[0]] = capsys.readouterr().out
+    for name, text in outputs.items():
+        bad = sorted({hex(ord(c)) for c in text if c != "\n" and not c.isprintable()})
+        assert bad == [], f"curate {name} printed {bad}"
+    assert "\\x1b]0;owned\\x07" in outputs["inspect"] and "\\u202egpj.exe" in outputs["inspect"]  # shown, escaped
+    assert "\\x1b" in outputs["diff"] and "\\x1b" in outputs["why"]
