@@ -7,7 +7,6 @@ same threads because Pillow releases the GIL. Every outcome is a row status: not
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import math
 import random
@@ -21,7 +20,10 @@ from urllib.parse import urljoin, urlsplit
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, ResolveError, Resolver
+from curate.netguard import (
+    ALLOWLISTED, PUBLIC, AddressPolicy, BlockedAddress, GuardedPools, ResolveError, Resolver, parse_host_entry,
+    parse_network_entry,
+)
 from curate.budget import Budget
 from curate.imaging import (
     ImageRejected, Interpolation, OutputFormat, ResizeMode, ResizeSpec, decode_and_resize, limit_heap_growth,
@@ -50,9 +52,15 @@ class DownloadConfig(StageConfig):
     allow_private_networks: bool = Field(
         False, description="allow loopback, private, link-local and other non-public addresses (off: SSRF guard)")
     allowed_networks: list[str] = Field(
-        default_factory=list, description="CIDRs allowed even though not public, e.g. an internal mirror")
+        default_factory=list, description=(
+            "CIDRs allowed even though not public, e.g. an internal mirror: '10.1.2.0/24' opens ports 80 and 443 only, "
+            "'10.1.2.0/24:8080' that port, '10.1.2.0/24:*' every port ('[fd00::/8]:8080' for IPv6); a redirect from "
+            "a public address into them is refused (download:blocked_redirect)"))
     allowed_hosts: list[str] = Field(
-        default_factory=list, description="host names trusted whatever they resolve to, e.g. an internal mirror")
+        default_factory=list, description=(
+            "host names trusted whatever they resolve to, e.g. an internal mirror: 'mirror.internal' opens ports 80 "
+            "and 443 only, 'mirror.internal:8080' that port, 'mirror.internal:*' every port; a redirect from a public "
+            "address to them is refused (download:blocked_redirect)"))
     per_host_concurrency: int = Field(16, ge=1, description="requests in flight to one host, per worker")
     per_host_rate: float | None = Field(None, gt=0, description="requests a second to one host, per worker")
     dns_cache_seconds: float = Field(300.0, ge=0, description="how long a worker reuses a DNS answer")
@@ -90,10 +98,14 @@ class DownloadConfig(StageConfig):
     @classmethod
     def _networks_parse(cls, value: list[str]) -> list[str]:
         for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"'{item}' is not a network in CIDR notation (e.g. 10.1.2.0/24)") from None
+            parse_network_entry(item)  # its ValueError names the entry and the forms expected
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_entry(item)
         return value
 
     def resize_spec(self) -> ResizeSpec:
@@ -132,6 +144,12 @@ def _retry_after(value: str | None) -> float | None:
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# The body of a redirect or an error answer is read and dropped, so that its keep-alive connection can serve the next
+# request, only when it is this short and arrives this fast; otherwise the connection is closed unread.
+DISCARD_MAX_BYTES = 64 * 1024
+DISCARD_MAX_SECONDS = 0.5
+ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 §2.5: parse at least the first 500 KiB; we read exactly that much
 # Failures that say nothing about the image: the next try may work. (429 and 5xx are handled by code.)
 RETRYABLE_REASONS = frozenset({
     "download:timeout", "download:connection_error", "download:incomplete", "download:dns_unavailable",
@@ -281,30 +299,40 @@ class DownloadStage(Stage):
                 time.sleep(cfg.backoff * 2**attempt * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
 
-    def _fetch(self, url: str | None, obey_opt_outs: bool = True) -> bytes:
-        """One attempt: follow redirects by hand (loops detected), enforce the total deadline and max_bytes, and
-        (unless fetching robots.txt itself) the publisher's robots.txt and X-Robots-Tag on every hop."""
+    def _fetch(self, url: str | None, obey_opt_outs: bool = True, keep_first: int | None = None) -> bytes:
+        """One attempt: follow redirects by hand (loops detected, none from a public address into the allowlist),
+        enforce the total deadline and max_bytes, and (unless fetching robots.txt itself) the publisher's robots.txt
+        and X-Robots-Tag on every hop. ``keep_first`` (robots.txt): keep that many bytes of a longer body instead of
+        refusing it."""
         cfg: DownloadConfig = self.config  # type: ignore[assignment]
         exc = self._urllib3.exceptions
         check_url(url)
         deadline = time.monotonic() + cfg.timeout
         seen = {url}
+        came_from_public = False
         for _ in range(cfg.max_redirects + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline - time.monotonic() <= 0:
                 raise FetchError("download:timeout", retryable=True)
-            timeout = self._urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=remaining)
             parts = urlsplit(url)
-            if obey_opt_outs and cfg.respect_robots_txt:
-                self._check_robots(parts.scheme, parts.netloc.rsplit("@", 1)[-1], url)
             try:
-                # every hop is resolved and checked again; the connection goes to the checked address
-                pool = self._pools.pool(parts.scheme, parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme])
+                # every hop is resolved and checked again (before its robots.txt is asked for: that is a request
+                # too); the connection goes to the checked address
+                pool, verdict = self._pools.pool(parts.scheme, parts.hostname,
+                                                 parts.port or DEFAULT_PORTS[parts.scheme])
             except BlockedAddress:
                 raise FetchError("download:blocked_address") from None
             except ResolveError as err:
                 reason = "download:dns_unavailable" if err.retryable else "download:dns_error"
                 raise FetchError(reason, retryable=err.retryable) from None
+            if verdict == ALLOWLISTED and came_from_public:  # a stranger's server choosing what we fetch inside
+                raise FetchError("download:blocked_redirect")
+            came_from_public = came_from_public or verdict == PUBLIC
+            if obey_opt_outs and cfg.respect_robots_txt:
+                self._check_robots(parts.scheme, parts.netloc.rsplit("@", 1)[-1], url)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchError("download:timeout", retryable=True)
+            timeout = self._urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=remaining)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host_header = parts.netloc.rsplit("@", 1)[-1]
             try:
@@ -328,9 +356,8 @@ class DownloadStage(Stage):
             reusable = False  # only a connection whose response was read to the end may serve another request
             try:
                 status = response.status
-                if status in (301, 302, 303, 307, 308):
-                    response.drain_conn()
-                    reusable = True
+                if status in REDIRECT_STATUSES:
+                    reusable = self._discard_body(response, deadline)
                     location = response.headers.get("Location")
                     try:
                         url = urljoin(url, location) if location else None
@@ -345,18 +372,16 @@ class DownloadStage(Stage):
                     seen.add(url)
                     continue
                 if status != 200:
-                    response.drain_conn()
-                    reusable = True
+                    reusable = self._discard_body(response, deadline)
                     retryable = status in (429, 500, 502, 503, 504)
                     retry_after = _retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
                     raise FetchError(f"download:http_{status}", retryable=retryable, retry_after=retry_after)
                 if obey_opt_outs and cfg.respect_x_robots_tag and x_robots_opts_out(
                         response.headers.getlist("X-Robots-Tag"), cfg.user_agent_token):
                     raise FetchError("optout:x_robots_tag", status=FILTERED)
-                body = self._read_body(response, deadline)
-                reusable = True
+                body, reusable = self._read_body(response, deadline, keep_first)
                 return body
-            except (exc.HTTPError, OSError):  # draining a broken response
+            except (exc.HTTPError, OSError):  # a response that broke under us
                 raise FetchError("download:connection_error", retryable=True) from None
             finally:
                 if reusable:
@@ -390,19 +415,50 @@ class DownloadStage(Stage):
     def _fetch_robots(self, url: str) -> tuple[int, bytes]:
         """(status, body) of a robots.txt: a 4xx is an answer (no rules), a network failure is not."""
         try:
-            return 200, self._fetch(url, obey_opt_outs=False)
+            return 200, self._fetch(url, obey_opt_outs=False, keep_first=ROBOTS_MAX_BYTES)
         except FetchError as err:
             if err.reason.startswith("download:http_"):
                 return int(err.reason.rsplit("_", 1)[1]), b""
-            if err.reason == "download:blocked_address":
-                return 404, b""  # the image request itself will be refused the same way
+            if err.reason in ("download:blocked_address", "download:blocked_redirect"):
+                return 404, b""  # not ours to read there: no rules (the image request is checked the same way)
             raise
 
-    def _read_body(self, response, deadline: float) -> bytes:
-        cfg: DownloadConfig = self.config  # type: ignore[assignment]
+    def _discard_body(self, response, deadline: float) -> bool:
+        """Read and drop the body of a redirect or an error answer; True when it ended, so that the connection can
+        serve another request. A body longer than DISCARD_MAX_BYTES or slower than DISCARD_MAX_SECONDS is left
+        unread (the caller closes the connection): a server must not hold the thread, or make us read without end,
+        with a body nobody wants. The status already said what the row needs, so no failure here changes it."""
         exc = self._urllib3.exceptions
         declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
+        if declared and declared.isdigit() and int(declared) > DISCARD_MAX_BYTES:
+            return False
+        sock = getattr(response.connection, "sock", None)
+        if sock is None:  # the server closes the connection after this answer: nothing to keep it for
+            return False
+        until = min(deadline, time.monotonic() + DISCARD_MAX_SECONDS)
+        size = 0
+        try:
+            while time.monotonic() < until:
+                # no read outlasts the slice (a reused connection gets its own timeout back with its next request)
+                sock.settimeout(max(0.01, until - time.monotonic()))
+                chunk = response.read1(DISCARD_MAX_BYTES, decode_content=False)
+                if not chunk:
+                    return True
+                size += len(chunk)
+                if size > DISCARD_MAX_BYTES:
+                    return False
+        except (exc.HTTPError, OSError):  # timed out or broken
+            pass
+        return False
+
+    def _read_body(self, response, deadline: float, keep_first: int | None = None) -> tuple[bytes, bool]:
+        """The body and whether it was read to its end: all of it, up to max_bytes (else download:too_large), or with
+        ``keep_first`` its first bytes however long it is (an empty body is then an answer too)."""
+        cfg: DownloadConfig = self.config  # type: ignore[assignment]
+        exc = self._urllib3.exceptions
+        limit = keep_first or cfg.max_bytes
+        declared = response.headers.get("Content-Length")
+        if keep_first is None and declared and declared.isdigit() and int(declared) > cfg.max_bytes:
             raise FetchError("download:too_large")
         chunks: list[bytes] = []
         size = 0
@@ -416,13 +472,15 @@ class DownloadStage(Stage):
                 if not chunk:
                     break
                 size += len(chunk)
-                if size > cfg.max_bytes:
-                    raise FetchError("download:too_large")
                 chunks.append(chunk)
+                if size > limit:
+                    if keep_first is None:
+                        raise FetchError("download:too_large")
+                    return b"".join(chunks)[:keep_first], False
         except exc.TimeoutError:
             raise FetchError("download:timeout", retryable=True) from None
         except (exc.ProtocolError, exc.HTTPError, OSError):
             raise FetchError("download:incomplete", retryable=True) from None
-        if not size:
+        if not size and keep_first is None:
             raise FetchError("download:empty_body")
-        return b"".join(chunks)
+        return b"".join(chunks), True

@@ -86,3 +86,36 @@ def test_user_agent_must_carry_its_token():
     with pytest.raises(ValidationError, match="user_agent_token"):
         DownloadConfig(user_agent="Mozilla/5.0")
     assert DownloadConfig(user_agent="mybot/1.0 (+https://example.org/bot)", user_agent_token="mybot")
+
+
+def test_the_robots_cache_is_bounded_in_origins_and_in_bytes():
+    """A worker meets many origins, some with 500 KiB robots.txt files: answers are kept, but not all of them."""
+    from curate.optout import RobotsCache
+
+    cache = RobotsCache(lambda url: (404, b""), "curate")
+    for i in range(15_000):
+        assert cache.allowed(f"http://h{i}.example", f"http://h{i}.example/x.jpg")
+    assert len(cache._rules) <= 5_000, f"{len(cache._rules)} origins cached"
+
+    body = b"User-agent: curate\nDisallow: /private/\n" + (b"# " + b"p" * 1021 + b"\n") * 400  # 400 KiB
+    large = RobotsCache(lambda url: (200, body), "curate")
+    for i in range(100):
+        assert not large.allowed(f"http://b{i}.example", f"http://b{i}.example/private/x.jpg")
+    held = len(large._rules) * len(body)
+    assert held <= 16 * 2**20, f"{len(large._rules)} robots.txt of 400 KiB cached: {held / 2**20:.0f} MiB"
+
+
+def test_a_robots_answer_is_asked_for_again_after_its_ttl():
+    """RFC 9309 §2.4: a cached robots.txt should not be used for more than 24 hours."""
+    import time
+
+    from curate.optout import RobotsCache
+
+    fetched: list[str] = []
+    cache = RobotsCache(lambda url: (fetched.append(url), (404, b""))[1], "curate", ttl_seconds=0.2)
+    assert cache.allowed("http://a.example", "http://a.example/x.jpg")
+    assert cache.allowed("http://a.example", "http://a.example/y.jpg")
+    assert len(fetched) == 1
+    time.sleep(0.3)
+    assert cache.allowed("http://a.example", "http://a.example/z.jpg")
+    assert len(fetched) == 2

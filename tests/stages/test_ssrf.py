@@ -25,18 +25,18 @@ ALLOWED = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"]
 
 @pytest.mark.parametrize("address", BLOCKED)
 def test_non_public_addresses_are_refused(address):
-    assert not AddressPolicy().allows(ipaddress.ip_address(address))
+    assert not AddressPolicy().allows(ipaddress.ip_address(address), 443)
 
 
 @pytest.mark.parametrize("address", ALLOWED)
 def test_public_addresses_are_allowed(address):
-    assert AddressPolicy().allows(ipaddress.ip_address(address))
+    assert AddressPolicy().allows(ipaddress.ip_address(address), 443)
 
 
 def test_explicit_allowances():
-    assert AddressPolicy(allowed_networks=["10.1.2.0/24"]).allows(ipaddress.ip_address("10.1.2.3"))
-    assert not AddressPolicy(allowed_networks=["10.1.2.0/24"]).allows(ipaddress.ip_address("10.1.3.3"))
-    assert AddressPolicy(allow_private_networks=True).allows(ipaddress.ip_address("169.254.169.254"))
+    assert AddressPolicy(allowed_networks=["10.1.2.0/24"]).allows(ipaddress.ip_address("10.1.2.3"), 443)
+    assert not AddressPolicy(allowed_networks=["10.1.2.0/24"]).allows(ipaddress.ip_address("10.1.3.3"), 443)
+    assert AddressPolicy(allow_private_networks=True).allows(ipaddress.ip_address("169.254.169.254"), 80)
 
 
 @pytest.mark.parametrize("spelling", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "localhost",
@@ -110,7 +110,7 @@ def test_ssrf_matrix_makes_zero_connections(canary, download_outcomes):
 def test_a_redirect_to_loopback_is_refused_on_the_hop(canary, fault_server, download_outcomes):
     """An allowed first hop (a trusted name, here pinned to the fault server) redirects to the canary."""
     port = int(fault_server.base_url.rsplit(":", 1)[1])
-    stage = DownloadStage(DownloadConfig(timeout=2, retries=0, allowed_hosts=["mirror.example"]))
+    stage = DownloadStage(DownloadConfig(timeout=2, retries=0, allowed_hosts=[f"mirror.example:{port}"]))
     stage.setup()
     stage._pools.resolver.overrides["mirror.example"] = ["127.0.0.1"]
     targets = [f"http://127.0.0.1:{canary.port}/x.jpg", f"http://localhost:{canary.port}/x.jpg",
@@ -136,3 +136,147 @@ def test_bad_networks_in_config_are_one_clear_error():
 
     with pytest.raises(ValidationError, match="CIDR"):
         DownloadConfig(allowed_networks=["not-a-net"])
+
+
+# Addresses that are not publicly routable although Python's ipaddress (3.11) counts them as global, or that reach
+# the network through a tunnel whose far end the address check cannot see.
+SPECIAL_RANGES = {
+    "fec0::1": "IPv6 site-local, deprecated (RFC 3879)",
+    "feff:ffff::1": "the top of fec0::/10",
+    "3fff::1": "IPv6 documentation prefix (RFC 9637)",
+    "192.0.0.8": "IETF protocol assignments, 192.0.0.0/24",
+    "192.0.0.200": "IETF protocol assignments, 192.0.0.0/24",
+    "192.88.99.1": "6to4 relay anycast, deprecated (RFC 7526)",
+    "::ffff:192.0.0.8": "IPv4-mapped spelling of 192.0.0.8",
+    "2002:c058:6301::1": "6to4 address carrying 192.88.99.1",
+    "2001:0:4136:e378:8000:63bf:f7f7:f7f7": "Teredo (its client part reads 8.8.8.8): a tunnel, not a host",
+}
+
+
+@pytest.mark.parametrize("address", list(SPECIAL_RANGES))
+def test_special_ranges_python_counts_as_global_are_refused(address):
+    pools = GuardedPools(AddressPolicy(), Resolver(), maxsize=1)
+    with pytest.raises(BlockedAddress):
+        pools.checked_address(address, 443)
+
+
+def test_an_allowlist_entry_without_a_port_opens_only_80_and_443(canary, download_outcomes):
+    """`allowed_networks: [127.0.0.1/32]` or `allowed_hosts: [mirror.example]` is a web mirror, not every service
+    on that machine: a URL list must not reach its other ports (here the canary's)."""
+    stage = DownloadStage(DownloadConfig(timeout=2, retries=0, allowed_networks=["127.0.0.1/32"],
+                                         allowed_hosts=["mirror.example"]))
+    stage.setup()
+    stage._pools.resolver.overrides["mirror.example"] = ["127.0.0.1"]
+    urls = [f"http://127.0.0.1:{canary.port}/x.jpg", f"http://mirror.example:{canary.port}/x.jpg"]
+    assert download_outcomes(stage, urls) == [("failed", "download:blocked_address")] * 2
+    assert canary.hits == 0
+
+
+@pytest.fixture(scope="module")
+def image_names(demo_pool) -> list[str]:
+    return [item.name for item in demo_pool[1] if item.kind == "clean"][:8]
+
+
+def test_allowlist_entries_with_a_port_open_that_port_only(canary, fault_server, image_names, download_outcomes):
+    port = int(fault_server.base_url.rsplit(":", 1)[1])
+    stage = DownloadStage(DownloadConfig(timeout=2, retries=0, allowed_networks=[f"127.0.0.1/32:{port}"],
+                                         allowed_hosts=[f"mirror.example:{port}"]))
+    stage.setup()
+    stage._pools.resolver.overrides["mirror.example"] = ["127.0.0.1"]
+    name = image_names[0]
+    urls = [fault_server.url("img", name), f"http://mirror.example:{port}/img/{name}",
+            f"http://127.0.0.1:{canary.port}/x.jpg", f"http://mirror.example:{canary.port}/x.jpg"]
+    assert download_outcomes(stage, urls) == [("ok", None)] * 2 + [("failed", "download:blocked_address")] * 2
+    assert canary.hits == 0
+
+
+def test_allowlist_ports_at_the_policy_level():
+    from curate.netguard import ALLOWLISTED, PUBLIC
+
+    ip = ipaddress.ip_address
+    policy = AddressPolicy(allowed_networks=["10.1.2.0/24:8443", "10.9.0.0/16", "fd00::/8:8080", "[fd01::/16]:81",
+                                             "10.7.0.0/16:*"],
+                           allowed_hosts=["mirror.internal:8080", "plain.internal", "[fd02::1]:82"])
+    assert policy.verdict(ip("10.1.2.3"), 8443) == ALLOWLISTED
+    assert policy.verdict(ip("10.1.2.3"), 443) is None
+    assert [policy.verdict(ip("10.9.1.1"), p) for p in (80, 443, 22, 6379)] == [ALLOWLISTED, ALLOWLISTED, None, None]
+    assert policy.verdict(ip("10.7.1.1"), 6379) == ALLOWLISTED  # ":*" says every port, deliberately
+    assert policy.verdict(ip("::ffff:10.1.2.3"), 8443) == ALLOWLISTED  # the same host, IPv4-mapped
+    assert policy.verdict(ip("fd00::5"), 8080) == ALLOWLISTED and policy.verdict(ip("fd00::5"), 80) is None
+    assert policy.verdict(ip("fd01::5"), 81) == ALLOWLISTED
+    assert policy.verdict(ip("10.200.0.1"), 8080, host="mirror.internal") == ALLOWLISTED
+    assert policy.verdict(ip("10.200.0.1"), 8081, host="mirror.internal") is None
+    assert policy.verdict(ip("10.200.0.1"), 8080, host="other.internal") is None
+    assert policy.verdict(ip("10.200.0.1"), 443, host="plain.internal") == ALLOWLISTED
+    assert policy.verdict(ip("10.200.0.1"), 8443, host="plain.internal") is None
+    assert policy.verdict(ip("fd02::1"), 82, host="fd02::1") == ALLOWLISTED
+    assert policy.verdict(ip("8.8.8.8"), 8443) == PUBLIC  # public addresses: any port, as before
+    assert policy.verdict(ip("8.8.8.8"), 443, host="mirror.internal") == PUBLIC  # a trusted name on a public address
+
+
+@pytest.mark.parametrize(("field", "entry", "message"), [
+    ("allowed_networks", "10.1.2.0/24:99999", "port"),
+    ("allowed_networks", "10.1.2.0/24:https", "port"),
+    ("allowed_networks", "10.1.2.0/24:", "port"),
+    ("allowed_hosts", "http://mirror.internal", "host or host:port"),
+    ("allowed_hosts", "mirror.internal:0", "port"),
+    ("allowed_hosts", "mirror.internal/images", "host or host:port"),
+    ("allowed_hosts", "", "host or host:port"),
+    ("allowed_hosts", "[fd00::1", "host or host:port"),
+])
+def test_bad_allowlist_entries_are_one_clear_error(field, entry, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message) as err:
+        DownloadConfig(**{field: [entry]})
+    assert repr(entry) in str(err.value) or f"'{entry}'" in str(err.value)
+
+
+def test_good_allowlist_entries_are_accepted():
+    config = DownloadConfig(allowed_networks=["10.1.2.0/24", "10.1.2.0/24:8443", "10.1.2.0/24:*", "10.1.2.3",
+                                              "10.1.2.3:8080", "fd00::/8", "fd00::/8:443", "[fd00::/8]:443"],
+                            allowed_hosts=["mirror.internal", "Mirror.Internal:8080", "mirror.internal:*",
+                                           "[fd00::1]:8080", "fd00::1"])
+    assert len(config.allowed_networks) == 8 and len(config.allowed_hosts) == 5
+
+
+def test_a_public_server_cannot_redirect_into_the_allowlist(demo_pool, fault_server, image_names, download_outcomes):
+    """The allowlist trusts an internal mirror for URLs that name it; a public server that answers with a redirect
+    into it is someone else choosing what we fetch there. No public address can be used here, so the fault server
+    (on 127.0.0.1, its own port) is declared public to the policy; the mirror is another loopback port, allowlisted
+    by name and by address."""
+    from curate.demo.server import FaultServer
+    from curate.netguard import AddressPolicy as Policy
+
+    public_port = int(fault_server.base_url.rsplit(":", 1)[1])
+    with FaultServer(demo_pool[0] / "files") as mirror:
+        port = int(mirror.base_url.rsplit(":", 1)[1])
+        allow = dict(allowed_networks=[f"127.0.0.1/32:{port}"], allowed_hosts=[f"mirror.internal:{port}"])
+
+        def stage() -> DownloadStage:
+            made = DownloadStage(DownloadConfig(timeout=2, retries=0, **allow))
+            made.setup()
+            made._pools.resolver.overrides["mirror.internal"] = ["127.0.0.1"]
+            made._pools.policy = Policy(**allow, treat_as_public=[f"127.0.0.1/32:{public_port}"])
+            return made
+
+        a, b, c, d = image_names[:4]
+        into_mirror = [f"http://mirror.internal:{port}/img/{a}", f"http://127.0.0.1:{port}/img/{b}"]
+        redirects = [f"{fault_server.base_url}/to/{quote(target, safe='')}" for target in into_mirror]
+        public_to_public = fault_server.url("redirect", c)
+        assert download_outcomes(stage(), redirects + [public_to_public]) == [
+            ("failed", "download:blocked_redirect")] * 2 + [("ok", None)]
+        assert sum(mirror.requests.values()) == 0  # not even its robots.txt
+        direct = [f"http://mirror.internal:{port}/img/{d}", f"http://127.0.0.1:{port}/img/{d}"]
+        assert download_outcomes(stage(), direct) == [("ok", None)] * 2
+
+
+def test_the_dns_cache_is_bounded():
+    """One worker meets millions of host names; each cached answer is kept for its TTL, but not all of them.
+    Decimal spellings of loopback addresses are resolved by getaddrinfo itself: no DNS query leaves the machine."""
+    resolver = Resolver(ttl_seconds=300.0)
+    names = [str(int(ipaddress.ip_address("127.0.0.1")) + i) for i in range(15_000)]
+    for name in names:
+        assert str(resolver.resolve(name, 80)[0]).startswith("127.")
+    assert len(resolver._cache) <= 5_000, f"{len(resolver._cache)} answers cached"
+    assert str(resolver.resolve(names[-1], 80)[0]) == str(ipaddress.ip_address(int(names[-1])))
