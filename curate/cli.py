@@ -54,8 +54,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from curate.jobs import submit
 
     return submit(args.pipeline, address=args.address, sets=args.set, input_path=args.input, output=args.output,
-                  working_dir=args.working_dir, pip=args.pip, env=args.env, wait=args.wait,
-                  insecure_http=args.insecure_http)
+                  working_dir=args.working_dir, pip=args.pip, env=args.env, include=args.include,
+                  wait=args.wait, insecure_http=args.insecure_http)
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
@@ -204,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="URL list every node can read (shared path or fsspec URL)")
     p.add_argument("--output", help="output folder every node can write (shared path or fsspec URL)")
     p.add_argument("--wait", action="store_true", help="stream the job's log and exit with its status")
-    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: here, "
-                   "a curate checkout; .gitignore'd files, .git, .venv, run outputs, parquet, tars, checkpoints, "
-                   ".env files and token files are left out)")
+    p.add_argument("--working-dir", default=".", help="the curate checkout the job gets (default: here); only "
+                   "curate/ (.py, .json), pipelines/ (.yaml), pyproject.toml and the pipeline are uploaded, and a "
+                   "symlink out of it is refused")
+    p.add_argument("--include", action="append", metavar="PATH", help="also upload this file or folder of the "
+                   "working directory, e.g. a file the pipeline names by a relative path (repeatable; hidden files "
+                   "in a folder are left out)")
     p.add_argument("--pip", action="append", help="a package the job's runtime env installs (repeatable)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="an environment variable for the job "
                    "(repeatable; keep credentials on the nodes, not here)")

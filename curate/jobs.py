@@ -5,10 +5,15 @@ token and nothing here works without one. The token comes from ``RAY_AUTH_TOKEN`
 names, or Ray's default file ``~/.ray/auth_token`` (``ray get-auth-token`` on the head prints it), never from the
 pipeline file.
 
-A submitted job runs ``python -m curate.cli run PIPELINE --address auto`` on the head node, with the working
-directory (this checkout: curate's code, the pipeline and anything else it names) uploaded as the job's runtime env;
-workers on every node import the same code. Inputs and outputs must be paths every node sees (a shared filesystem
-or an fsspec URL such as s3://), since the job reads and writes them from the cluster.
+A submitted job runs ``python -m curate.cli run PIPELINE --address auto`` on the head node, with an allow-list of
+the working directory (curate's code and package data, ``pipelines/``, ``pyproject.toml``, the pipeline named, and
+what ``--include`` names) uploaded as the job's runtime env; workers on every node import the same code. Nothing
+else of the checkout travels (keys, tokens, kubeconfigs, outputs), and a symlink that leaves it is refused. Inputs
+and outputs must be paths every node sees (a shared filesystem or an fsspec URL such as s3://), since the job reads
+and writes them from the cluster.
+
+Plain-http requests to the dashboard never go through a proxy (``HTTP_PROXY``, ``ALL_PROXY``): the proxy would read
+the token in clear text. https ones still may: a proxy tunnels them encrypted.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import ipaddress
 import os
 import shlex
 import sys
+import tempfile
 import time
+import urllib.request
+import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,9 +34,11 @@ from curate.errors import CurateError
 # Environment passed on to the job when set here (offline hubs, quiet imports); credentials are not: workers get
 # theirs from the node (instance role, mounted secret), so they never travel with the job or the pipeline.
 PASSED_ENV = ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "RAY_USAGE_STATS_ENABLED")
-# Never uploaded with the working directory (on top of its .gitignore): environments, outputs, data.
-EXCLUDES = [".git", ".venv", "**/__pycache__", "curate-demo", "**/parts/", "**/shards/", "**/embeddings/",
-            "*.tar", "*.parquet", "*.ckpt", "*.pt", "*.safetensors", ".env*", "*auth_token*"]
+# What a job gets of the working directory: these folders' files with these endings (curate's code and package
+# data, the pipelines) and these files; the pipeline named and --include add to it. An allow-list, since a checkout
+# or a home folder holds keys, tokens and kubeconfigs that a deny-list misses.
+UPLOAD_FOLDERS = {"curate": (".py", ".json"), "pipelines": (".yaml", ".yml")}
+UPLOAD_FILES = ("pyproject.toml",)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -86,16 +96,32 @@ def job_client(address: str | None, insecure_http: bool = False):
 
     url = dashboard_address(address, insecure_http)
     headers = {"Authorization": f"Bearer {auth_token()}"}
+    client_class = _direct_client(JobSubmissionClient) if url.startswith("http://") else JobSubmissionClient
     try:
-        return JobSubmissionClient(url, headers=headers), url
+        return client_class(url, headers=headers), url
     except Exception as err:  # AuthenticationError, ConnectionError, and what the SDK wraps them in
         raise CurateError(_explain(url, err)) from None
+
+
+def _direct_client(base: type) -> type:
+    """Ray's client with every request sent straight to the dashboard. Its requests honour HTTP_PROXY and ALL_PROXY
+    even for loopback, so a plain-http request would reach the proxy, token and all, in clear text. (Its log stream,
+    aiohttp, reads no proxy variables.)"""
+
+    class DirectJobSubmissionClient(base):
+        def _do_request(self, method, endpoint, **kwargs):
+            # None for every scheme a proxy variable names: requests drops those, so no proxy is used at all
+            kwargs.setdefault("proxies", dict.fromkeys({"http", "https", "all", *urllib.request.getproxies()}))
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return DirectJobSubmissionClient
 
 
 def _explain(url: str, err: Exception) -> str:
     text = str(err)
     if "Forbidden" in text or "invalid or incorrect" in text:
-        return f"{url}: the cluster refused the auth token (HTTP 403); check RAY_AUTH_TOKEN against `ray get-auth-token` on the head"
+        return (f"{url}: the cluster refused the auth token (HTTP 403); check RAY_AUTH_TOKEN against "
+                "`ray get-auth-token` on the head")
     if "Unauthorized" in text or "Authentication required" in text:
         return f"{url}: the cluster asked for an auth token and got none it accepts (HTTP 401)"
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
@@ -115,7 +141,8 @@ def _call(url: str, fn, *args, **kwargs):
 
 def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: str | None, output: str | None,
            working_dir: str = ".", pip: list[str] | None = None, env: list[str] | None = None,
-           wait: bool = False, insecure_http: bool = False, out=sys.stdout) -> int:
+           include: list[str] | None = None, wait: bool = False, insecure_http: bool = False,
+           out=sys.stdout) -> int:
     """Submit PIPELINE as a Ray job; print its id; with ``wait``, stream its logs and return its exit status."""
     from curate.config import load_pipeline
 
@@ -147,20 +174,82 @@ def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: s
         if not sep or not key:
             raise CurateError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
-    excludes = list(EXCLUDES)
-    for inside in (output or config.output.path, os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        if inside and "://" not in inside and Path(inside).resolve().is_relative_to(root):
-            excludes.append("/" + Path(inside).resolve().relative_to(root).as_posix())  # never upload outputs or the token
-    runtime_env: dict = {"working_dir": str(root), "excludes": excludes, "env_vars": env_vars}
-    if pip:
-        runtime_env["pip"] = list(pip)
+    files = upload_files(root, path, include or [])  # a symlink out of the checkout is refused before any request
     client, url = job_client(address, insecure_http)
-    job_id = _submit_when_ready(url, client, entrypoint=shlex.join(command), runtime_env=runtime_env,
-                                metadata={"curate_pipeline": path.name})
+    size = sum(file.stat().st_size for file in files.values())
+    print(f"curate: uploading {len(files)} files ({size / 1024:.1f} KiB) from {root} as the job's working "
+          f"directory: {_upload_summary(files)}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="curate-upload-") as scratch:
+        package = Path(scratch) / "working_dir.zip"
+        _write_package(files, package)
+        runtime_env: dict = {"working_dir": str(package), "env_vars": env_vars}
+        if pip:
+            runtime_env["pip"] = list(pip)
+        job_id = _submit_when_ready(url, client, entrypoint=shlex.join(command), runtime_env=runtime_env,
+                                    metadata={"curate_pipeline": path.name})
     print(job_id, file=out, flush=True)
     if not wait:
         return 0
     return follow(client, url, job_id, out=out)
+
+
+def upload_files(root: Path, pipeline: Path, include: list[str]) -> dict[str, Path]:
+    """What the job gets of ``root``: name in the package -> the file whose bytes it holds. Hidden files and
+    __pycache__ are left out of folders; a symlink is followed only while it stays inside ``root``."""
+    files: dict[str, Path] = {}
+    for folder, endings in UPLOAD_FOLDERS.items():
+        _collect(root, root / folder, endings, files)
+    for name in (*UPLOAD_FILES, pipeline.relative_to(root).as_posix()):
+        _collect(root, root / name, None, files)
+    for item in include:
+        given = Path(os.path.abspath(item))  # not resolved: a symlink on the way is named when refused
+        if not given.is_relative_to(root):
+            raise CurateError(f"--include {item}: lies outside the working directory {root}, which is what the job "
+                              "gets; copy it there or put it on a filesystem every node mounts")
+        if not given.exists():
+            raise CurateError(f"--include {item}: no such file or folder")
+        _collect(root, given, None, files)
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token_file:
+        files = {name: file for name, file in files.items() if file.resolve() != Path(token_file).resolve()}
+    return files
+
+
+def _collect(root: Path, path: Path, endings: tuple[str, ...] | None, files: dict[str, Path],
+             ancestors: frozenset[Path] = frozenset()) -> None:
+    name = path.relative_to(root).as_posix()
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        how = "a symlink to" if path.is_symlink() else "reached through a symlink, it is"
+        raise CurateError(f"{name}: {how} {real}, outside the working directory {root}; curate submit uploads "
+                          "nothing from outside it: remove the link or copy in what the job needs")
+    if path.is_dir():
+        if real in ancestors:  # a link back up the tree: its files are uploaded once, under their first name
+            return
+        for child in sorted(path.iterdir()):
+            if not child.name.startswith(".") and child.name != "__pycache__":
+                _collect(root, child, endings, files, ancestors | {real})
+    elif path.is_file() and (endings is None or path.suffix in endings):
+        files[name] = path
+
+
+def _upload_summary(files: dict[str, Path]) -> str:
+    counts: dict[str, int] = {}
+    for name in files:
+        top = name.split("/", 1)[0] + ("/" if "/" in name else "")
+        counts[top] = counts.get(top, 0) + 1
+    return ", ".join(f"{top} ({count})" if top.endswith("/") else top for top, count in sorted(counts.items()))
+
+
+def _write_package(files: dict[str, Path], package: Path) -> None:
+    """The working directory as Ray's runtime env takes it: a zip, entries relative to the root. Fixed timestamps
+    and order, so the same files make the same package and Ray skips uploading it again."""
+    with zipfile.ZipFile(package, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, files[name].read_bytes())
 
 
 def _submit_when_ready(url: str, client, ready_seconds: float = 60.0, **job) -> str:
@@ -213,7 +302,8 @@ def list_jobs(address: str | None, out=sys.stdout, insecure_http: bool = False) 
     return 0
 
 
-def job_logs(address: str | None, job_id: str, follow_logs: bool = False, out=sys.stdout, insecure_http: bool = False) -> int:
+def job_logs(address: str | None, job_id: str, follow_logs: bool = False, out=sys.stdout,
+             insecure_http: bool = False) -> int:
     client, url = job_client(address, insecure_http)
     if follow_logs:
         return follow(client, url, job_id, out=out)

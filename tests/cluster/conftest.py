@@ -21,6 +21,12 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+# The GCS declares a node dead after this many failed health checks this far apart: 3 × 1 s instead of Ray's 5 × 3 s,
+# so test_node_loss.py's killed raylet is noticed ~12 s sooner. A killed raylet refuses at once; a live one counts as
+# failed only when it has not answered in 10 s (Ray's timeout, kept), so a loaded machine needs 30 s of silence from
+# a raylet before it is wrongly declared dead.
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                 "RAY_health_check_timeout_ms": "10000"}
 
 
 @dataclass
@@ -72,7 +78,7 @@ def loopback_cluster():
     gcs_port, dashboard_port, client_port = _free_ports(3)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-               NO_ALBUMENTATIONS_UPDATE="1")
+               NO_ALBUMENTATIONS_UPDATE="1", **HEALTH_CHECKS)
     env.pop("RAY_ADDRESS", None)
     cluster = LoopbackCluster(f"http://127.0.0.1:{dashboard_port}", f"127.0.0.1:{gcs_port}", env, temp_dir)
     try:

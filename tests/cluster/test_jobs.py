@@ -30,23 +30,24 @@ def _kept(out) -> set[str]:
     return set(pc.filter(ledger.column("uid"), pc.equal(ledger.column("status"), "kept")).to_pylist())
 
 
-def _task_nodes(cluster, submission_id: str) -> dict[str, set[str]]:
-    """Task name -> the node ids that ran it, for one job, from Ray's state API (a client with the token, as a
-    user's shell)."""
+def _task_nodes(cluster, submission_id: str) -> tuple[dict[str, set[str]], str]:
+    """(task name -> the node ids that ran it, the node id of the job's driver), for one job, from Ray's state API
+    and the Jobs API (a client with the token, as a user's shell)."""
     script = ("import json, os, sys\nfrom ray.job_submission import JobSubmissionClient\n"
               "from ray.util.state import list_tasks\n"
               "auth = {'Authorization': 'Bearer ' + os.environ['RAY_AUTH_TOKEN']}\n"
-              "job = JobSubmissionClient(sys.argv[1], headers=auth).get_job_info(sys.argv[2]).job_id\n"
-              "tasks = list_tasks(address=sys.argv[1], filters=[('job_id', '=', job)], limit=10000,\n"
+              "info = JobSubmissionClient(sys.argv[1], headers=auth).get_job_info(sys.argv[2])\n"
+              "tasks = list_tasks(address=sys.argv[1], filters=[('job_id', '=', info.job_id)], limit=10000,\n"
               "                   raise_on_missing_output=False, detail=True)\n"
-              "print(json.dumps([[t.name, t.node_id] for t in tasks if t.node_id]))")
+              "print(json.dumps([info.driver_node_id, [[t.name, t.node_id] for t in tasks if t.node_id]]))")
     done = subprocess.run([sys.executable, "-c", script, cluster.dashboard, submission_id], env=cluster.env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    driver, tasks = json.loads(done.stdout.strip().splitlines()[-1])
     nodes: dict[str, set[str]] = {}
-    for name, node in json.loads(done.stdout.strip().splitlines()[-1]):
+    for name, node in tasks:
         nodes.setdefault(name, set()).add(node)
-    return nodes
+    return nodes, driver
 
 
 def test_submit_runs_the_demo_across_both_nodes(loopback_cluster, url_list, tmp_path):
@@ -60,11 +61,12 @@ def test_submit_runs_the_demo_across_both_nodes(loopback_cluster, url_list, tmp_
     assert check_run(out, 120) == []
     assert read_ledger(out).num_rows == 120
 
-    nodes = _task_nodes(loopback_cluster, job_id)
+    nodes, driver = _task_nodes(loopback_cluster, job_id)
     downloads = set().union(*(ids for name, ids in nodes.items() if "DownloadStageWorker" in name))
-    everything = set().union(*nodes.values())
     assert len(downloads) == 1  # pinned to the node with download_node
-    assert len(everything) == 2 and everything - downloads  # the head ran the rest (reads, writes, the driver's)
+    # Ray runs a job's driver on the head (a job without entrypoint resources): work ran on both nodes. Where the
+    # unpinned tasks (reads, writes) ran is Ray's choice, so it is not asserted.
+    assert driver and driver not in downloads
 
     listed = loopback_cluster.curate("jobs", "--address", loopback_cluster.dashboard)
     assert listed.returncode == 0 and any(job_id in line and "SUCCEEDED" in line for line in listed.stdout.splitlines())
