@@ -28,6 +28,17 @@ class InputConfig(BaseModel):
     url_col: str = "url"
     caption_col: str | None = Field("caption", description="null for URL-only lists")
     rows_per_chunk: int = Field(10_000, ge=1, description="input rows per resumable unit of work")
+    max_caption_chars: int = Field(
+        4000, ge=1, description="a longer caption is cut to this many characters and its row's caption_truncated set")
+    max_record_bytes: int = Field(
+        1 << 20, ge=1024, description="longest JSON or text line (a longer one fails the file, naming the line); "
+        "largest shard .json member (a larger one is dropped, like invalid JSON)")
+    max_extra_columns: int = Field(
+        64, ge=0, description="extra input columns (or JSON keys) kept as columns, the first names seen; a row's "
+        "others go into its input_other_keys, one JSON object")
+    keep_columns: list[str] | None = Field(
+        None, description="the extra columns to keep, instead of the first max_extra_columns; the others go into "
+        "input_other_keys")
 
 
 class OutputConfig(BaseModel):

@@ -35,6 +35,13 @@ BASE_DESCRIPTIONS = {
     "reason": "machine-readable '<domain>:<what>' for filtered and failed rows",
     "decided_by": "the stage that stopped the row",
 }
+# Columns the reader adds beside them: what it changed or folded of a stranger's row.
+READER_COLUMNS: dict[str, pa.DataType] = {"caption_truncated": pa.bool_(), "input_other_keys": pa.string()}
+READER_DESCRIPTIONS = {
+    "caption_truncated": "the input's caption was longer than input.max_caption_chars and was cut to it",
+    "input_other_keys": "JSON object of the input's extra keys beyond input.max_extra_columns / input.keep_columns "
+                        "(present only when some were folded)",
+}
 
 # Columns the writer needs: the image bytes and what goes into each sample's .txt.
 WRITER_INPUTS = ["uid", "url", "caption", "image", "image_ext"]
@@ -88,7 +95,7 @@ def reserved_column_names() -> frozenset[str]:
     from curate.stages.read_shards import SOURCE_COLUMNS
 
     # source_* point the downloader at local files: only the shard reader may set them, never an input list
-    names = set(BASE_COLUMNS) | set(LEDGER_SCHEMA.names) | set(SOURCE_COLUMNS)
+    names = set(BASE_COLUMNS) | set(READER_COLUMNS) | set(LEDGER_SCHEMA.names) | set(SOURCE_COLUMNS)
     for name, cls in STAGES.items():  # defaults without validation: some stages require a choice (alignment)
         names |= set(cls(cls.Config.model_construct(stage=name)).outputs())
     return frozenset(names)
@@ -152,6 +159,7 @@ def generated_schemas() -> dict[str, dict[str, Any]]:
     pipeline["$defs"].pop("StageConfig", None)
 
     record_columns: list[dict[str, str]] = _columns_doc(BASE_COLUMNS, BASE_DESCRIPTIONS)
+    record_columns += _columns_doc(READER_COLUMNS, READER_DESCRIPTIONS)
     for name, cls in sorted(STAGES.items()):
         if issubclass(cls, GlobalStage):  # decisions land in the ledger, not in the stored records
             continue

@@ -3,19 +3,27 @@
 Each row gets a stable ``uid`` and its position ``row`` in the whole input. The driver streams the files once and
 writes ``input/NNNNN.parquet`` chunks (as img2dataset does), so memory stays flat whatever the list's size and a rerun
 of the same input reuses them.
+
+Lists and shards come from strangers, so every read is bounded: a line by ``input.max_record_bytes``, a caption by
+``input.max_caption_chars`` (cut, and ``caption_truncated`` set), the extra columns by ``input.max_extra_columns`` or
+``input.keep_columns`` (the rest of a row's keys folded into one JSON text column, ``input_other_keys``), so a list
+whose every line brings a new key costs its size, not rows x keys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -23,11 +31,20 @@ from curate.config import InputConfig
 from curate.errors import CurateError
 from curate.schema import reserved_column_names
 from curate.stage import OK
-from curate.stages.read_shards import SOURCE_COLUMNS, iter_shard_rows
+from curate.stages.read_shards import SOURCE_COLUMNS, iter_shard_rows, valid_text
 
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt",
               ".tar": "webdataset"}
 READ_BATCH_ROWS = 8192
+READ_BATCH_BYTES = 32 << 20  # of JSON lines: a batch of long lines stays small
+LINE_BLOCK_BYTES = 1 << 16
+ROW_FORMATS = ("jsonl", "webdataset")  # read as one dict a row: their keys are folded by the reader itself
+OTHER_KEYS = "input_other_keys"
+TRUNCATED = "caption_truncated"
+# Columns of the reader's own, beside the base ones: an input column so named is kept as input_<name>.
+READER_COLUMNS = frozenset({OTHER_KEYS, TRUNCATED})
+# What a damaged compressed list raises from inside a read (gzip: EOFError and zlib.error; xz: LZMAError).
+READ_ERRORS = (pa.ArrowException, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -92,26 +109,113 @@ def detect_format(source: str, fmt: str) -> str:
     return EXTENSIONS[suffix]
 
 
+class ExtraColumns:
+    """Which extra input keys become columns: ``input.keep_columns`` when set, else the first
+    ``input.max_extra_columns`` names seen over the whole input, in order. The rest of a row's keys are folded into
+    one JSON text column (OTHER_KEYS), so a list whose every line has new keys costs its size, not rows x keys."""
+
+    def __init__(self, config: InputConfig) -> None:
+        self.keep = None if config.keep_columns is None else frozenset(config.keep_columns)
+        self.limit = config.max_extra_columns
+        self.kept: dict[str, None] = {}  # in the order first seen
+
+    def admits(self, name: str) -> bool:
+        if name == OTHER_KEYS:
+            return False  # an input column so named is folded with the others, never confused with ours
+        if self.keep is not None:
+            return name in self.keep
+        if name not in self.kept and len(self.kept) < self.limit:
+            self.kept[name] = None
+        return name in self.kept
+
+    def fold(self, row: dict[str, Any], fixed: tuple[str, ...]) -> dict[str, Any]:
+        """The row with its unadmitted keys moved into OTHER_KEYS, as one JSON object (nested values stay nested;
+        json.dumps raises RecursionError on one nested past the interpreter's limit)."""
+        other = {k: row.pop(k) for k in [k for k in row if k not in fixed and not self.admits(k)]}
+        if other:
+            row[OTHER_KEYS] = json.dumps(other, default=str)
+        return row
+
+    def fold_columns(self, table: pa.Table, fixed: tuple[str, ...]) -> pa.Table:
+        """The same for a table format: unadmitted columns become OTHER_KEYS (nulls left out)."""
+        folded = [name for name in table.column_names if name not in fixed and not self.admits(name)]
+        if not folded:
+            return table
+        texts = []
+        for row in table.select(folded).to_pylist():
+            present = {k: v for k, v in row.items() if v is not None}
+            texts.append(json.dumps(present, default=str) if present else None)
+        return table.drop_columns(folded).append_column(OTHER_KEYS, pa.array(texts, pa.string()))
+
+
+def _text_value(value: Any) -> str | None:
+    if value is None:
+        return None
+    return valid_text(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
 def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Columns from the union of keys (not just the first row's, as from_pylist would); a column whose values
-    mix types (a caption that is 5 in one row) becomes text rather than failing the file."""
+    mix types (a caption that is 5 in one row) or do not fit Arrow (a 31-digit number) becomes text rather than
+    failing the file."""
     keys = list(dict.fromkeys(key for row in rows for key in row))
     columns = {}
     for key in keys:
         values = [row.get(key) for row in rows]
         try:
             columns[key] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            columns[key] = pa.array(
-                [v if isinstance(v, str) or v is None else json.dumps(v, default=str) for v in values], pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, UnicodeEncodeError):
+            columns[key] = pa.array([_text_value(v) for v in values], pa.string())
     return pa.table(columns)
 
 
-def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
+def _lines(source: str, handle: Any, limit: int) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines, read a block at a time: a line over ``limit`` bytes fails before it is held whole
+    (``for line in handle`` would read a 1 GB line into memory)."""
+    number, rest = 0, b""
+    while block := handle.read(LINE_BLOCK_BYTES):
+        *complete, rest = (rest + block).split(b"\n")
+        for line in complete:
+            number += 1
+            if len(line) > limit:
+                raise _line_too_long(source, number, limit)
+            yield number, line
+        if len(rest) > limit:
+            raise _line_too_long(source, number + 1, limit)
+    if rest:
+        yield number + 1, rest
+
+
+def _line_too_long(source: str, number: int, limit: int) -> CurateError:
+    return CurateError(f"input {source}:{number}: line longer than input.max_record_bytes ({limit} bytes)")
+
+
+def _json_row(source: str, number: int, line: bytes, extra: ExtraColumns, fixed: tuple[str, ...]) -> dict[str, Any]:
+    """One JSONL line as a flat row (its other keys folded, nested values as JSON text), or the file fails
+    naming the line, as any invalid line does."""
+    try:
+        row = json.loads(line)
+        if isinstance(row, dict):
+            row = extra.fold({valid_text(k): v for k, v in row.items()}, fixed)
+            return {k: _text_value(v) if isinstance(v, (str, dict, list)) else v for k, v in row.items()}
+    except json.JSONDecodeError as err:
+        raise CurateError(f"input {source}:{number}: not a JSON object per line ({err.msg})") from None
+    except RecursionError:
+        raise CurateError(f"input {source}:{number}: not a JSON object per line (nested too deeply)") from None
+    except ValueError as err:  # not UTF-8, or a number of more than 4300 digits
+        raise CurateError(f"input {source}:{number}: not a JSON object per line ({str(err)[:80]})") from None
+    raise CurateError(f"input {source}:{number}: expected a JSON object, got {type(row).__name__}")
+
+
+def _iter_raw(source: str, fmt: str, config: InputConfig, extra: ExtraColumns) -> Iterator[pa.Table]:
     if fmt == "webdataset":  # offsets must be of the tar itself: no transparent decompression
+        fixed = ("url", "caption", *SOURCE_COLUMNS)
         with fsspec.open(source, "rb") as handle:
-            for rows in iter_shard_rows(source, handle):
-                yield _rows_to_table(rows)
+            try:
+                for rows in iter_shard_rows(source, handle, config.max_caption_chars, config.max_record_bytes):
+                    yield _rows_to_table([extra.fold(row, fixed) for row in rows])
+            except CurateError as err:
+                raise CurateError(f"input {err}") from None
         return
     with fsspec.open(source, "rb", compression="infer") as handle:
         if fmt == "parquet":
@@ -129,25 +233,22 @@ def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
             for batch in reader:
                 yield pa.Table.from_batches([batch])
         elif fmt == "jsonl":
+            fixed = tuple(c for c in (config.url_col, config.caption_col) if c)
             rows: list[dict[str, Any]] = []
-            for number, line in enumerate(handle, start=1):
+            batch_bytes = 0
+            for number, line in _lines(source, handle, config.max_record_bytes):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CurateError(f"input {source}:{number}: not a JSON object per line ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise CurateError(f"input {source}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-                if len(rows) == READ_BATCH_ROWS:
+                rows.append(_json_row(source, number, line, extra, fixed))
+                batch_bytes += len(line)
+                if len(rows) == READ_BATCH_ROWS or batch_bytes >= READ_BATCH_BYTES:
                     yield _rows_to_table(rows)
-                    rows = []
+                    rows, batch_bytes = [], 0
             if rows:
                 yield _rows_to_table(rows)
         elif fmt == "txt":
             urls: list[str] = []
-            for line in handle:
+            for _, line in _lines(source, handle, config.max_record_bytes):
                 url = line.decode("utf-8", "replace").strip()
                 if url:
                     urls.append(url)
@@ -163,14 +264,23 @@ def _iter_raw(source: str, fmt: str) -> Iterator[pa.Table]:
 def _check_columns(source: str, table: pa.Table, config: InputConfig, fmt: str) -> None:
     if fmt in ("txt", "webdataset"):
         return  # one URL a line, or samples with their own layout: no columns to name
+    names = table.column_names
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise CurateError(f"input {source}: column '{twice}' appears twice; name each column once")
     wanted = [("input.url_col", config.url_col)]
     if config.caption_col and fmt != "txt":
         wanted.append(("input.caption_col", config.caption_col))
     for key, column in wanted:
-        if column not in table.column_names:
-            raise CurateError(
-                f"input {source}: column '{column}' ({key}) not found; columns are: {', '.join(table.column_names)}"
-            )
+        if column not in names:
+            listed = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+            raise CurateError(f"input {source}: column '{column}' ({key}) not found; columns are: {listed}")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error, cut: pyarrow quotes the offending row, which can be megabytes."""
+    line = (str(err).splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def validate_input(config: InputConfig) -> list[str]:
@@ -180,11 +290,11 @@ def validate_input(config: InputConfig) -> list[str]:
         detect_format(source, config.format)
     first, fmt = sources[0], detect_format(sources[0], config.format)
     try:
-        sample = next(_iter_raw(first, fmt), None)
+        sample = next(_iter_raw(first, fmt, config, ExtraColumns(config)), None)
     except CurateError:
         raise  # already one clear line
     except Exception as err:  # pyarrow raises several types on unreadable files
-        raise CurateError(f"input {first}: cannot read as {fmt}: {str(err).splitlines()[0]}") from None
+        raise CurateError(f"input {first}: cannot read as {fmt}: {_first_line(err)}") from None
     if sample is not None:
         _check_columns(first, sample, config, fmt)
     return sources
@@ -214,15 +324,27 @@ def _keep_extra(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     return _as_text(column)
 
 
-def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_row: int, row_in_file: int) -> pa.Table:
+def _cap_captions(captions: pa.Array, max_chars: int) -> tuple[pa.Array, pa.Array]:
+    """Captions cut to ``max_chars`` characters, and which were cut."""
+    truncated = pc.fill_null(pc.greater(pc.utf8_length(captions), max_chars), False)
+    if not pc.any(truncated).as_py():
+        return captions, truncated
+    return pc.utf8_slice_codeunits(captions, 0, max_chars), truncated  # code points, despite the name
+
+
+def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_row: int, row_in_file: int,
+               extra: ExtraColumns) -> pa.Table:
     url_col = "url" if fmt in ("txt", "webdataset") else config.url_col
     caption_col = "caption" if fmt == "webdataset" else config.caption_col
+    if fmt not in ROW_FORMATS:
+        table = extra.fold_columns(table, tuple(c for c in (url_col, caption_col) if c))
     n = table.num_rows
     urls = _as_text(table.column(url_col)) if url_col in table.column_names else pa.nulls(n, pa.string())
     if caption_col and caption_col in table.column_names and fmt != "txt":
         captions = _as_text(table.column(caption_col))
     else:
         captions = pa.nulls(n, pa.string())
+    captions, truncated = _cap_captions(captions, config.max_caption_chars)
     keys = table.column("source_key").to_pylist() if fmt == "webdataset" else urls.to_pylist()
     uids = [make_uid(name, row_in_file + i, key) for i, key in enumerate(keys)]
     columns = {
@@ -233,17 +355,19 @@ def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_
         "status": pa.array([OK] * n, pa.string()),
         "reason": pa.nulls(n, pa.string()),
         "decided_by": pa.nulls(n, pa.string()),
+        TRUNCATED: truncated,
     }
-    reserved = reserved_column_names()
+    reserved = reserved_column_names() | READER_COLUMNS
     for name_ in SOURCE_COLUMNS:
         if fmt == "webdataset":
             columns[name_] = table.column(name_).cast(SOURCE_COLUMNS[name_])
-    for extra in table.column_names:
-        if extra in (url_col, caption_col) or (fmt == "webdataset" and extra in SOURCE_COLUMNS):
+    for column in table.column_names:
+        if column in (url_col, caption_col) or (fmt == "webdataset" and column in SOURCE_COLUMNS):
             continue
-        # an input column named like one of ours (uid, key, width, ...) is kept under another name, never dropped
-        target = extra if extra not in reserved else f"input_{extra}"
-        columns[target] = _keep_extra(table.column(extra))
+        # an input column named like one of ours (uid, key, width, ...) is kept under another name, never dropped;
+        # OTHER_KEYS here is the fold's own column (an input column so named was folded into it)
+        target = column if column not in reserved or column == OTHER_KEYS else f"input_{column}"
+        columns[target] = _keep_extra(table.column(column))
     return pa.table(columns)
 
 
@@ -263,7 +387,9 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def _settings(config: InputConfig) -> dict[str, Any]:
-    return {"url_col": config.url_col, "caption_col": config.caption_col, "rows_per_chunk": config.rows_per_chunk}
+    return {"url_col": config.url_col, "caption_col": config.caption_col, "rows_per_chunk": config.rows_per_chunk,
+            "max_caption_chars": config.max_caption_chars, "max_record_bytes": config.max_record_bytes,
+            "max_extra_columns": config.max_extra_columns, "keep_columns": config.keep_columns}
 
 
 def staged_chunks(config: InputConfig, sources: list[str], folder: Path) -> InputChunks | None:
@@ -300,14 +426,15 @@ def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputC
         chunks.append(path)
 
     labels = source_labels(sources)
+    extra = ExtraColumns(config)  # one for all files: the column budget is the whole input's
     for source in sources:
         fmt = detect_format(source, config.format)
         row_in_file = 0
         try:
-            for raw in _iter_raw(source, fmt):
+            for raw in _iter_raw(source, fmt, config, extra):
                 if row_in_file == 0:
                     _check_columns(source, raw, config, fmt)  # later batches may lack a column: nulls, not an error
-                table = _normalise(raw, labels[source], config, fmt, total, row_in_file)
+                table = _normalise(raw, labels[source], config, fmt, total, row_in_file, extra)
                 row_in_file += table.num_rows
                 total += table.num_rows
                 while table.num_rows:
@@ -320,8 +447,8 @@ def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputC
                         pending, pending_rows = [], 0
         except CurateError:
             raise
-        except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as err:
-            raise CurateError(f"input {source}: cannot read as {fmt}: {str(err).splitlines()[0]}") from None
+        except READ_ERRORS as err:
+            raise CurateError(f"input {source}: cannot read as {fmt}: {_first_line(err)}") from None
     if pending:
         flush(pending)
     done = {"sources": signature, "settings": settings, "chunks": [p.name for p in chunks], "rows": total}
