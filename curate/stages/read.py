@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from curate.atomic import atomic_file, write_text_atomic
 from curate.config import InputConfig
 from curate.errors import CurateError
 from curate.schema import reserved_column_names
@@ -381,9 +382,8 @@ def _source_signature(sources: list[str]) -> list[dict[str, Any]]:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        pq.write_table(table, handle)
 
 
 def _settings(config: InputConfig) -> dict[str, Any]:
@@ -452,7 +452,5 @@ def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputC
     if pending:
         flush(pending)
     done = {"sources": signature, "settings": settings, "chunks": [p.name for p in chunks], "rows": total}
-    tmp = done_marker.with_name(".tmp_SUCCESS.json")
-    tmp.write_text(json.dumps(done, indent=1))
-    os.replace(tmp, done_marker)
+    write_text_atomic(done_marker, json.dumps(done, indent=1))
     return InputChunks(chunks, total)
