@@ -163,9 +163,9 @@ def _flatten_copies(mode: str, transparent: bool) -> int:
 
 
 # What a format's decoder holds besides the image, per decoded pixel: while decoding (libwebp's decoded frame,
-# copied out of its canvas, and its lossless decoder's rows; the bytearray and copy of Pillow's BMP RLE decoder) and
-# for as long as the image lives (libwebp's two canvases). libtiff's strip buffer is counted from the file's tags.
-_DECODING_BYTES = {"WEBP": 6, "BMP_RLE": 2, "GIF": 1}
+# copied out of its canvas, and its alpha plane or lossless pixels; the bytearray and copy of Pillow's BMP RLE
+# decoder) and for as long as the image lives (libwebp's two canvases). libtiff's strip is counted from the tags.
+_DECODING_BYTES = {"WEBP": 8, "BMP_RLE": 2, "GIF": 1}
 _LASTING_BYTES = {"WEBP": 8}
 _KEEPS_FILE_COPY = {"WEBP"}  # Pillow's WebP decoder keeps its own copy of the whole file
 _ENCODED_BYTES = 5  # per output pixel: JPEG at quality 100 of noise reaches 4.1, plus BytesIO's growth

@@ -84,10 +84,12 @@ def test_resolved_fills_stage_defaults(tmp_path: Path) -> None:
         ("- just\n- a list\n", ["mapping"]),
         ("", ["mapping"]),
         ("name: t\nstages: []\n", ["stages", "column 'image'", "download"]),
+        ("name: t\nstages:\n  - stage: download\n    image_size: 20000\n    max_image_pixels: 1000000\n",
+         ["stages[0] (download)", "image_size 20000", "max_image_pixels 1000000", "every border row"]),
     ],
     ids=["top_level", "stage_key", "stage_name", "wrong_type", "bad_literal", "no_stage_key", "stage_not_mapping",
          "stages_not_list", "input_key", "nested_key", "out_of_range", "missing_name", "not_mapping", "empty",
-         "no_download"],
+         "no_download", "output_over_pixel_limit"],
 )
 def test_config_errors_name_file_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
     path = write(tmp_path, text)

@@ -31,7 +31,7 @@ BUDGET = 32 * MiB
 SLACK = 4 * MiB  # Python objects and codec state the fuzz loop itself leaves behind between measurements
 _LIBC = ctypes.CDLL("libc.so.6")
 limit_heap_growth()
-EXAMPLES = int(os.environ.get("CURATE_FUZZ_EXAMPLES", "5000"))
+EXAMPLES = int(os.environ.get("CURATE_FUZZ_EXAMPLES", "1500"))  # per CI run; ~100k random-seed cases found no more
 
 
 def _status(key: str) -> int:

@@ -80,13 +80,24 @@ class DownloadConfig(StageConfig):
     max_aspect_ratio: float = Field(math.inf, gt=0)
     max_image_pixels: int = Field(89_478_485, ge=1, description="refuse larger images before decoding them")
     decode_memory_mb: int = Field(
-        768, ge=16, description="decoded pixels one worker may hold at once; large images wait for their turn")
+        768, ge=16, description=(
+            "memory one worker's decodes may hold at once, counted by mode, format and step; large images wait for "
+            "their turn, and one that needs more than all of it is decode:over_budget (at 768: RGBA over ~81 MP, "
+            "LA over ~56 MP, WebP over ~35 MP)"))
 
     @model_validator(mode="after")
     def _token_in_user_agent(self) -> "DownloadConfig":
         if self.user_agent_token.lower() not in self.user_agent.lower():
             raise ValueError(f"user_agent must carry user_agent_token '{self.user_agent_token}' so publishers' "
                              "robots.txt rules can address it")
+        return self
+
+    @model_validator(mode="after")
+    def _output_fits_the_pixel_limit(self) -> "DownloadConfig":
+        if self.resize_mode in ("border", "center_crop") and self.image_size ** 2 > self.max_image_pixels:
+            raise ValueError(f"image_size {self.image_size} makes {self.image_size ** 2} pixels, over max_image_pixels "
+                             f"{self.max_image_pixels}: every {self.resize_mode} row would be refused; lower "
+                             "image_size or raise max_image_pixels")
         return self
 
     @field_validator("resize_mode", mode="before")
