@@ -42,8 +42,6 @@ LINE_BLOCK_BYTES = 1 << 16
 ROW_FORMATS = ("jsonl", "webdataset")  # read as one dict a row: their keys are folded by the reader itself
 OTHER_KEYS = "input_other_keys"
 TRUNCATED = "caption_truncated"
-# Columns of the reader's own, beside the base ones: an input column so named is kept as input_<name>.
-READER_COLUMNS = frozenset({OTHER_KEYS, TRUNCATED})
 # What a damaged compressed list raises from inside a read (gzip: EOFError and zlib.error; xz: LZMAError).
 READ_ERRORS = (pa.ArrowException, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError, OverflowError)
 
@@ -358,7 +356,7 @@ def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_
         "decided_by": pa.nulls(n, pa.string()),
         TRUNCATED: truncated,
     }
-    reserved = reserved_column_names() | READER_COLUMNS
+    reserved = reserved_column_names()  # the reader's own columns (curate.schema.READER_COLUMNS) included
     for name_ in SOURCE_COLUMNS:
         if fmt == "webdataset":
             columns[name_] = table.column(name_).cast(SOURCE_COLUMNS[name_])
