@@ -45,7 +45,7 @@ def _auc(scores: np.ndarray, shuffled: np.ndarray) -> float:
 def test_bootstrapped_scores_separate_shuffled_from_aligned(shuffled_pool, make_pipeline, tmp_path) -> None:
     """Two rounds: the second trains only on the rows the first trusted, and its models score the pool."""
     urls, _ = shuffled_pool
-    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 3, "steps": 150, "batch_size": 32, "rounds": 2,
+    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 3, "steps": 80, "batch_size": 32, "rounds": 2,
                                                       "keep_top": 0.7})
     out = tmp_path / "run"
     run_pipeline(make_pipeline("input.rows_per_chunk=100", score=score), input_path=str(urls), output=out,

@@ -29,7 +29,7 @@ def test_demo_curates_and_curated_training_beats_raw(tmp_path):
 
     out = tmp_path / "demo"
     done = curate("demo", "--n", "400", "--output", str(out), "--experiment-steps", "120",
-                  "--set", "score.bootstrap.steps=120", timeout=600)
+                  "--set", "score.bootstrap.steps=80", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rows in" in done.stdout and "download:http_404" in done.stdout and str(out / "run") in done.stdout
     assert " downloaded -> " in done.stdout and " decoded -> " in done.stdout and " kept" in done.stdout
