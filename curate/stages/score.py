@@ -162,7 +162,8 @@ class ScoreStage(Stage):
             self._device = "cuda"
         else:
             self._device = "cpu"
-            torch.set_num_threads(max(1, int(round(cfg.resources.cpus))))  # not every core of a shared node
+            if _in_ray_worker():  # a worker owns its declared CPUs, not every core of a shared node
+                torch.set_num_threads(max(1, int(round(cfg.resources.cpus))))
         self._clip = load_clip(cfg.spec(), self._device)
         self._itm_head = None
         if cfg.itm:
@@ -253,3 +254,11 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         raise ValueError("embedding column has missing rows")
     flat = array.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(len(array), -1) if len(array) else flat.reshape(0, 0)
+
+
+def _in_ray_worker() -> bool:
+    """True in a Ray task or actor; False in a driver, a notebook or a test that scores in-process, whose
+    thread count is its own to set."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE

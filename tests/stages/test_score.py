@@ -225,3 +225,15 @@ def test_folder_whose_only_weights_open_clip_would_ignore_is_refused(tiny_clip, 
 def test_relative_paths_become_absolute_in_the_driver(tiny_clip, monkeypatch) -> None:
     monkeypatch.chdir(tiny_clip.parent)
     assert ScoreConfig(model=tiny_clip.name).model == str(tiny_clip.resolve())
+
+
+def test_scoring_in_process_leaves_the_callers_torch_threads_alone(tiny_clip) -> None:
+    """A driver, notebook or test that scores in-process keeps its own thread count; only a Ray worker is
+    narrowed to the CPUs it declared (a 1-thread driver trains several times slower afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        make_stage(model=str(tiny_clip), resources={"cpus": 1})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
