@@ -93,13 +93,13 @@ def write_parts(folder: Path, codes, rows_per_part: int, content: dict | None = 
 def child(n: int, radius: int, seed: int, on_ray: bool, content: bool = False) -> dict:
     import tempfile
 
-    if on_ray:  # map and reduce tasks on Ray (curate.pool, curate.fan_out), as in a pipeline run on Ray
+    if on_ray:  # map and reduce tasks on Ray (curate.core.pool, curate.core.fan_out), as in a pipeline run on Ray
         from curate.config import RayConfig
-        from curate.ray_env import ensure_ray
+        from curate.cluster.ray_env import ensure_ray
 
         ensure_ray(RayConfig())
 
-    from curate.pool import Pool
+    from curate.core.pool import Pool
     from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
 
     codes = planted_codes(n, seed)
@@ -114,7 +114,7 @@ def child(n: int, radius: int, seed: int, on_ray: bool, content: bool = False) -
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "rss_before_mib": round(before / 1024, 1)}
     if n <= 20_000:
-        from curate.dedup import brute_force_pairs, phash_pairs
+        from curate.dedup.bands import brute_force_pairs, phash_pairs
 
         truth = brute_force_pairs(codes, radius)
         left, right = phash_pairs(codes, radius=radius)
@@ -136,7 +136,7 @@ def main() -> None:
                         "runs: five view codes a row in the band search, then the thumbnails' second check")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from curate.dedup import DEFAULT_RADIUS, tables_for
+    from curate.dedup.bands import DEFAULT_RADIUS, tables_for
 
     radius = DEFAULT_RADIUS if args.radius is None else args.radius
     if args.child:

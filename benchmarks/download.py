@@ -128,9 +128,9 @@ def curate_overrides(args: argparse.Namespace) -> list[str]:
 
 def child_curate(spec: dict, local: bool = False) -> dict:
     """curate on an embedded Ray (Ray's start timed apart), or with ``local`` in this one process (`--local`)."""
-    from curate.config import load_pipeline
-    from curate.ray_env import ensure_ray
-    from curate.runner import run_pipeline
+    from curate.core.pipeline import load_pipeline
+    from curate.cluster.ray_env import ensure_ray
+    from curate.core.runner import run_pipeline
 
     config = load_pipeline(REPO / "pipelines" / "demo.yaml", spec["overrides"])
     start = time.perf_counter()

@@ -47,9 +47,9 @@ def run_pool(pool: Path, run: Path, pipeline: Path, overrides: list[str], local:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
     from curate.demo.server import FaultServer
-    from curate.runner import run_pipeline
+    from curate.core.runner import run_pipeline
 
     config = load_pipeline(pipeline, ["download.allow_private_networks=true", *overrides])
     shutil.rmtree(run, ignore_errors=True)
@@ -65,8 +65,8 @@ def run_pool(pool: Path, run: Path, pipeline: Path, overrides: list[str], local:
 
 
 def redecide_run(source: Path, run: Path, pipeline: Path, overrides: list[str]) -> Path:
-    from curate.config import load_pipeline
-    from curate.redecide import redecide
+    from curate.core.pipeline import load_pipeline
+    from curate.core.redecide import redecide
 
     config = load_pipeline(pipeline, ["download.allow_private_networks=true", *overrides])
     shutil.rmtree(run, ignore_errors=True)
@@ -79,8 +79,8 @@ def rows_with_truth(pool: Path, run: Path) -> dict[str, np.ndarray]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate import parts as part_store
-    from curate.ledger import read_ledger
+    from curate.core import parts as part_store
+    from curate.core.ledger import read_ledger
 
     ledger = read_ledger(run)
     truth = pq.read_table(pool / "truth.parquet")
@@ -113,7 +113,7 @@ def rows_with_truth(pool: Path, run: Path) -> dict[str, np.ndarray]:
     rows["relative_score"] = np.full(len(index), None, dtype=object)
     if any(s is not None for s in rows["clip_score"]) and "image_embedding" in pq.ParquetFile(
             part_store.part_files(run)[0]).schema_arrow.names:
-        from curate.pool import Pool
+        from curate.core.pool import Pool
         from curate.stages.alignment import AlignmentConfig, relative_scores
 
         defaults = AlignmentConfig(keep_top=1.0)
@@ -148,7 +148,7 @@ def rank_in_model(scores: np.ndarray, models: np.ndarray) -> np.ndarray:
 
 
 def stage_order(run: Path) -> list[str]:
-    from curate.ledger import read_manifest
+    from curate.core.ledger import read_manifest
 
     return [stage.name for stage in read_manifest(run).stages]  # type: ignore[union-attr]
 
@@ -337,8 +337,8 @@ def variant_protocol(pool: Path, pipeline: Path, overrides: list[str], pictures:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from curate.config import load_pipeline
-    from curate.imaging import ImageRejected, decode_and_resize
+    from curate.core.pipeline import load_pipeline
+    from curate.stages.download.imaging import ImageRejected, decode_and_resize
     from curate.stages import STAGES
     from curate.stages.hash import HashConfig, HashStage
 
@@ -379,7 +379,7 @@ def variant_protocol(pool: Path, pipeline: Path, overrides: list[str], pictures:
         live = table.filter(pa.compute.invert(pa.compute.is_in(table.column("uid"),
                                                                value_set=pa.array(sorted(removed), pa.string()))))
         columns = ["uid", *tier.inputs(), *[c for c in tier.optional_inputs() if c in live.column_names]]
-        out = tier.decide(live.select(list(dict.fromkeys(columns))))
+        out = tier.decide(live.select(list(dict.fromkeys(columns)))).table
         removed.update(zip(out.column("uid").to_pylist(), out.column("duplicate_of").to_pylist()))
     survivor = {}
     for uid in names:

@@ -27,8 +27,8 @@ def synthesise(out: Path, rows: int, seed: int = 0) -> None:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from curate.ledger import LedgerWriter, Manifest, StageStats, write_json_atomic
-    from curate.parts import PARTS
+    from curate.core.ledger import LedgerWriter, Manifest, StageStats, write_json_atomic
+    from curate.core.parts import PARTS
 
     rng = np.random.default_rng(seed)
     images = []

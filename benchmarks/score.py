@@ -31,7 +31,7 @@ def make_table(n: int, side: int):
     import pyarrow as pa
 
     from curate.demo.pool import make_sized_pool
-    from curate.schema import BASE_COLUMNS
+    from curate.core.schema import BASE_COLUMNS
 
     with tempfile.TemporaryDirectory() as tmp:
         items = make_sized_pool(Path(tmp), n, min_side=side, max_side=side + 1, png_share=0.0)
@@ -81,10 +81,10 @@ def through_ray(table, args, threads: int) -> tuple[float, float, float]:
     import ray
 
     from curate.config import RayConfig
-    from curate.ray_env import ensure_ray, worker_cpus
-    from curate.stage import Resources
+    from curate.cluster.ray_env import ensure_ray, worker_cpus
+    from curate.config import Resources
     from curate.stages.score import ScoreConfig, ScoreStage
-    from curate.worker import worker_class
+    from curate.core.worker import worker_class
 
     start = time.perf_counter()
     ensure_ray(RayConfig())
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="the actor's CPUs")
     args = parser.parse_args()
 
-    from curate.ray_env import RESERVED_CPUS
+    from curate.cluster.ray_env import RESERVED_CPUS
 
     table = make_table(args.n, args.side)
     # what the runner would give the actor on this machine, and the same threads for the bare loop

@@ -121,9 +121,9 @@ class GpuSampler:
 
 
 def end_to_end(shards: Path, out: Path, args: argparse.Namespace) -> tuple[float, int, list[float]]:
-    from curate.config import load_pipeline
-    from curate.ray_env import ensure_ray
-    from curate.runner import run_pipeline
+    from curate.core.pipeline import load_pipeline
+    from curate.cluster.ray_env import ensure_ray
+    from curate.core.runner import run_pipeline
 
     cpus = os.cpu_count() or 1
     config = load_pipeline(REPO / "pipelines" / "laion_style.yaml", [

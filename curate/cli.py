@@ -14,7 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
 
     for path in args.pipelines:
         config = load_pipeline(path, args.set)
@@ -23,15 +23,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
     from curate.report.inspect import print_funnel
-    from curate.runner import run_pipeline
+    from curate.core.runner import run_pipeline
 
     config = load_pipeline(args.pipeline, args.set)
     if args.dry_run and not args.from_run:
         raise CurateError("--dry-run: give --from-run OUT, the finished run to decide again")
     if args.from_run:
-        from curate.redecide import dry_run, redecide
+        from curate.core.redecide import dry_run, redecide
         from curate.report.inspect import print_manifest
 
         if args.dry_run:
@@ -51,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from curate.jobs import submit
+    from curate.cluster.jobs import submit
 
     return submit(args.pipeline, address=args.address, sets=args.set, input_path=args.input, output=args.output,
                   working_dir=args.working_dir, pip=args.pip, env=args.env, include=args.include,
@@ -59,19 +59,19 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from curate.jobs import list_jobs
+    from curate.cluster.jobs import list_jobs
 
     return list_jobs(args.address, insecure_http=args.insecure_http)
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from curate.jobs import job_logs
+    from curate.cluster.jobs import job_logs
 
     return job_logs(args.address, args.job, follow_logs=args.follow, insecure_http=args.insecure_http)
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from curate.jobs import stop_job
+    from curate.cluster.jobs import stop_job
 
     return stop_job(args.address, args.job, insecure_http=args.insecure_http)
 
@@ -155,7 +155,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from curate.schema import write_schemas
+    from curate.core.schema import write_schemas
 
     for path in write_schemas(Path(args.write)):
         print(path)

@@ -1,4 +1,6 @@
-"""Pipeline configs: YAML files validated before any work starts.
+"""Pipeline configs as data: the models of a pipeline file (input, stages, output, ray), the base of every
+stage's config, `--set` overrides and YAML reading. Binding stage names to stage classes is
+curate.core.pipeline's job; this module imports nothing of the pipeline machinery.
 
 Every error names the file, the key, what was given and what was expected, on one line.
 """
@@ -13,7 +15,33 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate.errors import CurateError
-from curate.stage import StageConfig
+
+class Resources(BaseModel):
+    """What one worker of a stage needs; the runner turns this into Ray resources and pool sizes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed)")
+    gpus: float = Field(0.0, ge=0, description="GPUs reserved per worker (fractions allowed)")
+    batch_size: int = Field(128, ge=1, description="rows per batch handed to process()")
+    concurrency: int | None = Field(
+        None, ge=1, description="workers (actor pool size); default: as many as the cluster's CPUs allow"
+    )
+    custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. download_node")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: the ``stage`` name plus its resources. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    resources: Resources = Field(default_factory=Resources)
+
+    def resolve_with(self, earlier: list[StageConfig]) -> None:
+        """Take settings from the stages before this one (caption scores with the pipeline's score stage); raise
+        ValueError naming what is missing. Runs at validation and again for configs built in code."""
+
 
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "webdataset"]
 
@@ -74,7 +102,7 @@ class PipelineConfig(BaseModel):
         return data
 
 
-def _fmt_loc(loc: tuple[Any, ...], raw_stages: list[Any] | None = None) -> str:
+def fmt_loc(loc: tuple[Any, ...], raw_stages: list[Any] | None = None) -> str:
     parts: list[str] = []
     for i, item in enumerate(loc):
         if isinstance(item, int):
@@ -86,9 +114,9 @@ def _fmt_loc(loc: tuple[Any, ...], raw_stages: list[Any] | None = None) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def _first_error(source: str, err: ValidationError, prefix: tuple[Any, ...] = (), raw_stages: list[Any] | None = None):
+def first_error(source: str, err: ValidationError, prefix: tuple[Any, ...] = (), raw_stages: list[Any] | None = None):
     e = err.errors()[0]
-    loc = _fmt_loc(prefix + tuple(e["loc"]), raw_stages)
+    loc = fmt_loc(prefix + tuple(e["loc"]), raw_stages)
     if e["type"] == "extra_forbidden":
         return CurateError(f"{source}: {loc}: unknown key")
     if e["type"] == "missing":
@@ -98,83 +126,10 @@ def _first_error(source: str, err: ValidationError, prefix: tuple[Any, ...] = ()
     return CurateError(f"{source}: {loc}: {e['msg']}; got {e['input']!r}")
 
 
-def _unknown_key_hint(source: str, loc: str, key: str, known: list[str]) -> CurateError:
+def unknown_key_hint(source: str, loc: str, key: str, known: list[str]) -> CurateError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return CurateError(f"{source}: {loc}: unknown key '{key}'{hint}; expected one of: {', '.join(known)}")
-
-
-def validate_pipeline(raw: Any, source: str) -> PipelineConfig:
-    """Validate plain data (parsed YAML) into a PipelineConfig, or raise one CurateError line."""
-    from curate.stages import STAGES
-
-    if not isinstance(raw, dict):
-        raise CurateError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw_stages = raw.get("stages") or []
-    if not isinstance(raw_stages, list):
-        raise CurateError(f"{source}: stages: expected a list of stages; got {raw_stages!r}")
-    stages: list[StageConfig] = []
-    for i, item in enumerate(raw_stages):
-        if not isinstance(item, dict) or "stage" not in item:
-            raise CurateError(f"{source}: stages[{i}]: expected a mapping with a 'stage' key; got {item!r}")
-        name = item["stage"]
-        if not isinstance(name, str):
-            raise CurateError(f"{source}: stages[{i}].stage: expected a stage name; got {name!r}")
-        if name not in STAGES:
-            close = difflib.get_close_matches(str(name), list(STAGES), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise CurateError(
-                f"{source}: stages[{i}].stage: unknown stage '{name}'{hint}; known stages: {', '.join(sorted(STAGES))}"
-            )
-        config_cls = STAGES[name].Config
-        try:
-            stage_config = config_cls.model_validate(item)
-            resolve = getattr(stage_config, "resolve_with", None)
-            if resolve is not None:  # settings taken from earlier stages (caption scores with the score stage)
-                resolve(stages)
-            stages.append(stage_config)
-        except ValidationError as err:
-            first = err.errors()[0]
-            if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
-                known = [k for k in config_cls.model_fields if k != "stage"]
-                raise _unknown_key_hint(source, f"stages[{i}] ({name})", str(first["loc"][0]), known) from None
-            raise _first_error(source, err, ("stages", i), raw_stages) from None
-        except ValueError as err:  # from resolve_with: a setting that depends on the stages before it
-            raise CurateError(f"{source}: stages[{i}] ({name}): {err}") from None
-    try:
-        config = PipelineConfig.model_validate({**raw, "stages": []})
-    except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "extra_forbidden":
-            loc = tuple(first["loc"])
-            model: type[BaseModel] = PipelineConfig
-            for part in loc[:-1]:
-                model = model.model_fields[part].annotation  # type: ignore[assignment]
-            known = list(model.model_fields)
-            raise _unknown_key_hint(source, _fmt_loc(loc[:-1]) if len(loc) > 1 else "(top level)", str(loc[-1]), known) from None
-        raise _first_error(source, err) from None
-    config.stages = stages
-    check_stage_order(config, source)
-    from curate.schema import check_column_flow
-
-    check_column_flow(config, source)
-    return config
-
-
-def check_stage_order(config: PipelineConfig, source: str) -> None:
-    """Per-sample stages stream first; global stages decide over what they stored."""
-    from curate.stage import GlobalStage
-    from curate.stages import STAGES
-
-    last_global = None
-    for i, stage in enumerate(config.stages):
-        if issubclass(STAGES[stage.stage], GlobalStage):
-            last_global = stage.stage
-        elif last_global:
-            raise CurateError(
-                f"{source}: stages[{i}] ({stage.stage}): a per-sample stage cannot follow the global stage "
-                f"'{last_global}'; put per-sample stages first"
-            )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -236,14 +191,3 @@ def read_yaml(path: Path) -> Any:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise CurateError(f"{path}{where}: malformed YAML: {problem}") from None
-
-
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a pipeline file."""
-    path = Path(path)
-    raw = read_yaml(path)
-    if overrides:
-        if not isinstance(raw, dict):
-            raise CurateError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-        raw = apply_overrides(raw, overrides)
-    return validate_pipeline(raw, str(path))

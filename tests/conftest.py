@@ -48,7 +48,7 @@ def ray_session():
     import ray
 
     from curate.config import RayConfig
-    from curate.ray_env import ensure_ray
+    from curate.cluster.ray_env import ensure_ray
 
     ensure_ray(RayConfig(num_cpus=2))
     yield ray
@@ -59,7 +59,7 @@ def ray_session():
 def make_pipeline():
     """pipelines/demo.yaml with test-friendly timeouts and small shards, plus any `--set` strings given; `score`
     (a ScoreConfig) appends a score stage."""
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
 
     def make(*sets: str, score=None):
         base = ["download.timeout=1.5", "download.retries=1", "download.backoff=0.05",
@@ -118,7 +118,7 @@ def pool_images(demo_pool):
 @pytest.fixture(scope="session")
 def curated_shards(url_list, make_pipeline, tmp_path_factory, fault_server) -> Path:
     """The demo pool curated in-process (no Ray): its shards folder, ~90 kept samples in 3 tars."""
-    from curate.runner import run_pipeline
+    from curate.core.runner import run_pipeline
 
     out = tmp_path_factory.mktemp("curated") / "run"
     run_pipeline(make_pipeline(), input_path=str(url_list), output=out, local=True, progress=False)

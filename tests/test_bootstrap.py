@@ -12,10 +12,10 @@ import pytest
 
 from curate.demo.pool import make_pool, write_url_list
 from curate.demo.server import FaultServer
-from curate.embeddings import read_embeddings
+from curate.core.embeddings import read_embeddings
 from curate.errors import CurateError
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 from curate.stages.score import ScoreConfig
 
 

@@ -8,9 +8,10 @@ import time
 
 from PIL import Image
 
-from curate.budget import Budget, OverBudget
+from curate.stages.download.budget import Budget, OverBudget
 from curate.demo.server import FaultServer
-from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download.config import DownloadConfig
+from curate.stages.download.stage import DownloadStage
 
 
 def test_budget_bounds_what_threads_hold_at_once():

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.ledger import check_run
+from curate.core.ledger import check_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "pipelines" / "demo.yaml")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from curate.cli import main
-from curate.config import PipelineConfig, apply_overrides, load_pipeline, parse_override, read_yaml
+from curate.config import PipelineConfig, apply_overrides, parse_override, read_yaml
+from curate.core.pipeline import load_pipeline
 from curate.errors import CurateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +209,7 @@ def test_cli_subprocess_exit_codes(tmp_path: Path) -> None:
 
 def test_resize_mode_no_survives_yaml(tmp_path) -> None:
     """YAML 1.1 reads a bare `no` as false; `resize_mode: no` must still mean img2dataset's "no"."""
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
 
     path = tmp_path / "p.yaml"
     path.write_text("name: p\nstages:\n  - stage: download\n    resize_mode: no\n")

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from curate.budget import Budget
-from curate.imaging import DecodedImage, ImageRejected, ResizeSpec, decode_and_resize, limit_heap_growth
+from curate.stages.download.budget import Budget
+from curate.stages.download.imaging import DecodedImage, ImageRejected, ResizeSpec, decode_and_resize, limit_heap_growth
 
 MiB = 2**20
 BUDGET = 32 * MiB

@@ -15,7 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imp
 from img2dataset.resizer import Resizer  # noqa: E402
 
 from curate.demo.pool import bomb_png  # noqa: E402
-from curate.imaging import ImageRejected, ResizeSpec, decode_and_resize, target_size  # noqa: E402
+from curate.stages.download.imaging import ImageRejected, ResizeSpec, decode_and_resize, target_size  # noqa: E402
 
 MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 SIZES = [(300, 200), (200, 300), (640, 480), (100, 100), (97, 251), (129, 128), (1000, 30), (33, 17)]

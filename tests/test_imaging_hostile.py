@@ -28,9 +28,9 @@ from PIL import (
 )
 
 import curate
-from curate.budget import Budget
+from curate.stages.download.budget import Budget
 from curate.demo.pool import bomb_png
-from curate.imaging import DecodedImage, ImageRejected, ResizeSpec, decode_and_resize, limit_heap_growth
+from curate.stages.download.imaging import DecodedImage, ImageRejected, ResizeSpec, decode_and_resize, limit_heap_growth
 
 MiB = 2**20
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -76,7 +76,7 @@ def encode(img: Image.Image, fmt: str, **options) -> bytes:
 _CHILD = r"""
 import ctypes, gc, json, resource, sys, time
 from pathlib import Path
-from curate.imaging import DecodedImage, ImageRejected, ResizeSpec, decode_and_resize, limit_heap_growth
+from curate.stages.download.imaging import DecodedImage, ImageRejected, ResizeSpec, decode_and_resize, limit_heap_growth
 limit_heap_growth()
 raw, spec, cap = Path(sys.argv[1]).read_bytes(), ResizeSpec(**json.loads(sys.argv[2])), int(sys.argv[3])
 status = lambda key: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from curate.errors import CurateError
-from curate.jobs import auth_token, dashboard_address, list_jobs, stop_job, submit
+from curate.cluster.jobs import auth_token, dashboard_address, list_jobs, stop_job, submit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def _checkout_with_secrets(tmp_path) -> tuple[Path, Path]:
     (home / "token").write_text("cluster-token")
     root = tmp_path / "checkout"
     files = {
-        "curate/__init__.py": "", "curate/cli.py": "# cli", "curate/stages/download.py": "# download",
+        "curate/__init__.py": "", "curate/cli.py": "# cli", "curate/stages/download/stage.py": "# download",
         "curate/models/configs/curate-tiny.json": "{}", "curate/__pycache__/cli.cpython-311.pyc": "pyc",
         "curate/notes.txt": "not code", "pipelines/demo.yaml": (REPO / "pipelines" / "demo.yaml").read_text(),
         "pyproject.toml": "[project]\nname = 'curate'\n", "README.md": "readme",
@@ -218,7 +218,7 @@ def test_submit_uploads_only_the_allow_list_and_says_what(no_token, tmp_path, mo
     monkeypatch.chdir(root)
     assert submit("pipelines/demo.yaml", address=jobs_api.url, sets=[], input_path="/data/urls.parquet",
                   output="/data/out", out=io.StringIO()) == 0
-    assert _uploaded(jobs_api) == {"curate/__init__.py", "curate/cli.py", "curate/stages/download.py",
+    assert _uploaded(jobs_api) == {"curate/__init__.py", "curate/cli.py", "curate/stages/download/stage.py",
                                    "curate/models/configs/curate-tiny.json", "pipelines/demo.yaml",
                                    "pipelines/alias.yaml", "pyproject.toml"}
     said = capsys.readouterr().err

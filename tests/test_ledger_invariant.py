@@ -11,12 +11,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from curate.config import load_pipeline
+from curate.core.pipeline import load_pipeline
 from curate.demo.pool import make_pool, write_url_list
 from curate.demo.server import FaultServer
-from curate.ledger import check_run, read_ledger
-from curate.parts import part_files
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.parts import part_files
+from curate.core.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_resume_after_a_retried_batch_and_a_lost_one(tmp_path):
     stored: the counts add up, but the rerun must still store the missing rows and drop the doubles."""
     import pyarrow.parquet as pq
 
-    from curate.parts import write_part
+    from curate.core.parts import write_part
 
     items = make_pool(tmp_path, n=60, seed=11)
     with FaultServer(tmp_path / "files", slow_seconds=5.0) as server:

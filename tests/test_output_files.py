@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from curate.atomic import atomic_file, temporary_name, write_text_atomic
+from curate.core.atomic import atomic_file, temporary_name, write_text_atomic
 from curate.demo.pool import make_pool, write_url_list
 from curate.demo.server import FaultServer
-from curate.ledger import check_run, read_manifest
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_manifest
+from curate.core.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["download.timeout=2", "download.retries=0", "input.rows_per_chunk=40", "output.samples_per_shard=8"]
@@ -28,7 +28,7 @@ def urls(tmp_path_factory):
 
 
 def _run(urls: Path, out: Path) -> None:
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
 
     run_pipeline(load_pipeline(REPO / "pipelines" / "demo.yaml", SETS), input_path=str(urls), output=out,
                  local=True, progress=False)

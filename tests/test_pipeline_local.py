@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curate.ledger import check_run, read_ledger, read_manifest
-from curate.runner import run_pipeline
-from curate.stage import GlobalStage, StageConfig
+from curate.core.ledger import check_run, read_ledger, read_manifest
+from curate.core.runner import run_pipeline
+from curate.core.stage import GlobalStage, Removals
+from curate.config import StageConfig
 from curate.stages import STAGES
 
 EXPECTED = {
@@ -106,7 +107,7 @@ class KeepFirstCaption(GlobalStage):
     def inputs(self) -> list[str]:
         return ["caption"]
 
-    def decide(self, metadata: pa.Table) -> pa.Table:
+    def decide(self, metadata: pa.Table) -> Removals:
         first: dict[str, str] = {}
         removed = []
         for row in sorted(metadata.to_pylist(), key=lambda r: r["uid"]):
@@ -114,8 +115,7 @@ class KeepFirstCaption(GlobalStage):
                 removed.append(row["uid"])
             else:
                 first[row["caption"]] = row["uid"]
-        return pa.table({"uid": removed, "status": ["filtered"] * len(removed),
-                         "reason": ["test:same_caption"] * len(removed)})
+        return Removals.of(removed, "test:same_caption")
 
 
 def test_global_stage_decides_over_stored_metadata(url_list, make_pipeline, tmp_path, monkeypatch, fault_server):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from curate.ledger import check_run, read_ledger, read_manifest
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger, read_manifest
+from curate.core.runner import run_pipeline
 
 
 def test_ray_run_matches_local_run(ray_session, url_list, make_pipeline, tmp_path, fault_server):
@@ -24,7 +24,7 @@ def test_ray_run_matches_local_run(ray_session, url_list, make_pipeline, tmp_pat
 def test_ray_actor_pool_made_progress_with_stages_in_parallel(ray_session, url_list, make_pipeline, tmp_path,
                                                              fault_server):
     """A pool sized from the cluster must leave room for the read and part-writing tasks (no starvation)."""
-    from curate.ray_env import pool_size
+    from curate.cluster.ray_env import pool_size
 
     config = make_pipeline("download.resources.cpus=0.5")
     assert pool_size(config.stages[0].resources) >= 1

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 from curate.stages.dedup_exact import DedupExactConfig
 from curate.stages.dedup_phash import DedupPhashConfig
 from curate.stages.hash import HashConfig

@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from curate.embeddings import read_embeddings
+from curate.core.embeddings import read_embeddings
 from curate.errors import CurateError
-from curate.ledger import check_run, read_ledger, read_manifest
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger, read_manifest
+from curate.core.runner import run_pipeline
 from curate.stages.score import ScoreConfig
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import dedup, pool as pool_module, semdedup
-from curate.fan_out import in_process
-from curate.pool import Pool, ids_in
+from curate.core import pool as pool_module
+from curate.dedup import bands, exact, semantic
+from curate.core.fan_out import in_process
+from curate.core.pool import Pool, ids_in
 
 
 def _write_parts(folder, parts: int, rows: int) -> list:
@@ -65,20 +66,20 @@ def _pairs(found: tuple[np.ndarray, np.ndarray]) -> set[tuple[int, int]]:
 def test_dedup_pairs_do_not_depend_on_how_the_pool_is_cut(monkeypatch) -> None:
     table = _table(4000)
     whole = Pool.from_table(table)
-    expected = (_pairs(dedup.phash_pair_rows(whole, radius=6)), _pairs(dedup.exact_pair_rows(whole, ["sha256"])),
-                _pairs(semdedup.semantic_pair_rows(whole, 0.999, clusters=4)))
+    expected = (_pairs(bands.phash_pair_rows(whole, radius=6)), _pairs(exact.exact_pair_rows(whole, ["sha256"])),
+                _pairs(semantic.semantic_pair_rows(whole, 0.999, clusters=4)))
     assert len(expected[0]) >= 290 and len(expected[1]) == 50 and len(expected[2]) >= 95
-    monkeypatch.setattr(dedup, "ENTRIES_PER_TASK", 1500)  # 19 pHash partitions (7 bands)
-    monkeypatch.setattr(semdedup, "BYTES_PER_TASK", 20_000)  # 7 cluster partitions
+    monkeypatch.setattr(bands, "ENTRIES_PER_TASK", 1500)  # 19 pHash partitions (7 bands)
+    monkeypatch.setattr(semantic, "BYTES_PER_TASK", 20_000)  # 7 cluster partitions
     cut = Pool.from_table(table, pieces=7)
-    assert (_pairs(dedup.phash_pair_rows(cut, radius=6)), _pairs(dedup.exact_pair_rows(cut, ["sha256"])),
-            _pairs(semdedup.semantic_pair_rows(cut, 0.999, clusters=4))) == expected
+    assert (_pairs(bands.phash_pair_rows(cut, radius=6)), _pairs(exact.exact_pair_rows(cut, ["sha256"])),
+            _pairs(semantic.semantic_pair_rows(cut, 0.999, clusters=4))) == expected
 
 
 def test_a_phash_reduce_task_gets_about_its_share_of_the_entries() -> None:
     codes = np.random.default_rng(1).integers(-2**63, 2**63 - 1, size=20_000, dtype=np.int64)
     table = pa.table({"row": pa.array(np.arange(20_000)), "phash": pa.array(codes)})
-    pieces = dedup._codes_to_bands((8, 36), table)
+    pieces = bands.codes_to_bands((8, 36), table)
     sizes = [len(piece) for piece in pieces]
     assert len(sizes) == 36 and sum(sizes) == 9 * 20_000  # each row once per band
     assert max(sizes) <= 1.5 * sum(sizes) / 36
@@ -92,7 +93,7 @@ def test_semantic_tier_handles_models_of_different_widths() -> None:
     table = pa.table({"uid": [f"u{i:04d}" for i in range(600)], "clip_model": ["small"] * 300 + ["large"] * 300,
                       "image_embedding": pa.array([v.tolist() for v in narrow] + [v.tolist() for v in wide],
                                                   pa.list_(pa.float32()))})
-    pairs = _pairs(semdedup.semantic_pair_rows(Pool.from_table(table, pieces=3), 0.999, clusters=2))
+    pairs = _pairs(semantic.semantic_pair_rows(Pool.from_table(table, pieces=3), 0.999, clusters=2))
     assert pairs == {(i, 250 + i) for i in range(50)} | {(300 + i, 500 + i) for i in range(60)}
 
 
@@ -100,7 +101,7 @@ def test_a_cluster_of_many_copies_comes_back_as_a_forest() -> None:
     rng = np.random.default_rng(8)
     base = rng.normal(size=16)
     vectors = np.stack([base + 1e-4 * rng.normal(size=16) for _ in range(400)])
-    left, right = semdedup.semantic_pairs(vectors, threshold=0.99, clusters=1)
+    left, right = semantic.semantic_pairs(vectors, threshold=0.99, clusters=1)
     assert len(left) == 399 and set(left.tolist()) == {0} and set(right.tolist()) == set(range(1, 400))
 
 
@@ -109,3 +110,20 @@ def test_a_group_is_big_enough_for_its_pieces_even_past_its_row_cap(tmp_path) ->
     with in_process():
         assert [len(g) for g in pool.groups(max_rows=100)] == [1] * 6
         assert [len(g) for g in pool.groups(min_rows=300, max_rows=100)] == [3, 3]  # pieces must not be inlined
+
+
+def test_lookup_reads_only_the_parts_whose_names_hold_the_rows(tmp_path, monkeypatch) -> None:
+    from curate.core.parts import write_part
+
+    for part in range(6):
+        ids = np.arange(part * 100, (part + 1) * 100)
+        write_part(pa.table({"uid": [f"u{i}" for i in ids], "row": pa.array(ids, pa.int64()), "status": ["ok"] * 100,
+                             "phash": pa.array(ids * 3, pa.int64())}), str(tmp_path / "parts"))
+    pool = Pool.from_parts(sorted((tmp_path / "parts").iterdir()))
+    read: list[str] = []
+    real_read = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda source, *a, **k: read.append(str(source)) or real_read(source, *a, **k))
+    with in_process():
+        found = pool.lookup(np.array([5, 250, 299]), ["phash"])
+    assert found.column("phash").to_pylist() == [15, 750, 897]
+    assert sorted(p.rsplit("/", 1)[1][:25] for p in read) == ["000000000000-000000000099", "000000000200-000000000299"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from curate.parts import batch_summary
-from curate.runner import Progress, run_pipeline
+from curate.core.parts import batch_summary
+from curate.core.runner import Progress, run_pipeline
 
 
 def test_progress_line_names_each_stage_and_its_busy_time_per_row() -> None:

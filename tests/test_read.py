@@ -12,8 +12,9 @@ import pytest
 
 from curate.config import InputConfig
 from curate.errors import CurateError
-from curate.schema import BASE_COLUMNS
-from curate.stages.read import InputChunks, stage_input, validate_input
+from curate.core.schema import BASE_COLUMNS
+from curate.inputs.chunks import InputChunks, stage_input
+from curate.inputs.formats import validate_input
 
 URLS = [f"http://127.0.0.1/img/{i:06d}.jpg" for i in range(7)]
 CAPTIONS = [f"caption {i}, with a comma" for i in range(7)]

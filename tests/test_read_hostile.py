@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 
 from curate.config import InputConfig
 from curate.errors import CurateError
-from curate.schema import reserved_column_names
-from curate.stages.read import stage_input, validate_input
-from curate.stages.read_shards import read_member
+from curate.core.schema import reserved_column_names
+from curate.inputs.chunks import stage_input
+from curate.inputs.formats import validate_input
+from curate.inputs.shards import read_member
 
 DEFAULT_CAPTION_CHARS = InputConfig().model_dump().get("max_caption_chars", 4000)
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from curate.errors import CurateError
-from curate.ledger import check_run, read_ledger, read_manifest
-from curate.redecide import dry_run, redecide
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger, read_manifest
+from curate.core.redecide import dry_run, redecide
+from curate.core.runner import run_pipeline
 from curate.stages.alignment import AlignmentConfig
 from curate.stages.rules import RulesConfig
 from curate.stages.score import ScoreConfig

@@ -14,8 +14,8 @@ import pytest
 
 from curate.demo.pool import make_pool, write_url_list
 from curate.demo.server import FaultServer
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["download.timeout=1", "download.retries=1", "download.backoff=0.05", "input.rows_per_chunk=40",
@@ -34,7 +34,7 @@ def served_pool(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(served_pool, tmp_path_factory):
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
 
     urls, _ = served_pool
     out = tmp_path_factory.mktemp("reference") / "run"

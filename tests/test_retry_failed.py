@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curate.config import load_pipeline
+from curate.core.pipeline import load_pipeline
 from curate.demo.pool import make_pool, write_url_list
 from curate.demo.server import FaultServer
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

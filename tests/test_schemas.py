@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curate.schema import LEDGER_SCHEMA, generated_schemas, write_schemas
+from curate.core.schema import LEDGER_SCHEMA, generated_schemas, write_schemas
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 

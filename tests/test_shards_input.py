@@ -8,8 +8,8 @@ import json
 import webdataset as wds
 from PIL import Image
 
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 
 
 def _jpeg(colour, size=(120, 90), fmt="JPEG") -> bytes:

@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow as pa
 import ray.cloudpickle as cloudpickle
 
-from curate.stage import RowOutcomes, Stage, StageConfig
-from curate.worker import StageWorker, worker_class
+from curate.core.stage import RowOutcomes, Stage
+from curate.config import StageConfig
+from curate.core.worker import StageWorker, worker_class
 
 
 def _batch(n: int, dead: set[int] = frozenset()) -> pa.Table:

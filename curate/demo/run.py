@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from curate.config import load_pipeline
+from curate.core.pipeline import load_pipeline
 from curate.errors import CurateError
 from curate.report.inspect import print_funnel
-from curate.runner import run_pipeline
+from curate.core.runner import run_pipeline
 
 
 def demo_pipeline_path(download_only: bool = False) -> Path:
@@ -29,8 +29,8 @@ def print_alignment(run_dir: Path) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from curate import parts as part_store
-    from curate.ledger import read_ledger
+    from curate.core import parts as part_store
+    from curate.core.ledger import read_ledger
 
     stored = pa.concat_tables([pq.read_table(p, columns=["uid", "kind", "clip_score"])
                                for p in part_store.part_files(run_dir)], promote_options="permissive")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curate.atomic import atomic_folder
+from curate.core.atomic import atomic_folder
 from curate.errors import CurateError
 
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from curate.errors import CurateError
-from curate.ledger import read_ledger, read_manifest
+from curate.core.ledger import read_ledger, read_manifest
 from curate.report.terminal import printable
 
 

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import parts as part_store
-from curate.atomic import write_text_atomic
+from curate.core import parts as part_store
+from curate.core.atomic import write_text_atomic
 from curate.errors import CurateError
-from curate.ledger import Manifest, read_ledger, read_manifest
+from curate.core.ledger import Manifest, read_ledger, read_manifest
 
 PER_GALLERY = 16  # thumbnails per reason
 NEAR = 8  # rows each side of a threshold

@@ -7,18 +7,17 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from curate.errors import CurateError
-from curate.ledger import Manifest, check_run, read_ledger, read_manifest
+from curate.core.ledger import Manifest, check_run, read_ledger, read_manifest
 from curate.report.terminal import printable
 
 
 def _funnel_steps(manifest: Manifest) -> list[str]:
-    """rows in → downloaded → decoded → ... → kept, from each stage's declared reason domains."""
-    from curate.stages import STAGES
-
+    """rows in → downloaded → decoded → ... → kept, from the reason domains each stage declared (the manifest
+    carries them: the report reads a run's outputs, not the stage classes)."""
     steps = [f"{manifest.input_rows} in"]
     for stage in manifest.stages:
         alive = stage.rows_in
-        for domain, label in getattr(STAGES.get(stage.name), "funnel", ()):
+        for domain, label in stage.funnel:
             alive -= sum(n for reason, n in manifest.totals_by_reason.items() if reason.startswith(f"{domain}:"))
             steps.append(f"{alive} {label}")
         if stage.name != "write" and stage.rows_out != alive:

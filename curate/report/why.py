@@ -9,23 +9,22 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import parts as part_store
+from curate.core import parts as part_store
 from curate.errors import CurateError
-from curate.ledger import read_ledger
+from curate.core.ledger import Manifest, read_ledger, read_manifest
 from curate.report.terminal import printable
-from curate.schema import BASE_COLUMNS, is_embedding_column
+from curate.core.schema import BASE_COLUMNS, is_embedding_column
 
 HIDDEN = {"image"}  # bytes: shown as a size
 
 
-def _stage_of_columns() -> dict[str, str]:
-    from curate.stages import STAGES
-
+def _stage_of_columns(manifest: Manifest) -> dict[str, str]:
+    """Which stage stored each column, as the run's manifest records it."""
     owner = {name: "input" for name in BASE_COLUMNS}
-    for name, cls in STAGES.items():
-        for column in cls(cls.Config.model_construct(stage=name)).outputs():
-            owner.setdefault(column, name)
-        owner.setdefault(f"{name}_seconds", name)
+    for stage in manifest.stages:
+        for column in stage.columns:
+            owner.setdefault(column, stage.name)
+        owner.setdefault(f"{stage.name}_seconds", stage.name)
     return owner
 
 
@@ -61,7 +60,10 @@ def _show(value: Any) -> str:
 
 def print_why(out: Path, key: str) -> int:
     out = Path(out)
-    owner = _stage_of_columns()
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise CurateError(f"{out}: no manifest.json; the run has not finished (run it again to resume)")
+    owner = _stage_of_columns(manifest)
     ledger = read_ledger(out)
     by_uid = {r["uid"]: r for r in ledger.select(["uid", "status", "reason"]).to_pylist()}
     for row in find_rows(out, key):

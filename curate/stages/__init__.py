@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from curate.stage import GlobalStage, Stage
+from curate.core.stage import GlobalStage, Stage
 from curate.stages.alignment import AlignmentFilter
 from curate.stages.caption import CaptionStage
 from curate.stages.concepts import ConceptFilter
@@ -10,7 +10,7 @@ from curate.stages.decontaminate import Decontaminate
 from curate.stages.dedup_exact import DedupExact
 from curate.stages.dedup_phash import DedupPhash
 from curate.stages.dedup_semantic import DedupSemantic
-from curate.stages.download import DownloadStage
+from curate.stages.download.stage import DownloadStage
 from curate.stages.hash import HashStage
 from curate.stages.rules import RuleFilter
 from curate.stages.score import ScoreStage

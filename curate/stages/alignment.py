@@ -9,7 +9,7 @@ the image its caption than the pool's other captions: the cosine minus the mean 
 ``neighbours`` nearest counterparts in a reference sample of the pool (CSLS, the hubness correction of
 cross-lingual retrieval). A caption common in the pool ("flag", a boilerplate line) sits near many images and a blank
 image near many captions; raw cosines reward both for being common, relative ones do not. It reads the stored
-embeddings in tasks (curate.pool): the driver holds the reference sample and one score per row.
+embeddings in tasks (curate.core.pool): the driver holds the reference sample and one score per row.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.pool import Pool
-from curate.stage import FILTERED, GlobalStage, StageConfig
+from curate.core.pool import Pool
+from curate.core.stage import GlobalStage, Removals
+from curate.config import StageConfig
 
 BELOW_MIN, BELOW_TOP = "alignment:below_min_score", "alignment:below_top_fraction"
 
@@ -54,27 +55,26 @@ class AlignmentConfig(StageConfig):
         return self
 
 
-class AlignmentFilter(GlobalStage):
+class AlignmentFilter(GlobalStage[AlignmentConfig]):
     name = "alignment"
     Config = AlignmentConfig
     counts_would_reject = True
 
     def inputs(self) -> list[str]:
-        config: AlignmentConfig = self.config  # type: ignore[assignment]
+        config: AlignmentConfig = self.config
         return [config.column, "clip_model"] + (["image_embedding", "text_embedding"] if config.relative else [])
 
-    def decide_pool(self, pool: Pool) -> pa.Table:
-        config: AlignmentConfig = self.config  # type: ignore[assignment]
+    def decide_pool(self, pool: Pool) -> Removals:
+        config: AlignmentConfig = self.config
         if not config.relative:
             return super().decide_pool(pool)
         scored = relative_scores(pool, config.reference_rows, config.neighbours)
         removed = self.decide(scored.rename_columns(["row", "uid", "clip_model", config.column]))
-        rows = dict(zip(scored.column("uid").to_pylist(), scored.column("row").to_pylist()))
-        return removed.append_column("row", pa.array([rows[u] for u in removed.column("uid").to_pylist()],
-                                                     pa.int64()))
+        return removed.with_rows(dict(zip(scored.column("uid").to_pylist(), scored.column("row").to_pylist())),
+                                 self.name)
 
-    def decide(self, metadata: pa.Table) -> pa.Table:
-        config: AlignmentConfig = self.config  # type: ignore[assignment]
+    def decide(self, metadata: pa.Table) -> Removals:
+        config: AlignmentConfig = self.config
         uids = np.asarray(metadata.column("uid").to_pylist(), dtype=object)
         scores = metadata.column(config.column).to_numpy(zero_copy_only=False).astype(np.float64)
         scores = np.where(np.isnan(scores), -np.inf, scores)  # a row without a score never ranks above one with it
@@ -83,9 +83,7 @@ class AlignmentFilter(GlobalStage):
         else:
             removed, reason = self.outside_top(uids, scores, metadata.column("clip_model").to_pylist(),
                                                 config.keep_top), BELOW_TOP  # type: ignore[arg-type]
-        out = uids[removed].tolist()
-        return pa.table({"uid": pa.array(out, pa.string()), "status": pa.array([FILTERED] * len(out), pa.string()),
-                         "reason": pa.array([reason] * len(out), pa.string())})
+        return Removals.of(uids[removed].tolist(), reason)
 
     @staticmethod
     def outside_top(uids: np.ndarray, scores: np.ndarray, models: list[str | None], fraction: float) -> np.ndarray:

@@ -25,7 +25,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate.errors import CurateError
-from curate.stage import Resources, RowOutcomes, Stage, StageConfig
+from curate.config import Resources, StageConfig
+from curate.core.stage import RowOutcomes, Stage
 
 RAW, SYNTHETIC = "raw", "synthetic"
 SCORED_MODES = ("best", "rescue")
@@ -100,17 +101,17 @@ def uses_open_clip(config: CaptionConfig) -> bool:
     return config.model in open_clip.list_models() or config.model in builtin_architectures()
 
 
-class CaptionStage(Stage):
+class CaptionStage(Stage[CaptionConfig]):
     name = "caption"
     Config = CaptionConfig
 
     def inputs(self) -> list[str]:
-        config: CaptionConfig = self.config  # type: ignore[assignment]
+        config: CaptionConfig = self.config
         scored = ["clip_score", "image_embedding"] if config.mode in SCORED_MODES else []
         return ["image", "caption", *scored]
 
     def outputs(self) -> dict[str, pa.DataType]:
-        config: CaptionConfig = self.config  # type: ignore[assignment]
+        config: CaptionConfig = self.config
         columns = {"caption": pa.string(), "original_caption": pa.string(), "synthetic_caption": pa.string(),
                    "caption_source": pa.string(), "caption_model": pa.string(), "caption_prompt": pa.string()}
         if config.mode in SCORED_MODES:
@@ -119,7 +120,7 @@ class CaptionStage(Stage):
         return columns
 
     def preflight(self) -> None:
-        config: CaptionConfig = self.config  # type: ignore[assignment]
+        config: CaptionConfig = self.config
         if config.scorer is not None:
             from curate.models.clip import ClipSpec, preflight
 
@@ -128,7 +129,7 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         import torch
 
-        config: CaptionConfig = self.config  # type: ignore[assignment]
+        config: CaptionConfig = self.config
         if config.resources.gpus and not torch.cuda.is_available():
             raise CurateError("caption: resources.gpus is set but this worker sees no CUDA device")
         self._device = "cuda" if config.resources.gpus else "cpu"
@@ -146,7 +147,7 @@ class CaptionStage(Stage):
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
-        config: CaptionConfig = self.config  # type: ignore[assignment]
+        config: CaptionConfig = self.config
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
         raw = [c or "" for c in batch.column("caption").to_pylist()]
         scores = batch.column("clip_score").to_pylist() if config.mode in SCORED_MODES else [None] * len(raw)
@@ -183,7 +184,7 @@ class CaptionStage(Stage):
         """Cosine of each synthetic caption with the row's stored image embedding, from the scoring model."""
         import torch
 
-        from curate.semdedup import unit_rows
+        from curate.dedup.semantic import unit_rows
 
         rows = [i for i, text in synthetic.items() if text]
         if not rows:

@@ -17,7 +17,8 @@ from pydantic import Field, field_validator
 
 from curate.errors import CurateError
 from curate.models.clip import ClipSpec
-from curate.stage import FILTERED, GlobalStage, Stage, StageConfig
+from curate.core.stage import GlobalStage, Removals, Stage
+from curate.config import StageConfig
 
 
 class ConceptsConfig(StageConfig):
@@ -45,7 +46,7 @@ class ConceptsConfig(StageConfig):
         return value
 
 
-class ConceptFilter(GlobalStage):
+class ConceptFilter(GlobalStage[ConceptsConfig]):
     name = "concepts"
     Config = ConceptsConfig
     counts_would_reject: ClassVar[bool] = True
@@ -60,7 +61,7 @@ class ConceptFilter(GlobalStage):
 
     def bind(self, stages: list[Stage]) -> None:
         score = next((s for s in stages if s.name == "score"), None)
-        if score is not None and not getattr(score, "deferred", False):
+        if score is not None and not score.deferred:
             cfg = score.config
             self.score_spec = ClipSpec(cfg.model, cfg.pretrained, cfg.architecture_file)  # type: ignore[attr-defined]
 
@@ -82,7 +83,7 @@ class ConceptFilter(GlobalStage):
 
         from curate.models.clip import load_clip
 
-        config: ConceptsConfig = self.config  # type: ignore[assignment]
+        config: ConceptsConfig = self.config
         clip = load_clip(self._spec_for(described), "cpu")
         out = {}
         with torch.inference_mode():
@@ -92,12 +93,12 @@ class ConceptFilter(GlobalStage):
         self._prompts[described] = out
         return out
 
-    def decide(self, metadata: pa.Table) -> pa.Table:
-        from curate.semdedup import unit_rows
+    def decide(self, metadata: pa.Table) -> Removals:
+        from curate.dedup.semantic import unit_rows
 
-        config: ConceptsConfig = self.config  # type: ignore[assignment]
+        config: ConceptsConfig = self.config
         reasons = np.full(metadata.num_rows, None, dtype=object)
-        self.would_reject = {f"concept:{name}": 0 for name in config.concepts}
+        would_reject = {f"concept:{name}": 0 for name in config.concepts}
         embedded = pc.is_valid(metadata.column("image_embedding")).to_numpy(zero_copy_only=False)
         models = metadata.column("clip_model").to_pylist()
         for described in sorted({m for m, e in zip(models, embedded) if e and m}):
@@ -105,11 +106,9 @@ class ConceptFilter(GlobalStage):
             images = unit_rows(metadata.column("image_embedding").take(rows))
             for name, prompts in self.prompt_embeddings(described).items():
                 shows = (images @ prompts.T).max(axis=1) >= config.threshold
-                self.would_reject[f"concept:{name}"] += int(shows.sum())
+                would_reject[f"concept:{name}"] += int(shows.sum())
                 undecided = reasons[rows] == None  # noqa: E711 (elementwise)
                 reasons[rows[shows & undecided]] = f"concept:{name}"
         removed = np.flatnonzero(reasons != None)  # noqa: E711
         uids = np.asarray(metadata.column("uid").to_pylist(), dtype=object)
-        return pa.table({"uid": pa.array(uids[removed].tolist(), pa.string()),
-                         "status": pa.array([FILTERED] * len(removed), pa.string()),
-                         "reason": pa.array(reasons[removed].tolist(), pa.string())})
+        return Removals.of(uids[removed].tolist(), reasons[removed].tolist(), would_reject=would_reject)

@@ -18,11 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.dedup import DEFAULT_RADIUS, MAX_RADIUS, color_differences, phash_pair_rows
+from curate.dedup.bands import DEFAULT_RADIUS, MAX_RADIUS, phash_pair_rows
+from curate.dedup.groups import color_differences
 from curate.errors import CurateError
-from curate.pool import Pool
-from curate.semdedup import unit_rows
-from curate.stage import OK, GlobalStage, Stage, StageConfig
+from curate.core.pool import Pool
+from curate.dedup.semantic import unit_rows
+from curate.core.stage import OK, GlobalStage, Removals, Stage
+from curate.config import StageConfig
 
 REASON = "dedup:eval_contamination"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -54,7 +56,7 @@ def eval_rows(spec: str) -> pa.Table:
     elif path.is_dir() and not any(path.glob("*.tar")):
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     else:
-        from curate.stages.read_shards import iter_shard_rows
+        from curate.inputs.shards import iter_shard_rows
 
         tars = sorted(glob.glob(str(path / "*.tar"))) if path.is_dir() else sorted(glob.glob(str(path)))
         for tar in tars:
@@ -81,7 +83,7 @@ def eval_rows(spec: str) -> pa.Table:
                      "source_key": [r["name"] for r in rows]})
 
 
-class Decontaminate(GlobalStage):
+class Decontaminate(GlobalStage[DecontaminateConfig]):
     name = "decontaminate"
     Config = DecontaminateConfig
     fans_out = True
@@ -105,14 +107,14 @@ class Decontaminate(GlobalStage):
     def _eval_records(self) -> pa.Table:
         """The eval images through the pipeline's per-sample stages, in this process (on its CPU: a driver without
         a GPU still runs a GPU stage's model)."""
-        from curate.worker import StageWorker
+        from curate.core.worker import StageWorker
 
-        config: DecontaminateConfig = self.config  # type: ignore[assignment]
+        config: DecontaminateConfig = self.config
         table = eval_rows(config.eval)
         print(f"[decontaminate] {table.num_rows} eval images through "
               f"{', '.join(s.name for s in self.pipeline_stages)}", file=sys.stderr)
         for stage in self.pipeline_stages:
-            if getattr(stage, "deferred", False):
+            if stage.deferred:
                 continue  # bootstrapped scorers: one model per fold, none of them fits eval images
             local = type(stage)(stage.config.model_copy(update={
                 "resources": stage.config.resources.model_copy(update={"gpus": 0})}))
@@ -123,7 +125,7 @@ class Decontaminate(GlobalStage):
         """Eval fingerprints are small: they travel to tasks over the pool's parts (the pHash search is the pool's
         shuffle with the eval codes added to each reduce task). The first match of a row wins: bytes or pixels,
         then pHash, then embeddings."""
-        config: DecontaminateConfig = self.config  # type: ignore[assignment]
+        config: DecontaminateConfig = self.config
         evals = self._eval_records()
         matched: dict[int, str] = {}  # pool row → eval uid
         digests = [c for c in ("sha256", "pixel_sha256") if config.exact and pool.has(c) and c in evals.column_names]
@@ -145,10 +147,8 @@ class Decontaminate(GlobalStage):
                         matched.setdefault(row, uid)
         uids = pool.lookup(np.array(sorted(matched), dtype=np.int64), [])
         rows = uids.column("row").to_pylist()
-        return pa.table({"uid": pa.array(uids.column("uid").to_pylist(), pa.string()), "row": pa.array(rows, pa.int64()),
-                         "status": pa.array(["filtered"] * len(rows), pa.string()),
-                         "reason": pa.array([REASON] * len(rows), pa.string()),
-                         "duplicate_of": pa.array([matched[r] for r in rows], pa.string())})
+        return Removals.of(uids.column("uid").to_pylist(), REASON, rows=rows,
+                           duplicate_of=[matched[r] for r in rows])
 
     @staticmethod
     def _match_phash(pool: Pool, evals: pa.Table, config: DecontaminateConfig, matched: dict[int, str]) -> None:

@@ -12,9 +12,11 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.dedup import KEEP_POLICY_COLUMNS, decide_groups, exact_pair_rows
-from curate.pool import Pool
-from curate.stage import GlobalStage, StageConfig
+from curate.dedup.groups import KEEP_POLICY_COLUMNS, decide_groups
+from curate.dedup.exact import exact_pair_rows
+from curate.core.pool import Pool
+from curate.core.stage import GlobalStage, Removals
+from curate.config import StageConfig
 
 REASON = "dedup:exact"
 
@@ -24,13 +26,13 @@ class DedupExactConfig(StageConfig):
     pixels: bool = Field(True, description="also group equal decoded pixels (needs the hash stage), not only bytes")
 
 
-class DedupExact(GlobalStage):
+class DedupExact(GlobalStage[DedupExactConfig]):
     name = "dedup_exact"
     Config = DedupExactConfig
     fans_out = True
 
     def inputs(self) -> list[str]:
-        return ["sha256"] + (["pixel_sha256"] if self.config.pixels else [])  # type: ignore[attr-defined]
+        return ["sha256"] + (["pixel_sha256"] if self.config.pixels else [])
 
     def optional_inputs(self) -> list[str]:
         return list(KEEP_POLICY_COLUMNS)
@@ -38,7 +40,7 @@ class DedupExact(GlobalStage):
     def outputs(self) -> dict[str, pa.DataType]:
         return {"duplicate_of": pa.string()}
 
-    def decide_pool(self, pool: Pool) -> pa.Table:
+    def decide_pool(self, pool: Pool) -> Removals:
         """Rows are shuffled by digest, so equal digests meet in one task; each group keeps one row."""
         left, right = exact_pair_rows(pool, self.inputs())
-        return decide_groups(pool, left, right, REASON)
+        return Removals(decide_groups(pool, left, right, REASON))

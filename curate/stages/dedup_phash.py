@@ -1,9 +1,9 @@
 """Perceptual duplicates: rows whose content hashes are within ``radius`` bits and whose thumbnails then agree.
 
-Candidates come from multi-index hashing and banding over the stored hashes (curate.dedup: a shuffle by hash band
+Candidates come from multi-index hashing and banding over the stored hashes (curate.dedup.bands: a shuffle by hash band
 across tasks, never all pairs). Each row takes part with the hashes of its content box, of the box's centre 90% and
 80% (a copy cropped 5-10% a side), optionally of the mirrored box, the box's mean hash (ink per cell: steady
-where the DCT signs of symmetric line art flip) and the whole image (curate.fingerprints).
+where the DCT signs of symmetric line art flip) and the whole image (curate.dedup.fingerprints).
 A candidate becomes a link only if an independent second check agrees: the two rows' content thumbnails, one
 registered onto the other, differ by at most ``max_difference`` in every block, and their colour grids by at most
 ``max_color_difference`` (pHash is blind to hue). Without the check, degenerate hashes (near-white line art, small
@@ -23,10 +23,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.dedup import (DEFAULT_BITS, DEFAULT_RADIUS, KEEP_POLICY_COLUMNS, MAX_RADIUS, color_grid,
-                          content_candidates, decide_groups, phash_pair_rows, uid_ranks, verified_links)
-from curate.pool import Pool
-from curate.stage import GlobalStage, StageConfig
+from curate.dedup.bands import DEFAULT_BITS, DEFAULT_RADIUS, MAX_RADIUS, phash_pair_rows
+from curate.dedup.groups import KEEP_POLICY_COLUMNS, color_grid, decide_groups
+from curate.dedup.content import content_candidates, verified_links
+from curate.dedup.groups import uid_ranks
+from curate.core.pool import Pool
+from curate.core.stage import GlobalStage, Removals
+from curate.config import StageConfig
 
 REASON = "dedup:phash"
 CONTENT_COLUMNS = ("content_phash", "content_thumbnail", "content_colors")
@@ -104,7 +107,7 @@ def colour_links(limit: float):
     return links
 
 
-class DedupPhash(GlobalStage):
+class DedupPhash(GlobalStage[DedupPhashConfig]):
     name = "dedup_phash"
     Config = DedupPhashConfig
     fans_out = True
@@ -118,15 +121,15 @@ class DedupPhash(GlobalStage):
     def optional_inputs(self) -> list[str]:
         return [*KEEP_POLICY_COLUMNS, *CONTENT_COLUMNS]
 
-    def decide_pool(self, pool: Pool) -> pa.Table:
-        config: DedupPhashConfig = self.config  # type: ignore[assignment]
+    def decide_pool(self, pool: Pool) -> Removals:
+        config: DedupPhashConfig = self.config
         # parts hashed before the content fingerprints (kept on resume) have none: the whole pool takes the
         # whole-image path then, rather than a search that misses their rows
         if config.content and all(pool.has_everywhere(c) for c in CONTENT_COLUMNS):
             left, right, centre, mirrored = content_candidates(pool, config.radius, config.bits, config.seed,
                                                                config.mirror)
-            return decide_groups(pool, left, right, REASON, ["content_thumbnail", "content_colors"],
-                                 verified_links(config.max_difference, config.max_color_difference, centre, mirrored))
+            return Removals(decide_groups(pool, left, right, REASON, ["content_thumbnail", "content_colors"], verified_links(
+                config.max_difference, config.max_color_difference, centre, mirrored)))
         left, right = phash_pair_rows(pool, radius=config.radius, bits=config.bits, seed=config.seed)
-        return decide_groups(pool, left, right, REASON, ["phash", "color_signature"],
-                             colour_links(config.max_color_difference))
+        return Removals(decide_groups(pool, left, right, REASON, ["phash", "color_signature"],
+                                      colour_links(config.max_color_difference)))

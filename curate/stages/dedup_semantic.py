@@ -4,7 +4,7 @@ Catches what hashes miss — crops, re-renders, the same photo with a watermark.
 k-means (faiss) per scoring model (embeddings of different models live in different spaces), pairs inside a cluster
 at cosine ≥ ``threshold`` are duplicates, and each group keeps one row by dedup_exact's keep policy; the others are
 filtered with ``dedup:semantic``, pointing at the survivor. The work runs in tasks over the stored parts
-(curate.semdedup); the driver holds the k-means sample (``fit_sample`` rows) and the pairs found.
+(curate.dedup.semantic); the driver holds the k-means sample (``fit_sample`` rows) and the pairs found.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.dedup import KEEP_POLICY_COLUMNS, decide_groups
-from curate.pool import Pool
-from curate.semdedup import semantic_pair_rows
-from curate.stage import GlobalStage, StageConfig
+from curate.dedup.groups import KEEP_POLICY_COLUMNS, decide_groups
+from curate.core.pool import Pool
+from curate.dedup.semantic import semantic_pair_rows
+from curate.core.stage import GlobalStage, Removals
+from curate.config import StageConfig
 
 REASON = "dedup:semantic"
 
@@ -32,7 +33,7 @@ class DedupSemanticConfig(StageConfig):
     seed: int = 0
 
 
-class DedupSemantic(GlobalStage):
+class DedupSemantic(GlobalStage[DedupSemanticConfig]):
     name = "dedup_semantic"
     Config = DedupSemanticConfig
     fans_out = True
@@ -46,7 +47,7 @@ class DedupSemantic(GlobalStage):
     def outputs(self) -> dict[str, pa.DataType]:
         return {"duplicate_of": pa.string()}
 
-    def decide_pool(self, pool: Pool) -> pa.Table:
-        config: DedupSemanticConfig = self.config  # type: ignore[assignment]
+    def decide_pool(self, pool: Pool) -> Removals:
+        config: DedupSemanticConfig = self.config
         left, right = semantic_pair_rows(pool, config.threshold, config.clusters, config.fit_sample, config.seed)
-        return decide_groups(pool, left, right, REASON)
+        return Removals(decide_groups(pool, left, right, REASON))

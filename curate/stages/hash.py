@@ -7,7 +7,7 @@ resizes and small edits land within a few bits of each other. pHash sees only lu
 star of the same brightness hash alike: ``color_signature`` (the mean RGB of a 4 × 4 grid, 48 bytes) lets the pHash
 tier tell them apart.
 
-The ``content_*`` columns fingerprint what is drawn rather than the whole canvas (curate.fingerprints): hashes of
+The ``content_*`` columns fingerprint what is drawn rather than the whole canvas (curate.dedup.fingerprints): hashes of
 the content box and of its centre and mirror views, a thumbnail and a colour grid for the second check the pHash
 tier makes before it links two rows, and ``content_fraction`` for the rules stage's low-information rule.
 """
@@ -23,8 +23,9 @@ import pyarrow as pa
 
 from pydantic import Field
 
-from curate.fingerprints import content_print
-from curate.stage import Resources, RowOutcomes, Stage, StageConfig
+from curate.dedup.fingerprints import content_print
+from curate.config import Resources, StageConfig
+from curate.core.stage import RowOutcomes, Stage
 
 
 class HashConfig(StageConfig):
@@ -51,7 +52,7 @@ def color_signature(rgb: object) -> bytes:
     return rgb.resize((4, 4), Image.Resampling.BOX).tobytes()  # type: ignore[attr-defined]
 
 
-class HashStage(Stage):
+class HashStage(Stage[HashConfig]):
     name = "hash"
     Config = HashConfig
     funnel = (("hash", "hashed"),)

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 from pydantic import Field
 
-from curate.stage import FILTERED, GlobalStage, StageConfig
+from curate.core.stage import GlobalStage, Removals
+from curate.config import StageConfig
 
 # Captions that describe nothing; compared after lower-casing and stripping punctuation and digits.
 PLACEHOLDERS = frozenset({
@@ -118,24 +119,24 @@ def letter_share(caption: str) -> float:
     return sum(c.isalpha() for c in visible) / len(visible) if visible else 0.0
 
 
-class RuleFilter(GlobalStage):
+class RuleFilter(GlobalStage[RulesConfig]):
     name = "rules"
     Config = RulesConfig
     counts_would_reject: ClassVar[bool] = True
 
     def inputs(self) -> list[str]:
-        config: RulesConfig = self.config  # type: ignore[assignment]
+        config: RulesConfig = self.config
         image = config.min_image_side is not None or config.max_aspect_ratio is not None
         return ["caption"] + (["original_width", "original_height"] if image else []) + \
             (["content_fraction"] if config.min_content_fraction is not None else [])
 
     def optional_inputs(self) -> list[str]:
         """The picture a boilerplate caption is counted on: its decoded pixels, else its bytes."""
-        return list(PICTURE_COLUMNS) if self.config.boilerplate_captions else []  # type: ignore[attr-defined]
+        return list(PICTURE_COLUMNS) if self.config.boilerplate_captions else []
 
     def rules(self, metadata: pa.Table) -> list[tuple[str, np.ndarray]]:
         """(reason, mask of rows the rule rejects) for every rule that is set, in order."""
-        config: RulesConfig = self.config  # type: ignore[assignment]
+        config: RulesConfig = self.config
         captions = [c or "" for c in metadata.column("caption").to_pylist()]
 
         def over(fn: Callable[[str], bool]) -> np.ndarray:
@@ -187,14 +188,12 @@ class RuleFilter(GlobalStage):
         return np.fromiter((len(c.strip()) >= config.language_min_chars and langid.classify(c)[0] not in allowed
                             for c in captions), dtype=bool, count=len(captions))
 
-    def decide(self, metadata: pa.Table) -> pa.Table:
+    def decide(self, metadata: pa.Table) -> Removals:
         reasons = np.full(metadata.num_rows, None, dtype=object)
-        self.would_reject = {}
+        would_reject = {}
         for reason, rejected in self.rules(metadata):
-            self.would_reject[reason] = int(rejected.sum())
+            would_reject[reason] = int(rejected.sum())
             reasons[rejected & (reasons == None)] = reason  # noqa: E711 (elementwise): the first rule failed wins
         removed = np.flatnonzero(reasons != None)  # noqa: E711
         uids = np.asarray(metadata.column("uid").to_pylist(), dtype=object)
-        return pa.table({"uid": pa.array(uids[removed].tolist(), pa.string()),
-                         "status": pa.array([FILTERED] * len(removed), pa.string()),
-                         "reason": pa.array(reasons[removed].tolist(), pa.string())})
+        return Removals.of(uids[removed].tolist(), reasons[removed].tolist(), would_reject=would_reject)

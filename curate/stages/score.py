@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate.errors import CurateError
 from curate.models.clip import ClipSpec, check_spec, load_clip, preflight
-from curate.stage import Resources, RowOutcomes, Stage, StageConfig
+from curate.config import Resources, StageConfig
+from curate.core.stage import RowOutcomes, Stage
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ScoreConfig(StageConfig):
         return ClipSpec(self.model, self.pretrained, self.architecture_file)
 
 
-class ScoreStage(Stage):
+class ScoreStage(Stage[ScoreConfig]):
     name = "score"
     Config = ScoreConfig
     funnel = (("score", "scored"),)
@@ -121,19 +121,19 @@ class ScoreStage(Stage):
 
     def outputs(self) -> dict[str, pa.DataType]:
         columns: dict[str, pa.DataType] = {"clip_score": pa.float32(), "clip_model": pa.string()}
-        if self.config.itm:  # type: ignore[attr-defined]
+        if self.config.itm:
             columns["itm_score"] = pa.float32()
-        if self.config.store_embeddings:  # type: ignore[attr-defined]
+        if self.config.store_embeddings:
             columns |= {"image_embedding": EMBEDDING, "text_embedding": EMBEDDING}
         return columns
 
     @property
     def deferred(self) -> bool:
         """Bootstrapped scores need the whole pool stored first: the runner scores after the per-sample stream."""
-        return self.config.model == BOOTSTRAP  # type: ignore[attr-defined]
+        return self.config.model == BOOTSTRAP
 
     def preflight(self) -> None:
-        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        cfg: ScoreConfig = self.config
         if self.deferred:
             preflight(ClipSpec(cfg.bootstrap.architecture))
             return
@@ -142,7 +142,7 @@ class ScoreStage(Stage):
             self._itm_folder()
 
     def _itm_folder(self) -> Path:
-        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        cfg: ScoreConfig = self.config
         name = cfg.spec().open_clip_name()
         folder = Path(name.removeprefix("local-dir:"))
         if not name.startswith("local-dir:") or not (folder / "itm_head.safetensors").exists():
@@ -153,7 +153,7 @@ class ScoreStage(Stage):
     def setup(self) -> None:
         import torch
 
-        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        cfg: ScoreConfig = self.config
         self._torch = torch
         if cfg.resources.gpus > 0:
             if not torch.cuda.is_available():
@@ -167,7 +167,7 @@ class ScoreStage(Stage):
         self._clip = load_clip(cfg.spec(), self._device)
         self._itm_head = None
         if cfg.itm:
-            from curate.train.itm import load_head
+            from curate.models.itm import load_head
 
             self._itm_head = load_head(self._itm_folder(), self._device)
         self._autocast = self._autocast_dtype(cfg.precision)
@@ -194,7 +194,7 @@ class ScoreStage(Stage):
             return None
 
     def process(self, batch: pa.Table) -> pa.Table:
-        cfg: ScoreConfig = self.config  # type: ignore[assignment]
+        cfg: ScoreConfig = self.config
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
         captions = [c or "" for c in batch.column("caption").to_pylist()]
         pixels = self._threads.map(self._pixels, batch.column("image").to_pylist())  # all submitted now, taken in order
@@ -223,7 +223,7 @@ class ScoreStage(Stage):
                 image_features = self._clip.model.encode_image(images)
                 text_features = self._clip.model.encode_text(texts)
             else:  # one pass of both towers gives the embeddings and the tokens the fusion head reads
-                from curate.train.itm import encode_with_tokens
+                from curate.models.itm import encode_with_tokens
 
                 out = encode_with_tokens(self._clip.model, images, texts)
                 image_features, text_features = out["image_features"], out["text_features"]
@@ -245,15 +245,6 @@ class ScoreStage(Stage):
             if store:
                 outcomes.set(i, "image_embedding", image_half[j])
                 outcomes.set(i, "text_embedding", text_half[j])
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A list<halffloat> column as an (n, dim) float16 array (rows must all be present)."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if array.null_count:
-        raise ValueError("embedding column has missing rows")
-    flat = array.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(array), -1) if len(array) else flat.reshape(0, 0)
 
 
 def _in_ray_worker() -> bool:

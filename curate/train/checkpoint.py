@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from curate.atomic import atomic_file, write_text_atomic
+from curate.core.atomic import atomic_file, write_text_atomic
 
 from curate.models.clip import CONFIG_FILE, save_checkpoint_dir
 
@@ -27,7 +27,7 @@ def save(out: Path, step: int, model: Any, model_cfg: dict, optimizer: Any, posi
         curate["itm_head"] = itm_head.shape
     save_checkpoint_dir(model, model_cfg, folder, extra={"curate": curate}, tokenizer=tokenizer)
     if itm_head is not None:
-        from curate.train.itm import save_head
+        from curate.models.itm import save_head
 
         save_head(itm_head, folder)
     state = {"optimizer": optimizer.state_dict(), "step": step, **position, **(extra_state or {})}

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from curate.config import _first_error, parse_override, read_yaml
+from curate.config import first_error, parse_override, read_yaml
 from curate.errors import CurateError
 from curate.models.clip import ClipSpec, architecture_config, check_spec
 
@@ -117,4 +117,4 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if first["type"] == "extra_forbidden":
             known = ", ".join(TrainConfig.model_fields)
             raise CurateError(f"{source}: unknown key '{first['loc'][0]}'; expected one of: {known}") from None
-        raise _first_error(source, err) from None
+        raise first_error(source, err) from None

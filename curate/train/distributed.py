@@ -93,7 +93,7 @@ def train_on_ray(config: Any, progress: bool = True) -> Any:
     from ray.train.torch import TorchTrainer
 
     from curate.config import RayConfig
-    from curate.ray_env import ensure_ray
+    from curate.cluster.ray_env import ensure_ray
     from curate.train import checkpoint
 
     spec = config.distributed

@@ -22,10 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from curate import parts as part_store
+from curate.core import parts as part_store
 from curate.errors import CurateError
-from curate.ledger import read_ledger
-from curate.pair_tars import write_pair_tars
+from curate.core.ledger import read_ledger
+from curate.sinks.pair_tars import write_pair_tars
 
 FOLDER = "experiment"
 ARMS = ("raw", "curated")

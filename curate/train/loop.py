@@ -142,7 +142,7 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
     model, preprocess, tokenizer, model_cfg = build_model(spec, config.objectives, device)
     head = None
     if "itm" in config.objectives:
-        from curate.train.itm import head_for, load_head
+        from curate.models.itm import head_for, load_head
 
         head = (load_head(resume, device) if resume else None) or head_for(model).to(device)
         head.train()

@@ -52,7 +52,7 @@ def make_losses(objectives: list[str], itm_head: Any = None, rank: int = 0, worl
                                                      out["labels"], out["logit_scale"])
                 result["coca_contrastive_loss"], result["coca_caption_loss"] = contrastive, caption
             elif name == "itm":  # matched / not matched through the fusion head, on mined hard negatives
-                from curate.train.itm import itm_loss
+                from curate.models.itm import itm_loss
 
                 result["itm_loss"] = itm_loss(itm_head, out)
         return result

@@ -17,7 +17,7 @@ def forward(model: Any, images: torch.Tensor, texts: torch.Tensor, with_tokens: 
     """open_clip's output dict; with the towers' token states as well when a fusion head needs them."""
     if not with_tokens:
         return model(images, texts)
-    from curate.train.itm import encode_with_tokens
+    from curate.models.itm import encode_with_tokens
 
     out = encode_with_tokens(model, images, texts)
     out["image_features"] = F.normalize(out["image_features"], dim=-1)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from curate.cli import build_parser
-from curate.config import load_pipeline
+from curate.core.pipeline import load_pipeline
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 

@@ -19,8 +19,8 @@ import ray
 import ray.util.scheduling_strategies as strategies
 from ray.util.state import list_tasks
 
-from curate.decide import run_global_stages
-from curate.fan_out import in_process
+from curate.core.decide import run_global_stages
+from curate.core.fan_out import in_process
 from curate.stages.dedup_exact import DedupExact, DedupExactConfig
 from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
 

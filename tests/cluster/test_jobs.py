@@ -12,9 +12,9 @@ import time
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.config import load_pipeline
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.pipeline import load_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 
 SETS = ["download.timeout=1.5", "download.retries=1", "download.backoff=0.05", "output.samples_per_shard=40",
         "input.rows_per_chunk=50"]

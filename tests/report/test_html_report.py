@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from curate.cli import main
-from curate.runner import run_pipeline
+from curate.core.runner import run_pipeline
 from curate.stages.alignment import AlignmentConfig
 from curate.stages.dedup_exact import DedupExactConfig
 from curate.stages.dedup_phash import DedupPhashConfig

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from curate.cli import main
-from curate.ledger import read_ledger
-from curate.redecide import redecide
-from curate.runner import run_pipeline
+from curate.core.ledger import read_ledger
+from curate.core.redecide import redecide
+from curate.core.runner import run_pipeline
 from curate.stages.dedup_exact import DedupExactConfig
 from curate.stages.dedup_phash import DedupPhashConfig
 from curate.stages.hash import HashConfig

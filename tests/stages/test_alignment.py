@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curate.config import validate_pipeline
+from curate.core.pipeline import validate_pipeline
 from curate.errors import CurateError
 from curate.stages.alignment import BELOW_MIN, BELOW_TOP, AlignmentConfig, AlignmentFilter
 
@@ -18,7 +18,7 @@ def _metadata(scores: list[float], models: list[str] | None = None) -> pa.Table:
 
 
 def _removed(config: AlignmentConfig, table: pa.Table) -> dict[str, str]:
-    out = AlignmentFilter(config).decide(table)
+    out = AlignmentFilter(config).decide(table).table
     assert set(out.column("status").to_pylist()) <= {"filtered"}
     return dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist()))
 
@@ -92,28 +92,28 @@ def _embedded_pool(seed: int = 0) -> tuple[pa.Table, set[str]]:
 
 
 def test_relative_ranking_does_not_reward_a_caption_for_being_common() -> None:
-    from curate.pool import Pool
+    from curate.core.pool import Pool
 
     table, boilerplate = _embedded_pool()
     raw = AlignmentFilter(AlignmentConfig(keep_top=0.7))
     raw_removed = set(raw.decide_pool(Pool.from_table(table.select(["uid", "clip_score", "clip_model"])))
-                      .column("uid").to_pylist())
+                      .table.column("uid").to_pylist())
     assert not boilerplate & raw_removed  # the quirk: the raw cosine keeps every boilerplate row
     relative = AlignmentFilter(AlignmentConfig(keep_top=0.7, relative=True, reference_rows=64, neighbours=64))
-    out = relative.decide_pool(Pool.from_table(table, pieces=3))
+    out = relative.decide_pool(Pool.from_table(table, pieces=3)).table
     removed = set(out.column("uid").to_pylist())
     assert boilerplate <= removed and len(removed) == 230 - 161  # ceil(0.7 × 230) kept
     assert out.column("row").to_pylist() == [table.column("uid").to_pylist().index(u) for u in
                                              out.column("uid").to_pylist()]
     # the same decisions however the pool is cut into pieces
-    again = relative.decide_pool(Pool.from_table(table, pieces=7))
+    again = relative.decide_pool(Pool.from_table(table, pieces=7)).table
     assert set(again.column("uid").to_pylist()) == removed
 
 
 def test_relative_scores_are_the_same_in_chunks(monkeypatch) -> None:
     """The neighbours' cosines are taken a chunk of rows at a time (a pool part's rows × the reference would not fit
     in memory): the scores do not depend on the chunk size."""
-    from curate.pool import Pool
+    from curate.core.pool import Pool
     from curate.stages import alignment
 
     table, _ = _embedded_pool()

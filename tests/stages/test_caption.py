@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curate.config import validate_pipeline
+from curate.core.pipeline import validate_pipeline
 from curate.errors import CurateError
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 from curate.stages.alignment import AlignmentConfig
 from curate.stages.caption import CaptionConfig
 from curate.stages.score import ScoreConfig

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from curate import parts as part_store
+from curate.core import parts as part_store
 from curate.errors import CurateError
 from curate.models.clip import ClipSpec, load_clip
-from curate.runner import build_stages, run_pipeline
+from curate.core.runner import build_stages, run_pipeline
 from curate.stages.concepts import ConceptFilter, ConceptsConfig
 from curate.stages.score import ScoreConfig
 
@@ -49,7 +49,8 @@ def test_rows_at_or_above_the_threshold_show_the_concept(scored, tiny_clip) -> N
     threshold = float(np.median(cosines["star"]))
     stage = ConceptFilter(ConceptsConfig(concepts=CONCEPTS, threshold=threshold))
     stage.bind(build_stages(config)[0])
-    out = stage.decide(live)
+    decided = stage.decide(live)
+    out = decided.table
     removed = dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist()))
     uids = live.column("uid").to_pylist()
     for i, uid in enumerate(uids):
@@ -62,7 +63,7 @@ def test_rows_at_or_above_the_threshold_show_the_concept(scored, tiny_clip) -> N
         elif not star and not ring:
             assert uid not in removed
     assert 0 < len(removed) < len(uids)
-    assert stage.would_reject["concept:star"] >= sum(r == "concept:star" for r in removed.values())
+    assert decided.would_reject["concept:star"] >= sum(r == "concept:star" for r in removed.values())
 
 
 def test_embeddings_of_another_model_are_refused(scored) -> None:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from curate.demo.pool import _draw
 from curate.errors import CurateError
-from curate.ledger import check_run, read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import check_run, read_ledger
+from curate.core.runner import run_pipeline
 from curate.stages.decontaminate import DecontaminateConfig
 from curate.stages.hash import HashConfig
 from curate.stages.score import ScoreConfig
@@ -92,7 +92,7 @@ def test_an_eval_set_without_images_is_one_clear_error(url_list, make_pipeline, 
 def test_every_pool_row_with_a_matched_phash_is_filtered_after_its_own_colour_check() -> None:
     """The pHash search links an eval code to one row per distinct pool code; the rows sharing that code are
     matched too, unless their colours differ."""
-    from curate.pool import Pool
+    from curate.core.pool import Pool
     from curate.stages.decontaminate import Decontaminate
 
     red, blue = bytes([200, 0, 0] * 16), bytes([0, 0, 200] * 16)
@@ -108,7 +108,7 @@ def test_every_pool_row_with_a_matched_phash_is_filtered_after_its_own_colour_ch
 def test_eval_items_sharing_a_code_are_each_compared() -> None:
     """Two eval images share a pHash in different colours; one eval image has a pool row's very code: each eval
     item is compared with the pool rows, whichever row the search kept for a shared code."""
-    from curate.pool import Pool
+    from curate.core.pool import Pool
     from curate.stages.decontaminate import Decontaminate
 
     red, green = bytes([200, 0, 0] * 16), bytes([0, 200, 0] * 16)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageEnhance
 
-from curate.dedup import brute_force_pairs, hamming, phash_pairs
+from curate.dedup.bands import brute_force_pairs, hamming, phash_pairs
 from curate.demo.pool import _draw
 from curate.stages.dedup_exact import DedupExact, DedupExactConfig
 from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
@@ -55,7 +55,7 @@ def _hashed(images: dict[str, bytes]) -> pa.Table:
 
 def _removed(stage, table: pa.Table) -> dict[str, str]:
     out = stage.decide(table.select(["uid", *stage.inputs(),
-                                     *[c for c in stage.optional_inputs() if c in table.column_names]]))
+                                     *[c for c in stage.optional_inputs() if c in table.column_names]])).table
     return dict(zip(out.column("uid").to_pylist(), out.column("duplicate_of").to_pylist()))
 
 
@@ -160,7 +160,7 @@ def test_phash_dedup_properties(data, random) -> None:
         assert scores[target] >= scores[uid]  # the keep policy: the best score survives
     # the survivor is in the removed row's group: a chain of near pairs leads from one to the other
     left, right = phash_pairs(np.asarray(list(codes.values()), dtype=np.int64), radius=6)
-    from curate.dedup import groups_of
+    from curate.dedup.groups import groups_of
 
     labels = dict(zip(uids, groups_of(len(uids), left, right)))
     assert all(labels[u] == labels[t] for u, t in removed.items())
@@ -255,7 +255,7 @@ def _line_art(kind: str, size: int = 400) -> Image.Image:
 
 def _as_stored(images: dict[str, bytes]) -> dict[str, bytes]:
     """The images as the download stage stores them (alpha flattened on white, 128 px, border mode, JPEG)."""
-    from curate.imaging import ResizeSpec, decode_and_resize
+    from curate.stages.download.imaging import ResizeSpec, decode_and_resize
 
     spec = ResizeSpec(image_size=128, resize_mode="border", output_format="jpg", encode_quality=90)
     return {name: decode_and_resize(data, spec).data for name, data in images.items()}
@@ -325,8 +325,8 @@ def test_parts_hashed_before_the_content_fingerprints_take_the_whole_image_path(
     whole-image pHashes (the copies in the old part are still found) instead of failing on the missing columns."""
     import pyarrow.parquet as pq
 
-    from curate.fan_out import in_process
-    from curate.pool import Pool
+    from curate.core.fan_out import in_process
+    from curate.core.pool import Pool
 
     table = planted.append_column("row", pa.array(np.arange(planted.num_rows), pa.int64()))
     uids = table.column("uid").to_pylist()
@@ -338,6 +338,6 @@ def test_parts_hashed_before_the_content_fingerprints_take_the_whole_image_path(
     pool = Pool.from_parts([tmp_path / "000.parquet", tmp_path / "001.parquet"])
     assert pool.has("content_thumbnail") and not pool.has_everywhere("content_thumbnail")
     with in_process():
-        decided = DedupPhash(DedupPhashConfig()).decide_pool(pool)
+        decided = DedupPhash(DedupPhashConfig()).decide_pool(pool).table
     groups = [{u, d} for u, d in zip(decided.column("uid").to_pylist(), decided.column("duplicate_of").to_pylist())]
     assert sorted(map(sorted, groups)) == [["o0", "o0_as_png"], ["o1", "o1_jpeg_q40"]]

@@ -1,4 +1,4 @@
-"""The dedup tiers as Ray tasks over the stored parts (curate.pool, curate.fan_out): the same decisions as in one
+"""The dedup tiers as Ray tasks over the stored parts (curate.core.pool, curate.core.fan_out): the same decisions as in one
 process, and on Ray the driver reads no part file at all; it receives pairs of rows."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import dedup, semdedup
-from curate.fan_out import fan_out, in_process, shuffle, task_count
+from curate.dedup import bands, semantic
+from curate.core.fan_out import fan_out, in_process, shuffle, task_count
 
 
 def _pid(_shared, _part) -> int:
@@ -58,15 +58,15 @@ def test_shuffle_gives_each_reduce_task_its_piece_of_every_map_task(ray_session)
 
 def test_phash_pairs_on_ray_equal_the_pairs_found_in_one_process(ray_session):
     codes = _planted_codes(20_000, 300, seed=5)
-    left, right = dedup.phash_pairs(codes, radius=8, seed=3)
+    left, right = bands.phash_pairs(codes, radius=8, seed=3)
     on_ray = set(zip(left.tolist(), right.tolist()))
     with in_process():
-        left, right = dedup.phash_pairs(codes, radius=8, seed=3)
+        left, right = bands.phash_pairs(codes, radius=8, seed=3)
     assert on_ray == set(zip(left.tolist(), right.tolist()))
     planted = {(i, 20_000 - 1 - i) for i in range(300)}
     assert len(planted & on_ray) >= 0.95 * len(planted)
     left, right = np.array(sorted(on_ray)).T
-    assert (dedup.hamming(codes[left], codes[right]) <= 8).all()
+    assert (bands.hamming(codes[left], codes[right]) <= 8).all()
 
 
 def test_semantic_pairs_on_ray_equal_the_pairs_found_in_one_process(ray_session):
@@ -75,10 +75,10 @@ def test_semantic_pairs_on_ray_equal_the_pairs_found_in_one_process(ray_session)
     copies = rng.choice(3800, size=150, replace=False)
     x[3800 + np.arange(150)] = x[copies] + 0.01 * rng.normal(size=(150, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    left, right = semdedup.semantic_pairs(x, threshold=0.97, clusters=8)
+    left, right = semantic.semantic_pairs(x, threshold=0.97, clusters=8)
     found = set(zip(left.tolist(), right.tolist()))
     with in_process():
-        left, right = semdedup.semantic_pairs(x, threshold=0.97, clusters=8)
+        left, right = semantic.semantic_pairs(x, threshold=0.97, clusters=8)
     assert found == set(zip(left.tolist(), right.tolist()))
     i, j = np.nonzero(np.triu(x @ x.T >= 0.97, k=1))
     brute = set(zip(i.tolist(), j.tolist()))
@@ -120,7 +120,7 @@ def _planted_parts(folder: Path, parts: int, rows_per_part: int) -> list[Path]:
 
 
 def test_tiers_on_ray_read_parts_in_tasks_and_decide_as_in_one_process(ray_session, tmp_path, monkeypatch):
-    from curate.decide import run_global_stages
+    from curate.core.decide import run_global_stages
     from curate.stages.dedup_exact import DedupExact, DedupExactConfig
     from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
     from curate.stages.dedup_semantic import DedupSemantic, DedupSemanticConfig

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from curate.demo.server import FaultServer
-from curate.schema import BASE_COLUMNS
-from curate.stages.download import DownloadConfig, DownloadStage
+from curate.core.schema import BASE_COLUMNS
+from curate.stages.download.config import DownloadConfig
+from curate.stages.download.stage import DownloadStage
 
 TIMEOUT, RETRIES = 1.5, 1
 

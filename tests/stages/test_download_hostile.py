@@ -17,7 +17,8 @@ from collections.abc import Callable
 import pytest
 from PIL import Image
 
-from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download.config import DownloadConfig
+from curate.stages.download.stage import DownloadStage
 
 MiB = 2**20
 TRICKLE_SECONDS = 15.0  # a trickling body lasts this long: well past the 10 s deadline the tests use

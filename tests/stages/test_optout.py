@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from curate.demo.server import FaultServer
-from curate.optout import x_robots_opts_out
-from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download.robots import x_robots_opts_out
+from curate.stages.download.config import DownloadConfig
+from curate.stages.download.stage import DownloadStage
 
 
 @pytest.mark.parametrize("values, opted_out", [
@@ -71,7 +72,7 @@ def test_robots_txt_is_fetched_once_and_obeyed_for_our_token(demo_pool, image_na
 
 def test_a_robots_txt_that_fails_stops_the_row_without_fetching(demo_pool, image_name, tmp_path):
     """A 5xx robots.txt means 'assume disallowed, for now' (RFC 9309): the row fails as retryable."""
-    from curate.optout import RobotsCache, RobotsUnavailable
+    from curate.stages.download.robots import RobotsCache, RobotsUnavailable
 
     cache = RobotsCache(lambda url: (503, b""), "curate")
     with pytest.raises(RobotsUnavailable):
@@ -90,7 +91,7 @@ def test_user_agent_must_carry_its_token():
 
 def test_the_robots_cache_is_bounded_in_origins_and_in_bytes():
     """A worker meets many origins, some with 500 KiB robots.txt files: answers are kept, but not all of them."""
-    from curate.optout import RobotsCache
+    from curate.stages.download.robots import RobotsCache
 
     cache = RobotsCache(lambda url: (404, b""), "curate")
     for i in range(15_000):
@@ -109,7 +110,7 @@ def test_a_robots_answer_is_asked_for_again_after_its_ttl():
     """RFC 9309 §2.4: a cached robots.txt should not be used for more than 24 hours."""
     import time
 
-    from curate.optout import RobotsCache
+    from curate.stages.download.robots import RobotsCache
 
     fetched: list[str] = []
     cache = RobotsCache(lambda url: (fetched.append(url), (404, b""))[1], "curate", ttl_seconds=0.2)

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from curate.demo.server import FaultServer
-from curate.politeness import HostLimiter
-from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download.politeness import HostLimiter
+from curate.stages.download.config import DownloadConfig
+from curate.stages.download.stage import DownloadStage
 
 
 

@@ -15,9 +15,10 @@ def _decide(rows: list[tuple[str, int, int]], **rules) -> tuple[dict[str, str], 
     table = pa.table({"uid": [f"r{i}" for i in range(len(rows))], "caption": [r[0] for r in rows],
                       "original_width": pa.array([r[1] for r in rows], pa.int32()),
                       "original_height": pa.array([r[2] for r in rows], pa.int32())})
-    out = stage.decide(table.select(["uid", *stage.inputs()]))
+    decided = stage.decide(table.select(["uid", *stage.inputs()]))
+    out = decided.table
     assert set(out.column("status").to_pylist()) <= {"filtered"}
-    return dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist())), stage.would_reject
+    return dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist())), decided.would_reject
 
 
 def _kept(rows, **rules) -> list[str]:
@@ -82,7 +83,7 @@ def _stored(image) -> bytes:
     """An image as the download stage stores it: alpha flattened on white, resized, re-encoded."""
     import io
 
-    from curate.imaging import ResizeSpec, decode_and_resize
+    from curate.stages.download.imaging import ResizeSpec, decode_and_resize
 
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -109,10 +110,11 @@ def test_images_that_show_nothing_are_low_information_and_line_art_is_not() -> N
     batch = pa.table({"uid": names, "status": ["ok"] * 4, "reason": pa.nulls(4, pa.string()), "image": images})
     hashed = HashStage(HashConfig()).process(batch)
     stage = RuleFilter(RulesConfig(min_content_fraction=0.005))
-    out = stage.decide(hashed.append_column("caption", pa.array(["a star"] * 4)).select(["uid", *stage.inputs()]))
+    decided = stage.decide(hashed.append_column("caption", pa.array(["a star"] * 4)).select(["uid", *stage.inputs()]))
+    out = decided.table
     assert dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist())) == {
         "transparent": "rule:low_information", "flat": "rule:low_information", "speck": "rule:low_information"}
-    assert stage.would_reject == {"rule:low_information": 3}
+    assert decided.would_reject == {"rule:low_information": 3}
 
 
 def _captioned(captions: list[str], pictures: list[str]) -> pa.Table:
@@ -129,7 +131,7 @@ def test_one_caption_on_thirty_different_images_is_boilerplate() -> None:
     stage = RuleFilter(RulesConfig(boilerplate_captions=True))
     table = _captioned(captions, pictures)
     out = stage.decide(table.select(["uid", *stage.inputs(), *(c for c in stage.optional_inputs()
-                                                              if c in table.column_names)]))
+                                                              if c in table.column_names)])).table
     removed = dict(zip(out.column("uid").to_pylist(), out.column("reason").to_pylist()))
     assert removed == {f"r{i:03d}": "rule:boilerplate_caption" for i in range(30)}
     # the threshold is relative to the pool: the same thirty among many more rows are not boilerplate

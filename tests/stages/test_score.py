@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from curate.errors import CurateError
 from curate.models.clip import BUNDLED_CONFIGS, ClipSpec, load_clip, save_checkpoint_dir
-from curate.stages.score import ScoreConfig, ScoreStage, embedding_matrix
+from curate.stages.score import ScoreConfig, ScoreStage
+from curate.core.embeddings import embedding_matrix
 
 
 def make_stage(**config) -> ScoreStage:

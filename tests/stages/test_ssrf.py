@@ -14,8 +14,9 @@ from urllib.parse import quote
 
 import pytest
 
-from curate.netguard import AddressPolicy, BlockedAddress, GuardedPools, Resolver
-from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download.guard import AddressPolicy, BlockedAddress, GuardedPools, Resolver
+from curate.stages.download.config import DownloadConfig
+from curate.stages.download.stage import DownloadStage
 
 BLOCKED = ["127.0.0.1", "127.8.9.10", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1",
            "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "ff02::1",
@@ -191,7 +192,7 @@ def test_allowlist_entries_with_a_port_open_that_port_only(canary, fault_server,
 
 
 def test_allowlist_ports_at_the_policy_level():
-    from curate.netguard import ALLOWLISTED, PUBLIC
+    from curate.stages.download.guard import ALLOWLISTED, PUBLIC
 
     ip = ipaddress.ip_address
     policy = AddressPolicy(allowed_networks=["10.1.2.0/24:8443", "10.9.0.0/16", "fd00::/8:8080", "[fd01::/16]:81",
@@ -246,7 +247,7 @@ def test_a_public_server_cannot_redirect_into_the_allowlist(demo_pool, fault_ser
     (on 127.0.0.1, its own port) is declared public to the policy; the mirror is another loopback port, allowlisted
     by name and by address."""
     from curate.demo.server import FaultServer
-    from curate.netguard import AddressPolicy as Policy
+    from curate.stages.download.guard import AddressPolicy as Policy
 
     public_port = int(fault_server.base_url.rsplit(":", 1)[1])
     with FaultServer(demo_pool[0] / "files") as mirror:

@@ -11,10 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from curate import parts as part_store
+from curate.core import parts as part_store
 from curate.errors import CurateError
-from curate.ledger import read_ledger
-from curate.runner import run_pipeline
+from curate.core.ledger import read_ledger
+from curate.core.runner import run_pipeline
 from curate.stages.alignment import AlignmentConfig
 from curate.stages.score import ScoreConfig
 from curate.train.experiment import ExperimentConfig, print_comparison, run_experiment

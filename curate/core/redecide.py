@@ -17,13 +17,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from curate import parts as part_store
+from curate.core import parts as part_store
 from curate.config import PipelineConfig
-from curate.decide import decide_and_write, package_versions, run_global_stages
+from curate.core.decide import decide_and_write, package_versions, run_global_stages, stage_stats
 from curate.errors import CurateError
-from curate.ledger import Manifest, StageStats, read_manifest
-from curate.runner import CONFIG_FILE, _first_difference, _per_sample_signature, build_stages
-from curate.stage import KEPT, OK
+from curate.core.ledger import Manifest, read_manifest
+from curate.core.runner import CONFIG_FILE, _first_difference, _per_sample_signature, build_stages
+from curate.core.stage import KEPT, OK
 
 
 def _check_same_per_sample_work(source: Path, config: PipelineConfig) -> Manifest:
@@ -62,12 +62,8 @@ def dry_run(config: PipelineConfig, source: Path) -> Manifest:
                 by_reason[reason] += 1
             if stage and status != OK:
                 stopped_by[stage] += 1
-    stats, alive = [], previous.input_rows
-    for stage in [*stages, *global_stages]:
-        stopped = stopped_by.get(stage.name, 0)
-        wall = decide_seconds if stage in global_stages else 0.0
-        stats.append(StageStats(name=stage.name, rows_in=alive, rows_out=alive - stopped, wall_seconds=round(wall, 3)))
-        alive -= stopped
+    stats = stage_stats([*stages, *global_stages], previous.input_rows, stopped_by,
+                        {stage.name: decide_seconds for stage in global_stages})
     return Manifest(pipeline=config.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     input_rows=previous.input_rows, shards=[],
                     totals_by_status={s: by_status.get(s, 0) for s in ("kept", "filtered", "failed")},

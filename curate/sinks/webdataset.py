@@ -7,7 +7,6 @@ the parquet metadata, so an index that exists vouches for a complete tar and a r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -18,14 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.atomic import atomic_file
-
-from curate.ledger import ShardEntry
-from curate.schema import NOT_IN_SAMPLE_JSON, is_embedding_column, is_timing_column
+from curate.core.atomic import atomic_file
+from curate.core.ledger import ShardEntry
+from curate.core.schema import NOT_IN_SAMPLE_JSON, is_embedding_column, is_timing_column
+from curate.sinks.tars import add_member
 
 SHARDS = "shards"
-# A fixed mtime makes reruns produce byte-identical tars; an int, as a float mtime gets a pax header per member.
-TAR_MTIME = 0
 
 
 @dataclass
@@ -122,19 +119,11 @@ def _load_rows(plan: ShardPlan) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-    info.uname = info.gname = "bigdata"  # as webdataset's TarWriter writes them
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(out: str, plan: ShardPlan) -> ShardEntry:
     """Write one shard and its index; returns its manifest entry.
 
-    Tar members are written with the standard library in webdataset's layout ({key}.{ext}, members of a sample
-    together, sorted by extension): importing webdataset imports torch, which cost each shard-writing worker
-    ~1.7 s and ~470 MiB.
+    Members of a sample are written together, sorted by extension (curate.sinks.tars: fixed mtime, webdataset's
+    layout).
     """
     out_path = Path(out)
     (out_path / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -163,7 +152,7 @@ def write_shard(out: str, plan: ShardPlan) -> ShardEntry:
             if syn and syn != caption:  # both captions kept: the synthetic one beside the raw (caption mode add)
                 members["syn.txt"] = syn.encode("utf-8")
             for member in sorted(members):
-                _add_member(tar, f"{key}.{member}", members[member])
+                add_member(tar, f"{key}.{member}", members[member])
     size = hashed.size
     index = table.drop_columns(["image"]).append_column("key", pa.array(plan.keys, pa.string()))
     index = index.replace_schema_metadata(

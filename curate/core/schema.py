@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from curate.errors import CurateError
-from curate.stage import GlobalStage
+from curate.core.stage import GlobalStage
 
 # Columns every row has from the moment it is read.
 BASE_COLUMNS: dict[str, pa.DataType] = {
@@ -92,7 +92,7 @@ def reserved_column_names() -> frozenset[str]:
     """Every column name curate itself writes: the reader's, the ledger's and each registered stage's outputs."""
     from curate.stages import STAGES
 
-    from curate.stages.read_shards import SOURCE_COLUMNS
+    from curate.inputs.shards import SOURCE_COLUMNS
 
     # source_* point the downloader at local files: only the shard reader may set them, never an input list
     names = set(BASE_COLUMNS) | set(READER_COLUMNS) | set(LEDGER_SCHEMA.names) | set(SOURCE_COLUMNS)
@@ -142,7 +142,7 @@ def _columns_doc(columns: dict[str, pa.DataType], descriptions: dict[str, str]) 
 def generated_schemas() -> dict[str, dict[str, Any]]:
     """File name → JSON content of every published schema."""
     from curate.config import PipelineConfig
-    from curate.ledger import Manifest
+    from curate.core.ledger import Manifest
     from curate.stages import STAGES
 
     pipeline = PipelineConfig.model_json_schema()

@@ -8,41 +8,23 @@ Stages never talk to Ray: they declare their columns and resources and the runne
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from curate.config import Resources, StageConfig
 
 if TYPE_CHECKING:
-    from curate.pool import Pool
+    from curate.core.pool import Pool
 
 # Row status while a pipeline runs: "ok" rows are still alive. The ledger turns the survivors into "kept".
 OK, KEPT, FILTERED, FAILED = "ok", "kept", "filtered", "failed"
 FINAL_STATUSES = (KEPT, FILTERED, FAILED)
 
-
-class Resources(BaseModel):
-    """What one worker of a stage needs; the runner turns this into Ray resources and pool sizes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed)")
-    gpus: float = Field(0.0, ge=0, description="GPUs reserved per worker (fractions allowed)")
-    batch_size: int = Field(128, ge=1, description="rows per batch handed to process()")
-    concurrency: int | None = Field(
-        None, ge=1, description="workers (actor pool size); default: as many as the cluster's CPUs allow"
-    )
-    custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. download_node")
-
-
-class StageConfig(BaseModel):
-    """Base of every stage's config: the ``stage`` name plus its resources. Unknown keys are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    stage: str
-    resources: Resources = Field(default_factory=Resources)
+ConfigT = TypeVar("ConfigT", bound=StageConfig)
 
 
 class RowOutcomes:
@@ -82,7 +64,7 @@ class RowOutcomes:
         return batch.set_column(batch.column_names.index("reason"), "reason", pa.array(reason, pa.string()))
 
 
-class Stage(ABC):
+class Stage(ABC, Generic[ConfigT]):
     """A per-sample stage.
 
     Subclasses set ``name`` and ``Config`` (a ``StageConfig`` subclass), keep ``__init__`` cheap and picklable,
@@ -98,8 +80,14 @@ class Stage(ABC):
     # got past it: the funnel prints "downloaded → decoded → resized" from these.
     funnel: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: ConfigT) -> None:
         self.config = config
+
+    @property
+    def deferred(self) -> bool:
+        """True when this stage cannot stream: it needs the whole pool stored first (bootstrapped scores); the
+        runner runs it after the per-sample stream, over the stored parts."""
+        return False
 
     def inputs(self) -> list[str]:
         """Columns this stage reads; the pipeline check fails if no earlier step produces one of them."""
@@ -138,13 +126,53 @@ class Stage(ABC):
         """
 
 
-class GlobalStage(ABC):
+@dataclass(frozen=True)
+class Removals:
+    """What a global stage decides: the rows it removes (``uid``, ``status`` filtered or failed, ``reason``, the
+    pool's ``row`` once known, and the stage's declared ``outputs()`` columns, e.g. ``duplicate_of``), and, for a
+    filter, how many rows each of its rules would reject on its own (None: the removed rows counted by reason)."""
+
+    table: pa.Table
+    would_reject: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, uids: Sequence[str], reasons: str | Sequence[str], *, rows: Sequence[int] | None = None,
+           status: str = FILTERED, would_reject: dict[str, int] | None = None,
+           **columns: Sequence[str | None]) -> Removals:
+        n = len(uids)
+        data = {"uid": pa.array(list(uids), pa.string()), "status": pa.array([status] * n, pa.string()),
+                "reason": pa.array([reasons] * n if isinstance(reasons, str) else list(reasons), pa.string())}
+        if rows is not None:
+            data["row"] = pa.array(np.asarray(rows, dtype=np.int64))
+        data |= {name: pa.array(list(values), pa.string()) for name, values in columns.items()}
+        return cls(pa.table(data), would_reject)
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def with_rows(self, row_of: dict[str, int], stage: str) -> Removals:
+        """The same removals with each uid's pool ``row``; a uid that is not a live row is a bug in the stage."""
+        rows = [row_of.get(uid) for uid in self.table.column("uid").to_pylist()]
+        if None in rows:
+            raise RuntimeError(f"global stage {stage} removed uid {self.table.column('uid')[rows.index(None)]}, "
+                               "which is not a live row")
+        table = self.table.drop_columns(["row"]) if "row" in self.table.column_names else self.table
+        return Removals(table.append_column("row", pa.array(rows, pa.int64())), self.would_reject)
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        if self.would_reject is not None:
+            return self.would_reject
+        return dict(Counter(self.table.column("reason").to_pylist()))
+
+
+class GlobalStage(ABC, Generic[ConfigT]):
     """A decision over the stored metadata of the whole pool (dedup, quantile thresholds).
 
     Global stages see metadata columns only (never image bytes), so they are cheap to rerun with a new config.
     A stage implements one of two methods. ``decide(metadata)`` gets the live rows' declared columns gathered into
     one table in the driver: right for decisions over a whole column (thresholds, rules), whose columns are small.
-    ``decide_pool(pool)`` gets the pool itself (curate.pool) and reads it in tasks: right for dedup, where the driver
+    ``decide_pool(pool)`` gets the pool itself (curate.core.pool) and reads it in tasks: right for dedup, where the driver
     should receive pairs of rows, not every row's fingerprints.
     """
 
@@ -153,8 +181,9 @@ class GlobalStage(ABC):
     # Filters (rules, thresholds) are also run over the whole live pool, so the manifest can count everything each
     # rule would reject on its own; dedup decisions depend on the group and are not.
     counts_would_reject: ClassVar[bool] = False
-    # Stages whose work runs as Ray tasks (curate.fan_out): a run on Ray joins Ray before deciding.
+    # Stages whose work runs as Ray tasks (curate.core.fan_out): a run on Ray joins Ray before deciding.
     fans_out: ClassVar[bool] = False
+    funnel: ClassVar[tuple[tuple[str, str], ...]] = ()  # a decision removes rows; it names no step of the funnel
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -162,9 +191,8 @@ class GlobalStage(ABC):
                 cls.decide is GlobalStage.decide and cls.decide_pool is GlobalStage.decide_pool:
             raise TypeError(f"{cls.__name__} must implement decide() or decide_pool()")
 
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: ConfigT) -> None:
         self.config = config
-        self.would_reject: dict[str, int] = {}  # reason → rows; set by decide() where a stage has several rules
 
     def inputs(self) -> list[str]:
         return []
@@ -181,25 +209,20 @@ class GlobalStage(ABC):
         """Extra ledger columns this stage fills (e.g. the uid a duplicate points to)."""
         return {}
 
-    def decide(self, metadata: pa.Table) -> pa.Table:
+    def decide(self, metadata: pa.Table) -> Removals:
         """Given the live rows (``status == "ok"``) with the columns of ``inputs()`` (and of ``optional_inputs()``
-        the pipeline stores), return a table with columns ``uid``, ``status`` (``filtered`` for rows this stage
-        removes), ``reason``, plus ``outputs()``, holding only the rows it removes.
+        the pipeline stores), return the rows this stage removes, each with its reason and ``outputs()`` columns.
 
         A stage that implements ``decide_pool`` gets this for free, over the table as a one-piece pool."""
-        from curate.pool import Pool
+        from curate.core.pool import Pool
 
         return self.decide_pool(Pool.from_table(metadata))
 
-    def decide_pool(self, pool: Pool) -> pa.Table:
+    def decide_pool(self, pool: Pool) -> Removals:
         """The same, over the pool's stored parts, with a ``row`` column: the rows this stage removes. By default
         the declared columns of every live row are gathered and passed to ``decide``."""
         names = sorted({"uid", *self.inputs(), *(c for c in self.optional_inputs() if pool.has(c))})
         metadata = pool.gather(names)
         removed = self.decide(metadata.select(names))
-        row_of = dict(zip(metadata.column("uid").to_pylist(), metadata.column("row").to_pylist()))
-        rows = [row_of.get(uid) for uid in removed.column("uid").to_pylist()]
-        if None in rows:
-            uid = removed.column("uid")[rows.index(None)].as_py()
-            raise RuntimeError(f"global stage {self.name} removed uid {uid!r}, which is not a live row")
-        return removed.append_column("row", pa.array(rows, pa.int64()))
+        return removed.with_rows(dict(zip(metadata.column("uid").to_pylist(), metadata.column("row").to_pylist())),
+                                 self.name)

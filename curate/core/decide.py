@@ -1,7 +1,7 @@
 """Decide over stored metadata, then write the ledger, the shards and the manifest.
 
 Streams the stored parts in input order: memory holds one part's metadata (never images) plus the shards in flight.
-Global stages read the stored parts through curate.pool: dedup tiers in tasks, filters by gathering the columns
+Global stages read the stored parts through curate.core.pool: dedup tiers in tasks, filters by gathering the columns
 they declare for every live row.
 """
 
@@ -18,14 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import fan_out
-from curate import parts as part_store
+from curate.core import fan_out
+from curate.core import parts as part_store
 from curate.config import PipelineConfig, RayConfig
-from curate.embeddings import EmbeddingWriter
-from curate.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
-from curate.pool import Pool
-from curate.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
-from curate.stages.write import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
+from curate.core.embeddings import EmbeddingWriter
+from curate.core.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
+from curate.core.pool import Pool
+from curate.core.schema import LEDGER_SCHEMA
+from curate.core.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
+from curate.sinks.webdataset import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
 
 VERSIONED = ("curate", "ray", "pyarrow", "webdataset", "pillow", "numpy", "urllib3")
 
@@ -48,7 +49,7 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
     """uid → (status, reason, stage, duplicate_of) for every row a global stage removes; and, per filter reason,
     the live rows that filter would reject on its own (whatever ran before it).
 
-    Each stage reads the pool of stored parts itself (curate.pool): the driver holds the decisions, the rows
+    Each stage reads the pool of stored parts itself (curate.core.pool): the driver holds the decisions, the rows
     removed so far and what a stage gathers, not the pool's metadata."""
     decisions: dict[str, Decision] = {}
     would_reject: Counter[str] = Counter()
@@ -58,11 +59,17 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
     for stage in global_stages:
         stage.bind(stages or [])
         if stage.counts_would_reject and live is not pool:
-            probe = stage.decide_pool(pool)  # on its own: every live row, none removed by an earlier stage
-            would_reject.update(stage.would_reject or Counter(probe.column("reason").to_pylist()))
-        removed = stage.decide_pool(live)
+            # on its own: every live row, none removed by an earlier stage
+            would_reject.update(stage.decide_pool(pool).rejected_by_reason())
+        decided = stage.decide_pool(live)
         if stage.counts_would_reject and live is pool:
-            would_reject.update(stage.would_reject or Counter(removed.column("reason").to_pylist()))
+            would_reject.update(decided.rejected_by_reason())
+        removed = decided.table
+        undeclared = set(removed.column_names) - {"uid", "row", "status", "reason"} - set(stage.outputs())
+        unstored = set(stage.outputs()) - set(LEDGER_SCHEMA.names)
+        if undeclared or unstored:
+            raise RuntimeError(f"global stage {stage.name}: columns {sorted(undeclared | unstored)} are not declared "
+                               "outputs the ledger stores; a decision's columns must reach the ledger")
         duplicate_of = (removed.column("duplicate_of").to_pylist() if "duplicate_of" in removed.column_names
                         else [None] * removed.num_rows)
         for uid, status, reason, target in zip(*(removed.column(c).to_pylist() for c in ("uid", "status", "reason")),
@@ -91,7 +98,7 @@ class ShardWriters:
         """Ray is joined only when a shard needs writing: a rerun of a finished job starts nothing."""
         import ray
 
-        from curate.ray_env import ensure_ray
+        from curate.cluster.ray_env import ensure_ray
 
         ensure_ray(self.ray_config)
         self._remote = ray.remote(num_cpus=0.5, max_retries=3)(write_shard)
@@ -153,7 +160,7 @@ def decide_and_write(
     parts = part_store.part_files(out)
     fan = not local and input_rows >= fan_out.MIN_ROWS and any(stage.fans_out for stage in global_stages)
     if fan:
-        from curate.ray_env import ensure_ray
+        from curate.cluster.ray_env import ensure_ray
 
         ensure_ray(config.ray)  # their pHash tables and k-means clusters run as tasks across the cluster
     decide_start = time.perf_counter()
@@ -213,13 +220,9 @@ def decide_and_write(
     ledger.close()
     write_seconds = time.perf_counter() - write_start
 
-    stats: list[StageStats] = []
-    alive = input_rows
-    for stage in [*stages, *global_stages]:
-        stopped = stopped_by.get(stage.name, 0)
-        wall = seconds.get(stage.name, 0.0) if stage in stages else decide_seconds
-        stats.append(StageStats(name=stage.name, rows_in=alive, rows_out=alive - stopped, wall_seconds=round(wall, 3)))
-        alive -= stopped
+    stats = stage_stats([*stages, *global_stages], input_rows, stopped_by,
+                        {**{s.name: decide_seconds for s in global_stages}, **seconds})
+    alive = stats[-1].rows_out if stats else input_rows
     kept = ledger.by_status.get(KEPT, 0)
     stats.append(StageStats(name="write", rows_in=alive, rows_out=kept, wall_seconds=round(write_seconds, 3)))
     resolved = config.resolved()
@@ -244,6 +247,20 @@ def decide_and_write(
                            "refusing to publish")
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def stage_stats(stages: list[Stage | GlobalStage], input_rows: int, stopped_by: Counter[str],
+                wall_seconds: dict[str, float]) -> list[StageStats]:
+    """Rows in and out of each stage in pipeline order, with what the report needs to label them (the funnel's
+    reason domains, the columns each stage stored) so that it reads the manifest, not the stage classes."""
+    stats, alive = [], input_rows
+    for stage in stages:
+        stopped = stopped_by.get(stage.name, 0)
+        stats.append(StageStats(name=stage.name, rows_in=alive, rows_out=alive - stopped,
+                                wall_seconds=round(wall_seconds.get(stage.name, 0.0), 3),
+                                funnel=list(stage.funnel), columns=list(stage.outputs())))
+        alive -= stopped
+    return stats
 
 
 def _remove_stale_shards(out: Path, keep: int) -> None:

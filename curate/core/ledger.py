@@ -12,10 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from curate.atomic import AtomicFile, write_text_atomic
+from curate.core.atomic import AtomicFile, write_text_atomic
 
-from curate.schema import LEDGER_SCHEMA
-from curate.stage import FINAL_STATUSES, KEPT
+from curate.core.schema import LEDGER_SCHEMA
+from curate.core.stage import FINAL_STATUSES, KEPT
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.parquet"
@@ -34,6 +34,9 @@ class StageStats(BaseModel):
     rows_in: int
     rows_out: int
     wall_seconds: float = Field(description="summed over workers: busy time, not elapsed time")
+    funnel: list[tuple[str, str]] = Field(default_factory=list, description="(reason domain, label) pairs: rows "
+                                          "that got past the domain, e.g. ('download', 'downloaded')")
+    columns: list[str] = Field(default_factory=list, description="the columns this stage stored or decided")
 
 
 class Manifest(BaseModel):

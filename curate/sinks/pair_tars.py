@@ -6,7 +6,6 @@ the images the per-sample pass stored, so nothing is downloaded or decoded twice
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,8 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import parts as part_store
-from curate.atomic import AtomicFile
+from curate.core import parts as part_store
+from curate.core.atomic import AtomicFile
+from curate.sinks.tars import add_member
 
 
 def write_pair_tars(out: Path, paths: list[Path], route: Callable[[str], Iterable[int]],
@@ -37,9 +37,7 @@ def write_pair_tars(out: Path, paths: list[Path], route: Callable[[str], Iterabl
             for row in table.to_pylist():
                 for index in route(row["uid"]):
                     for ext, data in ((row["image_ext"], row["image"]), ("txt", (row["caption"] or "").encode())):
-                        info = tarfile.TarInfo(f"{row['uid']}.{ext}")
-                        info.size = len(data)
-                        tars[index].addfile(info, io.BytesIO(data))
+                        add_member(tars[index], f"{row['uid']}.{ext}", data)
     except BaseException:
         for file in files:
             file.discard()

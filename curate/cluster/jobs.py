@@ -144,7 +144,7 @@ def submit(pipeline: str, *, address: str | None, sets: list[str], input_path: s
            include: list[str] | None = None, wait: bool = False, insecure_http: bool = False,
            out=sys.stdout) -> int:
     """Submit PIPELINE as a Ray job; print its id; with ``wait``, stream its logs and return its exit status."""
-    from curate.config import load_pipeline
+    from curate.core.pipeline import load_pipeline
 
     config = load_pipeline(pipeline, sets)  # a bad pipeline is refused here, not minutes later on the cluster
     for flag, value in (("--input", input_path or config.input.path), ("--output", output or config.output.path)):

@@ -22,7 +22,8 @@ from typing import Literal
 
 from PIL import Image, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
-from curate.budget import Budget, OverBudget
+from curate.stages.download.budget import Budget, OverBudget
+from curate.stages.download.decode_cost import Source, decode_cost, jpeg_coefficient_bytes, transparent
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "area", "lanczos"]
@@ -100,7 +101,7 @@ def target_size(width: int, height: int, spec: ResizeSpec) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """The geometry of one image: scaled to ``scaled`` (target_size); for center_crop only the ``crop`` (left, top,
     width, height, in scaled coordinates) is ever resampled; border pads the result onto a ``canvas``."""
 
@@ -117,33 +118,23 @@ class _Plan:
         return self.canvas or self.resampled
 
 
-def _plan(width: int, height: int, spec: ResizeSpec) -> _Plan:
+def plan_for(width: int, height: int, spec: ResizeSpec) -> Plan:
     scaled = target_size(width, height, spec)
     # img2dataset crops or pads only images it resized (resize_only_if_bigger leaves small ones untouched)
     resized = scaled != (width, height) or not spec.resize_only_if_bigger
     side = spec.image_size
     if spec.resize_mode == "center_crop" and resized:
         crop_w, crop_h = min(scaled[0], side), min(scaled[1], side)
-        return _Plan(scaled, ((scaled[0] - crop_w) // 2, (scaled[1] - crop_h) // 2, crop_w, crop_h), None)
+        return Plan(scaled, ((scaled[0] - crop_w) // 2, (scaled[1] - crop_h) // 2, crop_w, crop_h), None)
     if spec.resize_mode == "border" and resized and (scaled[0] < side or scaled[1] < side):
-        return _Plan(scaled, None, (max(scaled[0], side), max(scaled[1], side)))
-    return _Plan(scaled, None, None)
-
-
-# Bytes per pixel Pillow stores for each mode (RGB is padded to 4, as RGBA); modes not listed take 4.
-_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
-_ALPHA_MODES = ("RGBA", "LA", "PA")
-_DIRECT_TO_RGB = {"1", "L", "P", "I", "I;16", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
-
-
-def _transparent(img: Image.Image) -> bool:
-    return img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+        return Plan(scaled, None, (max(scaled[0], side), max(scaled[1], side)))
+    return Plan(scaled, None, None)
 
 
 def _flatten(img: Image.Image) -> Image.Image:
     """RGB with any transparency composited on white (pasting through the alpha channel: one RGB copy, not the
     three an RGBA alpha_composite needs, which matters for a 64-megapixel PNG). _flatten_copies counts its copies."""
-    if _transparent(img):
+    if transparent(img):
         rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
@@ -151,85 +142,6 @@ def _flatten(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         return img.convert("RGB")
     return img
-
-
-def _flatten_copies(mode: str, transparent: bool) -> int:
-    """Bytes per decoded pixel that _flatten allocates at its peak, besides the decoded image."""
-    if mode == "RGB":
-        return 0
-    if transparent:  # an RGBA copy (unless it is one), the RGB canvas, the alpha band
-        return (0 if mode == "RGBA" else 4) + 4 + 1
-    return 4 if mode in _DIRECT_TO_RGB else 5  # Pillow converts F, I;16B, ... to RGB through L
-
-
-# What a format's decoder holds besides the image, per decoded pixel: while decoding (libwebp's decoded frame,
-# copied out of its canvas, and its alpha plane or lossless pixels; the bytearray and copy of Pillow's BMP RLE
-# decoder) and for as long as the image lives (libwebp's two canvases). libtiff's strip is counted from the tags.
-_DECODING_BYTES = {"WEBP": 8, "BMP_RLE": 2, "GIF": 1}
-_LASTING_BYTES = {"WEBP": 8}
-_KEEPS_FILE_COPY = {"WEBP"}  # Pillow's WebP decoder keeps its own copy of the whole file
-_ENCODED_BYTES = 5  # per output pixel: JPEG at quality 100 of noise reaches 4.1, plus BytesIO's growth
-_MARGIN = 1.1  # for allocator rounding and what the per-pixel counts above leave out
-_FIXED_BYTES = 2 * 2**20  # codec tables, line buffers, Python objects
-
-
-def _tiff_strip_bytes(img: Image.Image) -> int:
-    """libtiff decodes one strip or tile at a time into a buffer of its uncompressed size (at least RGBA, which its
-    YCbCr and old-JPEG path produces); Pillow's own raw decoder, for uncompressed files, needs none."""
-    if img.format != "TIFF" or not img.tile or img.tile[0][0] != "libtiff":
-        return 0
-    width, height = img.size
-    try:
-        tags = img.tag_v2
-        bits = tags.get(258, 8)
-        pixel = max(math.ceil((sum(bits) if isinstance(bits, tuple) else int(bits)) / 8), 4)
-        if 322 in tags and 323 in tags:
-            return pixel * int(tags[322]) * int(tags[323])
-        return pixel * width * min(int(tags.get(278, height)), height)
-    except (TypeError, ValueError, KeyError):
-        return 8 * width * height  # unreadable tags: the whole image at the most bytes a pixel Pillow accepts
-
-
-@dataclass(frozen=True)
-class _Source:
-    """What decode_cost needs to know of a file: the size and mode it decodes to, its format, and the bytes its
-    decoder buffers besides the image (JPEG's coefficients, libtiff's strip)."""
-
-    size: tuple[int, int]
-    mode: str
-    format: str
-    transparent: bool
-    decoder_bytes: int = 0
-    bmp_rle: bool = False
-
-    @classmethod
-    def of(cls, img: Image.Image, coefficient_bytes: int) -> _Source:
-        """Of an opened and drafted image (JPEG's coefficients are counted before drafting: it does not shrink them)."""
-        rle = img.format == "BMP" and bool(img.tile) and img.tile[0][0] == "bmp_rle"
-        return cls(img.size, img.mode, img.format or "", _transparent(img),
-                   coefficient_bytes + _tiff_strip_bytes(img), rle)
-
-
-def decode_cost(source: _Source, raw_size: int, plan: _Plan) -> int:
-    """Bytes a decode allocates at its peak, an upper bound.
-
-    The peak of four steps, each counting what is alive then: loading (the decoded image in its mode and the decoder's
-    buffers), _flatten's copies, the resize (its first pass, then the result) and the output (crop or canvas, the
-    encoded file). The source image lives throughout."""
-    decoded_w, decoded_h = source.size
-    decoded = decoded_w * decoded_h
-    lasting = decoded * (_STORED_BYTES.get(source.mode, 4) + _LASTING_BYTES.get(source.format, 0))
-    lasting += raw_size if source.format in _KEEPS_FILE_COPY else 0
-    load = decoded * _DECODING_BYTES.get("BMP_RLE" if source.bmp_rle else source.format, 0) + source.decoder_bytes
-    flatten = decoded * _flatten_copies(source.mode, source.transparent)
-    flat = 0 if source.mode == "RGB" else 4 * decoded
-    out_w, out_h = plan.resampled
-    resampled = 4 * out_w * out_h if plan.scaled != source.size or plan.crop else 0
-    first_pass = 4 * max(out_w * decoded_h, decoded_w * out_h) if plan.scaled != source.size else 0
-    final_w, final_h = plan.final
-    output = (4 * final_w * final_h if plan.canvas else 0) + _ENCODED_BYTES * final_w * final_h
-    peak = lasting + max(load, flatten, flat + first_pass + resampled, flat + resampled + output)
-    return int(peak * _MARGIN) + _FIXED_BYTES
 
 
 def _webp_canvas(raw: bytes) -> tuple[int, int] | None:
@@ -243,44 +155,6 @@ def _webp_canvas(raw: bytes) -> tuple[int, int] | None:
         bits = struct.unpack_from("<I", raw, 21)[0]
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     return None
-
-
-def _jpeg_first_scan_components(raw: bytes) -> int | None:
-    """How many components the first scan of a JPEG carries (None when the markers cannot be walked)."""
-    pos = 2
-    while pos + 4 < len(raw):
-        if raw[pos] != 0xFF:
-            pos += 1  # junk between segments: libjpeg skips it too
-            continue
-        marker = raw[pos + 1]
-        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, standalone markers
-            pos += 1 if marker == 0xFF else 2
-            continue
-        if marker == 0xDA:
-            return raw[pos + 4]
-        pos += 2 + struct.unpack_from(">H", raw, pos + 2)[0]
-    return None
-
-
-def _jpeg_coefficient_bytes(img: Image.Image, raw: bytes) -> int:
-    """libjpeg keeps every DCT coefficient of the full-size image (2 bytes each, 64 per 8×8 block of each component,
-    at the component's sampling) when the file has more than one scan: progressive files, and sequential ones whose
-    first scan leaves out a component. Draft mode does not shrink it."""
-    layers = getattr(img, "layer", None) or []
-    if img.format not in ("JPEG", "MPO") or not layers:
-        return 0
-    scanned = _jpeg_first_scan_components(raw)
-    if not img.info.get("progressive") and scanned is not None and scanned >= len(layers):
-        return 0
-    width, height = img.size
-    h_max, v_max = max(max(h for _, h, _, _ in layers), 1), max(max(v for _, _, v, _ in layers), 1)
-    total = 0
-    for _, h, v, _ in layers:
-        h, v = max(h, 1), max(v, 1)
-        blocks_w = math.ceil(math.ceil(width * h / h_max) / 8)
-        blocks_h = math.ceil(math.ceil(height * v / v_max) / 8)
-        total += math.ceil(blocks_w / h) * h * math.ceil(blocks_h / v) * v * 128
-    return total
 
 
 def _gif_without_first_disposal(raw: bytes) -> bytes:
@@ -394,7 +268,7 @@ def _decode_and_resize(raw: bytes, spec: ResizeSpec, budget: Budget | None, stac
             canvas = _webp_canvas(raw)
             if canvas is None:
                 raise ImageRejected("decode:bad_header")
-            _hold(stack, budget, decode_cost(_Source(canvas, "RGBA", "WEBP", True), len(raw), _check(*canvas, spec)))
+            _hold(stack, budget, decode_cost(Source(canvas, "RGBA", "WEBP", True), len(raw), _check(*canvas, spec)))
         img = _open(raw)
         if img.format not in DECODABLE:
             raise ImageRejected("decode:unsupported_format")
@@ -403,10 +277,10 @@ def _decode_and_resize(raw: bytes, spec: ResizeSpec, budget: Budget | None, stac
             raise ImageRejected("decode:bad_header")
         plan = _check(width, height, spec)
         try:
-            coefficient_bytes = _jpeg_coefficient_bytes(img, raw)
+            coefficient_bytes = jpeg_coefficient_bytes(img, raw)
             if img.format in ("JPEG", "MPO") and plan.scaled != (width, height):
                 img.draft("RGB", plan.scaled)  # decode at 1/2, 1/4 or 1/8 scale when that still covers the target
-            cost = decode_cost(_Source.of(img, coefficient_bytes), len(raw), plan)
+            cost = decode_cost(Source.of(img, coefficient_bytes), len(raw), plan)
         except Exception:  # a header Pillow accepted but that does not add up
             raise ImageRejected("decode:bad_header") from None
         if canvas is None:
@@ -432,7 +306,7 @@ def _decode_and_resize(raw: bytes, spec: ResizeSpec, budget: Budget | None, stac
                         DECODABLE[img.format])
 
 
-def _check(width: int, height: int, spec: ResizeSpec) -> _Plan:
+def _check(width: int, height: int, spec: ResizeSpec) -> Plan:
     """The plan for an image of this size, or ImageRejected: every size check, before anything is allocated."""
     if width <= 0 or height <= 0:
         raise ImageRejected("decode:bad_header")
@@ -442,7 +316,7 @@ def _check(width: int, height: int, spec: ResizeSpec) -> _Plan:
         raise ImageRejected("resize:too_small")
     if max(width, height) / min(width, height) > spec.max_aspect_ratio:
         raise ImageRejected("resize:aspect_ratio")
-    plan = _plan(width, height, spec)
+    plan = plan_for(width, height, spec)
     if max(math.prod(plan.resampled), math.prod(plan.final)) > spec.max_image_pixels:
         raise ImageRejected("resize:too_many_pixels")  # e.g. keep_ratio scaling a 1×40,000 strip to 256 wide
     if max(plan.final) > _MAX_SIDE[spec.output_format]:
@@ -459,7 +333,7 @@ def _hold(stack: ExitStack, budget: Budget | None, cost: int) -> None:
             raise ImageRejected("decode:over_budget") from None
 
 
-def _resize(flat: Image.Image, plan: _Plan, spec: ResizeSpec, downscale: bool) -> Image.Image:
+def _resize(flat: Image.Image, plan: Plan, spec: ResizeSpec, downscale: bool) -> Image.Image:
     resample = _RESAMPLE[spec.downscale_interpolation if downscale else spec.upscale_interpolation]
     out = flat
     if plan.crop:

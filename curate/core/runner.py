@@ -22,16 +22,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from curate import parts as part_store
-from curate.atomic import write_text_atomic
-from curate.config import PipelineConfig, check_stage_order
-from curate.decide import decide_and_write
+from curate.core import parts as part_store
+from curate.core.atomic import write_text_atomic
+from curate.config import PipelineConfig
+from curate.core.pipeline import check_stage_order
+from curate.core.decide import decide_and_write
 from curate.errors import CurateError
-from curate.ledger import MANIFEST, Manifest, write_json_atomic
-from curate.stage import FAILED, GlobalStage, Stage
+from curate.core.ledger import MANIFEST, Manifest
+from curate.core.stage import FAILED, GlobalStage, Stage
 from curate.stages import STAGES
-from curate.stages.read import InputChunks, stage_input, staged_chunks, validate_input
-from curate.worker import StageWorker, worker_class
+from curate.inputs.chunks import InputChunks, stage_input, staged_chunks
+from curate.inputs.formats import validate_input
+from curate.core.worker import StageWorker, worker_class
 
 CONFIG_FILE = "config.yaml"
 # Most rows per stored part file (and at most one input chunk): big enough to keep file counts sane, small enough
@@ -48,12 +50,10 @@ class RunResult:
 def build_stages(config: PipelineConfig) -> tuple[list[Stage], list[GlobalStage]]:
     check_stage_order(config, "stages")
     for i, stage_config in enumerate(config.stages):  # configs built in code, not loaded from a file, resolve here
-        resolve = getattr(stage_config, "resolve_with", None)
-        if resolve is not None:
-            try:
-                resolve(config.stages[:i])
-            except ValueError as err:
-                raise CurateError(f"stages[{i}] ({stage_config.stage}): {err}") from None
+        try:
+            stage_config.resolve_with(config.stages[:i])
+        except ValueError as err:
+            raise CurateError(f"stages[{i}] ({stage_config.stage}): {err}") from None
     built = [STAGES[stage_config.stage](stage_config) for stage_config in config.stages]
     return ([s for s in built if not isinstance(s, GlobalStage)],  # type: ignore[misc]
             [s for s in built if isinstance(s, GlobalStage)])
@@ -196,7 +196,7 @@ def _read_chunks(batch: pa.Table) -> pa.Table:
 def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_rows: int) -> Iterator[pa.Table]:
     import ray
 
-    from curate.ray_env import light_task_concurrency, pool_size, worker_cpus
+    from curate.cluster.ray_env import light_task_concurrency, pool_size, worker_cpus
 
     # Reading the chunks in our own light tasks (instead of read_parquet, whose file listing reserves a whole CPU)
     # keeps a pool of actors from starving the read on a small machine.
@@ -256,7 +256,7 @@ def run_pipeline(
     if address:
         config.ray.address = address
     if config.ray.address and not local:
-        from curate.ray_env import check_cluster_address
+        from curate.cluster.ray_env import check_cluster_address
 
         check_cluster_address(config.ray.address)  # ray:// or no token: one line, before anything is written
     # absolute: workers on other nodes (or in other working directories) write to the same place
@@ -276,8 +276,8 @@ def run_pipeline(
         if progress:
             print(f"[retry-failed] {forgotten} rows with a retryable failure will be tried again", file=sys.stderr)
 
-    streaming = [s for s in stages if not getattr(s, "deferred", False)]
-    if streaming and any(getattr(s, "deferred", False) for s in stages[: stages.index(streaming[-1])]):
+    streaming = [s for s in stages if not s.deferred]
+    if streaming and any(s.deferred for s in stages[: stages.index(streaming[-1])]):
         raise CurateError("stages: a bootstrapped score stage scores the stored pool after the per-sample stream; "
                           "put it after every other per-sample stage")
     inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
@@ -288,7 +288,7 @@ def run_pipeline(
         if local:
             run_samples_local(streaming, inputs, out, bar, part_rows)
         else:
-            from curate.ray_env import ensure_ray
+            from curate.cluster.ray_env import ensure_ray
 
             # on a terminal, Ray Data's own bars: one per stage, with its rows/s, live
             ensure_ray(config.ray, progress_bars=progress and sys.stderr.isatty())
@@ -297,8 +297,8 @@ def run_pipeline(
     shutil.rmtree(out / "pending", ignore_errors=True)
     check_all_stored(out, chunks, config.input.rows_per_chunk)
     for stage in stages:
-        if getattr(stage, "deferred", False):  # scorers trained on the stored pool itself (score.model: bootstrap)
-            from curate.bootstrap import bootstrap_scores
+        if stage.deferred:  # scorers trained on the stored pool itself (score.model: bootstrap)
+            from curate.train.bootstrap import bootstrap_scores
 
             bootstrap_scores(out, stage, progress)
 

@@ -1,6 +1,6 @@
-"""Duplicate finding over stored fingerprints: pairs of duplicate rows, groups, and who survives.
+"""Near-duplicate pHash pairs over the pool: multi-index hashing and banding, as a shuffle of Ray tasks.
 
-Each tier is a shuffle over the pool (curate.pool, curate.fan_out): map tasks read groups of stored parts and send
+Each tier is a shuffle over the pool (curate.core.pool, curate.core.fan_out): map tasks read groups of stored parts and send
 each row to the reduce task that owns its key; a reduce task finds the pairs among the rows it got; the driver
 receives pairs of row ids, joins them into groups and applies the keep policy to the rows in some pair. No process
 holds the whole pool's fingerprints.
@@ -18,17 +18,18 @@ holds about one code in 16 million: up to tens of millions of codes per reduce t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from curate.fan_out import task_count
+from curate.core.fan_out import task_count
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from curate.pool import Pool
+    from curate.core.pool import Pool
+
 
 DEFAULT_RADIUS = 8
 MAX_RADIUS = 12  # above it the tables per band grow into the thousands (tables_for(16) = 1756)
@@ -160,7 +161,7 @@ def _near_pairs_in_tables(unique: np.ndarray, job: tuple[list[np.ndarray], int])
     return np.unique(np.concatenate(found))  # a near pair usually meets in several tables
 
 
-def _mix(values: np.ndarray, salt: int) -> np.ndarray:
+def mix(values: np.ndarray, salt: int) -> np.ndarray:
     """A well-spread 64-bit hash of integer keys (splitmix64's finaliser): which reduce task owns a key."""
     z = values.astype(np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (salt + 1)) % 2**64)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -168,7 +169,7 @@ def _mix(values: np.ndarray, salt: int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
+def codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
     """Map: each row with a pHash, once per band, to the reduce task owning (band, the band's bits), as
     (row, code, band) int64 triples."""
     import pyarrow.compute as pc
@@ -180,7 +181,7 @@ def _codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
     n = len(rows)
     if not n:
         return [np.zeros((0, 3), np.int64)] * partitions
-    owner = np.concatenate([(_mix(_band_value(codes, band), b) % np.uint64(partitions)).astype(np.uint16)
+    owner = np.concatenate([(mix(_band_value(codes, band), b) % np.uint64(partitions)).astype(np.uint16)
                             for b, band in enumerate(bands(radius))])  # entry e: band e // n, row e % n
     order = np.argsort(owner, kind="stable")  # a radix sort: partitions are at most 65536 (see phash_pair_rows)
     bounds = np.cumsum(np.bincount(owner, minlength=partitions))[:-1]
@@ -210,7 +211,7 @@ def _near_pairs_by_band_value(unique: np.ndarray, band: np.ndarray, tables: list
     return np.concatenate(left), np.concatenate(right)
 
 
-def _pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Reduce: the pairs of rows among these entries within ``radius`` bits that meet in a table of their band (a
     pair that meets in several bands is reported by each). Equal codes are searched once, as the smallest pool row
     holding them; the others are chained to it (in band 0, which equal codes always agree on). A job with an
@@ -289,9 +290,9 @@ def phash_pair_rows(pool: Pool, radius: int = DEFAULT_RADIUS, tables: int | None
 
         table = pa.table({"row": pa.array(-1 - np.arange(len(outside), dtype=np.int64)),
                           "phash": pa.array(np.asarray(outside, dtype=np.int64))})
-        extra = _codes_to_bands((radius, partitions), table)
+        extra = codes_to_bands((radius, partitions), table)
     job = (radius, partitions, band_tables(radius, tables or tables_for(radius, bits), bits, seed), extra)
-    found = pool.shuffle(_codes_to_bands, _pairs_in_bands, job, ["phash"], partitions,
+    found = pool.shuffle(codes_to_bands, pairs_in_bands, job, ["phash"], partitions,
                          bytes_per_row=24 * len(bands(radius)))
     pairs = np.unique(np.stack(joined(found), 1), axis=0)  # a pair agreeing on several bands may meet in several
     return pairs[:, 0], pairs[:, 1]
@@ -302,7 +303,7 @@ def phash_pairs(codes: np.ndarray, radius: int = DEFAULT_RADIUS, tables: int | N
     """``phash_pair_rows`` over an array of codes: index pairs (i < j), each once."""
     import pyarrow as pa
 
-    from curate.pool import Pool
+    from curate.core.pool import Pool
 
     table = pa.table({"phash": pa.array(np.asarray(codes, dtype=np.int64))})
     pool = Pool.from_table(table, pieces=task_count(max(1, len(codes) // 50_000)))
@@ -319,101 +320,6 @@ def brute_force_pairs(codes: np.ndarray, radius: int) -> set[tuple[int, int]]:
     return pairs
 
 
-def groups_of(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Connected components of the pair graph: a group label per row (rows in no pair are their own group)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
-def uid_ranks(uids: Sequence[str]) -> np.ndarray:
-    """Each row's position in uid order: the tie-break that makes a decision independent of the input's order."""
-    return np.argsort(np.argsort(np.asarray(uids, dtype=object)))
-
-
-def keep_order(uids: Sequence[str], scores: np.ndarray | None, pixels: np.ndarray | None) -> np.ndarray:
-    """Row positions from the best survivor to the worst: the highest clip_score, then the larger image, then the
-    smallest uid. Missing values rank last."""
-    n = len(uids)
-    score = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf) if scores is not None else np.zeros(n)
-    size = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=-1) if pixels is not None else np.zeros(n)
-    return np.lexsort((uid_ranks(uids), -size, -score))
-
-
-def duplicates_of(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """For each row, the position of its group's survivor (itself for survivors and for rows alone)."""
-    if not len(labels):
-        return np.zeros(0, np.int64)
-    group, first = np.unique(labels[order], return_index=True)  # each group's first row in keep order
-    survivor = np.empty(labels.max() + 1, dtype=np.int64)
-    survivor[group] = order[first]
-    return survivor[labels]
-
-
-def color_grid(signatures: Sequence[bytes]) -> np.ndarray:
-    """The 4 × 4 RGB grids as one signed row each, ready to subtract."""
-    return np.frombuffer(b"".join(signatures), dtype=np.uint8).reshape(len(signatures), -1).astype(np.int16)
-
-
-def color_differences(signatures: Sequence[bytes], left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """The largest difference (0-255) of any channel of any cell of the pairs' 4 × 4 RGB grids: a shape that changed
-    colour changes the cells it covers a lot, a re-encode or a brighter copy changes every cell a little."""
-    grid = color_grid(signatures)
-    return np.abs(grid[left] - grid[right]).max(axis=1) if len(left) else np.zeros(0)
-
-
-def removals(uids: Sequence[str], labels: np.ndarray, scores: np.ndarray | None, pixels: np.ndarray | None,
-             reason: str, rows: np.ndarray | None = None) -> pa.Table:
-    """The rows a grouping removes: every member of a group but its survivor, each pointing at the survivor (with
-    their ``row`` ids when given)."""
-    import pyarrow as pa
-
-    survivor = duplicates_of(labels, keep_order(uids, scores, pixels))
-    removed = np.flatnonzero(survivor != np.arange(len(labels)))
-    uid_array = np.asarray(uids, dtype=object)
-    columns = {"uid": pa.array(uid_array[removed].tolist(), pa.string()),
-               "status": pa.array(["filtered"] * len(removed), pa.string()),
-               "reason": pa.array([reason] * len(removed), pa.string()),
-               "duplicate_of": pa.array(uid_array[survivor[removed]].tolist(), pa.string())}
-    if rows is not None:
-        columns["row"] = pa.array(np.asarray(rows, dtype=np.int64)[removed])
-    return pa.table(columns)
-
-
-KEEP_POLICY_COLUMNS = ("clip_score", "original_width", "original_height")
-
-
-def keep_policy_inputs(metadata: pa.Table) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(clip_score, original pixel count) for the keep policy, each None when the pipeline does not store it."""
-    names = metadata.column_names
-    scores = metadata.column("clip_score").to_numpy(zero_copy_only=False) if "clip_score" in names else None
-    pixels = None
-    if "original_width" in names and "original_height" in names:
-        width = metadata.column("original_width").to_numpy(zero_copy_only=False).astype(np.float64)
-        pixels = width * metadata.column("original_height").to_numpy(zero_copy_only=False).astype(np.float64)
-    return scores, pixels
-
-
-def decide_groups(pool: Pool, left: np.ndarray, right: np.ndarray, reason: str, columns: Sequence[str] = (),
-                  links: Callable[[pa.Table, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
-                  ) -> pa.Table:
-    """The removals of a tier from its pairs of rows: only rows in some pair are looked up (their uid, the keep
-    policy's columns and ``columns``), ``links`` may turn the pairs into the edges that count (the pHash tier's
-    colour check), the edges join rows into groups and each group keeps one row by the keep policy."""
-    members = np.unique(np.concatenate([left, right]))
-    info = pool.lookup(members, [*(c for c in KEEP_POLICY_COLUMNS if pool.has(c)), *columns])
-    rows = info.column("row").to_numpy()
-    if len(rows) != len(members):
-        raise RuntimeError(f"{reason}: {len(members) - len(rows)} paired rows are not live rows of the pool")
-    i, j = np.searchsorted(rows, left), np.searchsorted(rows, right)
-    if links is not None and len(i):
-        i, j = links(info, i, j)
-    scores, pixels = keep_policy_inputs(info)  # only the columns the pool stores were looked up
-    return removals(info.column("uid").to_pylist(), groups_of(len(rows), i, j), scores, pixels, reason, rows)
-
-
 def split_by_owner(owner: np.ndarray, arrays: Sequence[np.ndarray], partitions: int) -> list[list[np.ndarray]]:
     """Rows of ``arrays`` (aligned) cut by the partition that owns them: for each partition, its slice of each."""
     order = np.argsort(owner.astype(np.uint16) if partitions <= 1 << 16 else owner, kind="stable")  # radix sort
@@ -422,137 +328,7 @@ def split_by_owner(owner: np.ndarray, arrays: Sequence[np.ndarray], partitions: 
     return [[pieces[j] for pieces in cut] for j in range(partitions)]
 
 
-def _digests_to_owners(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
-    """Map: each (row, digest column) to the reduce task owning the digest, as (row, column, 128-bit hash)."""
-    import hashlib
-
-    import pyarrow.compute as pc
-
-    columns, partitions = job
-    entries = []
-    for index, name in enumerate(columns):
-        present = table.filter(pc.is_valid(table.column(name)))
-        digests = present.column(name).to_pylist()
-        # a 128-bit hash of the whole digest string, whatever its format: equal only for equal digests (but 2^-128)
-        prefix = np.frombuffer(b"".join(hashlib.blake2b(d.encode(), digest_size=16).digest() for d in digests),
-                               dtype="<u8").reshape(-1, 2).astype(np.int64)
-        entries.append(np.column_stack([present.column("row").to_numpy().astype(np.int64),
-                                        np.full(len(digests), index, np.int64), prefix]))
-    entries_all = np.concatenate(entries) if entries else np.zeros((0, 4), np.int64)
-    owner = (_mix(entries_all[:, 2] ^ entries_all[:, 1], 7) % np.uint64(partitions)).astype(np.intp)
-    return [piece[0] for piece in split_by_owner(owner, [entries_all], partitions)]
-
-
-def _equal_digest_pairs(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Reduce: rows sharing a digest (in the same column), each chained to the smallest row holding it."""
-    entries = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int64)
-    entries = entries[np.lexsort((entries[:, 0], entries[:, 3], entries[:, 2], entries[:, 1]))]
-    new = np.ones(len(entries), dtype=bool)
-    new[1:] = (entries[1:, 1:] != entries[:-1, 1:]).any(axis=1)
-    holder = entries[new, 0][np.cumsum(new) - 1]
-    return holder[~new], entries[~new, 0]
-
-
-def exact_pair_rows(pool: Pool, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of rows with equal digests in one of ``columns`` (compared by a 128-bit hash), shuffled by digest."""
-    partitions = pool.partitions(pool.rows * len(columns), ENTRIES_PER_TASK)
-    return joined(pool.shuffle(_digests_to_owners, _equal_digest_pairs, (list(columns), partitions), list(columns),
-                               partitions, bytes_per_row=32 * len(columns)))
-
-
 def joined(found: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """The pairs of all reduce tasks as two arrays."""
     return (np.concatenate([np.zeros(0, np.int64), *(f[0] for f in found)]),
             np.concatenate([np.zeros(0, np.int64), *(f[1] for f in found)]))
-
-
-# The content path of the pHash tier (curate.fingerprints): each row takes part in the band search with several
-# codes, as entries ``row * VIEW_SLOTS + view``: the views of its content box and its whole-image pHash.
-VIEW_SLOTS = 8
-# entries of one code paired with each other (the second check is not transitive: a code shared by two copies and
-# an unrelated drawing must still pair the copies); past it, the rest are chained to the code's first entry
-EXPAND = 64
-MEAN_VIEW = 4  # the content box's mean hash: compared with other mean hashes only
-FULL_VIEW = 5  # the whole-image ``phash`` column, after the five content views
-
-
-def entry_views(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return entries // VIEW_SLOTS, entries % VIEW_SLOTS
-
-
-def _content_codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
-    """Map: every view code of each row (content views in ``job[2]``, and the whole-image pHash) as an entry."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    radius, partitions, views = job[0], job[1], job[4]
-    rows = table.column("row").to_numpy().astype(np.int64)
-    lists = table.column("content_phash").combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.int64()))
-    entries, codes = [], []
-    if len(lists):
-        flat = pc.list_flatten(lists)
-        parent = pc.list_parent_indices(lists).to_numpy()
-        offsets = lists.offsets.to_numpy()[:-1][parent] - lists.offsets.to_numpy()[0]
-        view = np.arange(len(flat)) - offsets
-        present = (~np.asarray(flat.is_null())) & np.isin(view, views)
-        entries.append(rows[parent[present]] * VIEW_SLOTS + view[present])
-        # nulls filled before the conversion: with nulls numpy gets float64, which rounds a code to 53 bits
-        codes.append(flat.fill_null(0).to_numpy()[present].astype(np.int64))
-    whole = table.filter(pc.is_valid(table.column("phash")))
-    entries.append(whole.column("row").to_numpy().astype(np.int64) * VIEW_SLOTS + FULL_VIEW)
-    codes.append(whole.column("phash").to_numpy(zero_copy_only=False).astype(np.int64))
-    as_table = pa.table({"row": pa.array(np.concatenate(entries)), "phash": pa.array(np.concatenate(codes))})
-    return _codes_to_bands((radius, partitions), as_table)
-
-
-def content_candidates(pool: Pool, radius: int, bits: int, seed: int, mirror: bool
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs of rows whose codes of compatible views are within ``radius`` bits: (row a, row b, b's centre share,
-    whether a is mirrored), with row a's whole box on one side. A centre view is compared with whole boxes only (two
-    centre views agree for drawings that differ outside them, an outlined T and an outlined ⊥), a mirror view with
-    the other's box only, a mean hash or the whole-image pHash with the other's only. A row pair matched through several view
-    pairs is verified for each."""
-    views = [0, 1, 2, 3, MEAN_VIEW] if mirror else [0, 1, 2, MEAN_VIEW]
-    per_row = len(views) + 1
-    entries = per_row * len(bands(radius)) * max(1, pool.rows)
-    partitions = min(1 << 16, pool.partitions(entries, ENTRIES_PER_TASK))
-    job = (radius, partitions, band_tables(radius, tables_for(radius, bits), bits, seed), None, views, EXPAND)
-    found = pool.shuffle(_content_codes_to_bands, _pairs_in_bands, job, ["content_phash", "phash"], partitions,
-                         bytes_per_row=24 * len(bands(radius)) * per_row)
-    left, right = joined(found)
-    row_a, view_a = entry_views(left)
-    row_b, view_b = entry_views(right)
-    # orient each pair so that side a is a whole box (or a mirrored box, or the whole image)
-    swap = (view_a == 1) | (view_a == 2) | ((view_b == 3) & (view_a == 0))
-    row_a, row_b = np.where(swap, row_b, row_a), np.where(swap, row_a, row_b)
-    view_a, view_b = np.where(swap, view_b, view_a), np.where(swap, view_a, view_b)
-    allowed = ((view_a == 0) & np.isin(view_b, [0, 1, 2])) | ((view_a == 3) & (view_b == 0)) | \
-              ((view_a == MEAN_VIEW) & (view_b == MEAN_VIEW)) | ((view_a == FULL_VIEW) & (view_b == FULL_VIEW))
-    keep = allowed & (row_a != row_b)
-    centre = np.select([view_b == 1, view_b == 2], [0.9, 0.8], 1.0)
-    table = np.unique(np.stack([row_a[keep], row_b[keep], (100 * centre[keep]).astype(np.int64),
-                                (view_a[keep] == 3).astype(np.int64)], axis=1), axis=0)
-    return table[:, 0], table[:, 1], table[:, 2] / 100.0, table[:, 3].astype(bool)
-
-
-def verified_links(max_difference: float, max_color_difference: float, centre: np.ndarray, mirrored: np.ndarray):
-    """The ``links`` of decide_groups for content candidates: a candidate is an edge when the thumbnails, registered,
-    differ by at most ``max_difference`` in every block and the colour grids by at most ``max_color_difference``.
-    ``centre`` and ``mirrored`` are aligned with the candidates' pairs."""
-    from curate.fingerprints import COLOR_GRID, THUMBNAIL, thumbnails, verify
-
-    def links(info: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        grey = thumbnails(info.column("content_thumbnail").to_pylist(), THUMBNAIL)
-        colors = thumbnails(info.column("content_colors").to_pylist(), COLOR_GRID, 3)
-        accepted = np.zeros(len(left), dtype=bool)
-        for start in range(0, len(left), VERIFY_CHUNK):
-            part = slice(start, start + VERIFY_CHUNK)
-            a, b = left[part], right[part]
-            difference, colour = verify(grey[a], grey[b], colors[a], colors[b], centre[part], mirrored[part])
-            accepted[part] = (difference <= max_difference) & (colour <= max_color_difference)
-        return left[accepted], right[accepted]
-    return links
-
-
-VERIFY_CHUNK = 20_000  # candidate pairs registered at once: each of the 49 window tries samples 20k × 16 × 16
-# floats (20 MB) and a few temporaries of that size

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.atomic import atomic_file
+from curate.core.atomic import atomic_file
 
 PARTS = "parts"
 _NAME = re.compile(r"^(\d{12})-(\d{12})-([0-9a-f]{16})\.parquet$")
@@ -32,9 +32,15 @@ def part_files(out: Path) -> list[Path]:
 
 
 def row_range(path: Path) -> tuple[int, int]:
-    match = _NAME.match(path.name)
-    assert match, path
-    return int(match.group(1)), int(match.group(2))
+    span = named_row_range(path.name)
+    assert span, path
+    return span
+
+
+def named_row_range(name: str) -> tuple[int, int] | None:
+    """The first and last row a part's file name says it holds (None for a file not named as parts are)."""
+    match = _NAME.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def write_part(batch: pa.Table, folder: str) -> pa.Table:

@@ -3,7 +3,7 @@
 A piece is one stored part file (in tests and benchmarks, an in-memory table). Reading a piece gives its live rows,
 status ``ok`` and not removed by an earlier global stage, with the columns asked for plus ``row`` (the input position:
 the id a decision is keyed by while it is made) and ``uid``. ``map`` and ``shuffle`` run work over groups of pieces,
-as Ray tasks when the run is on Ray (curate.fan_out), so a dedup tier reads the pool in its tasks and the driver
+as Ray tasks when the run is on Ray (curate.core.fan_out), so a dedup tier reads the pool in its tasks and the driver
 receives pairs of rows. ``lookup`` fetches the columns of a few rows by id (the members of duplicate groups, for the
 keep policy). ``gather`` is the one call that brings every live row into the driver, for decisions that need a whole
 column at once (quantile thresholds, rules).
@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import fan_out
-from curate.stage import OK
+from curate.core import fan_out
+from curate.core.parts import named_row_range
+from curate.core.stage import OK
 
 Piece = Union[str, pa.Table]
 Result = TypeVar("Result")
@@ -159,7 +160,7 @@ class Pool:
     def shuffle(self, map_fn: Callable[[Any, pa.Table], list[Any]], reduce_fn: Callable[[Any, int, list[Any]], Result],
                 shared: Any, columns: Sequence[str], partitions: int, bytes_per_row: float) -> list[Result]:
         """``map_fn`` cuts each group's live rows into ``partitions`` pieces; ``reduce_fn(shared, j, pieces)`` gets
-        piece ``j`` of every group (curate.fan_out.shuffle).
+        piece ``j`` of every group (curate.core.fan_out.shuffle).
 
         ``bytes_per_row``, what a map task emits per row it reads, sizes the groups: a piece under MIN_PIECE_BYTES
         would be inlined by Ray into the driver, so a group holds ``partitions × MIN_PIECE_BYTES / bytes_per_row``
@@ -177,12 +178,23 @@ class Pool:
         return fan_out.shuffle(_map_task, _reduce_task, job, groups, partitions, map_memory=memory)
 
     def lookup(self, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
-        """The live rows among ``rows`` with ``columns``, sorted by row."""
+        """The live rows among ``rows`` with ``columns``, sorted by row. Only the parts whose names say they hold
+        one of ``rows`` are read."""
         wanted = np.unique(np.asarray(rows, dtype=np.int64))
-        found = self.map(_rows_of, wanted, columns) if len(wanted) else []
+        found = self.holding(wanted).map(_rows_of, wanted, columns) if len(wanted) else []
         table = pa.concat_tables(found, promote_options="permissive") if found else \
             read_live(pa.table({"row": pa.array([], pa.int64())}), columns, self.removed)
         return table.take(pc.sort_indices(table.column("row")))
+
+    def holding(self, rows: np.ndarray) -> Pool:
+        """This pool narrowed to the pieces that may hold one of the sorted ``rows`` (in-memory pieces always)."""
+        keep = []
+        for piece in self.pieces:
+            span = None if isinstance(piece, pa.Table) else named_row_range(Path(piece).name)
+            keep.append(span is None or
+                        np.searchsorted(rows, span[0], "left") < np.searchsorted(rows, span[1], "right"))
+        return Pool(tuple(p for p, k in zip(self.pieces, keep) if k), tuple(s for s, k in zip(self.sizes, keep) if k),
+                    self.stored, self.removed, self.common)
 
     def gather(self, columns: Sequence[str]) -> pa.Table:
         """Every live row with these columns, in this process."""

@@ -1,38 +1,25 @@
-"""Read URL lists (parquet, csv, tsv, jsonl, txt; local paths, globs or fsspec URLs) into resumable input chunks.
-
-Each row gets a stable ``uid`` and its position ``row`` in the whole input. The driver streams the files once and
-writes ``input/NNNNN.parquet`` chunks (as img2dataset does), so memory stays flat whatever the list's size and a rerun
-of the same input reuses them.
-
-Lists and shards come from strangers, so every read is bounded: a line by ``input.max_record_bytes``, a caption by
-``input.max_caption_chars`` (cut, and ``caption_truncated`` set), the extra columns by ``input.max_extra_columns`` or
-``input.keep_columns`` (the rest of a row's keys folded into one JSON text column, ``input_other_keys``), so a list
-whose every line brings a new key costs its size, not rows x keys.
-"""
+"""Reading URL lists and shards, one format at a time (parquet, csv, tsv, jsonl, txt, webdataset tars; local paths,
+globs or fsspec URLs), into Arrow batches, every read bounded: a line by ``input.max_record_bytes``, the extra
+columns by ``input.max_extra_columns`` or ``input.keep_columns`` (the rest folded into ``input_other_keys``).
+curate.inputs.chunks turns these batches into uid-tagged input chunks."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from curate.atomic import atomic_file, write_text_atomic
 from curate.config import InputConfig
 from curate.errors import CurateError
-from curate.schema import reserved_column_names
-from curate.stage import OK
-from curate.stages.read_shards import SOURCE_COLUMNS, iter_shard_rows, valid_text
+from curate.inputs.shards import SOURCE_COLUMNS, iter_shard_rows, valid_text
 
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt",
               ".tar": "webdataset"}
@@ -45,14 +32,6 @@ TRUNCATED = "caption_truncated"
 # What a damaged compressed list raises from inside a read (gzip: EOFError and zlib.error; xz: LZMAError).
 READ_ERRORS = (pa.ArrowException, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError, OverflowError)
 
-
-@dataclass(frozen=True)
-class InputChunks:
-    """The staged input: chunk files in order and the total row count."""
-
-    files: list[Path]
-    rows: int
-    reused: bool = False  # True when an earlier run staged the same sources
 
 
 def resolve_sources(path: str | list[str] | None) -> list[str]:
@@ -206,7 +185,7 @@ def _json_row(source: str, number: int, line: bytes, extra: ExtraColumns, fixed:
     raise CurateError(f"input {source}:{number}: expected a JSON object, got {type(row).__name__}")
 
 
-def _iter_raw(source: str, fmt: str, config: InputConfig, extra: ExtraColumns) -> Iterator[pa.Table]:
+def iter_raw(source: str, fmt: str, config: InputConfig, extra: ExtraColumns) -> Iterator[pa.Table]:
     if fmt == "webdataset":  # offsets must be of the tar itself: no transparent decompression
         fixed = ("url", "caption", *SOURCE_COLUMNS)
         with fsspec.open(source, "rb") as handle:
@@ -260,7 +239,7 @@ def _iter_raw(source: str, fmt: str, config: InputConfig, extra: ExtraColumns) -
             raise CurateError(f"input {source}: unknown format '{fmt}'")
 
 
-def _check_columns(source: str, table: pa.Table, config: InputConfig, fmt: str) -> None:
+def check_columns(source: str, table: pa.Table, config: InputConfig, fmt: str) -> None:
     if fmt in ("txt", "webdataset"):
         return  # one URL a line, or samples with their own layout: no columns to name
     names = table.column_names
@@ -276,7 +255,7 @@ def _check_columns(source: str, table: pa.Table, config: InputConfig, fmt: str) 
             raise CurateError(f"input {source}: column '{column}' ({key}) not found; columns are: {listed}")
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
+def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an error, cut: pyarrow quotes the offending row, which can be megabytes."""
     line = (str(err).splitlines() or [type(err).__name__])[0]
     return line if len(line) <= limit else line[:limit] + "..."
@@ -289,166 +268,11 @@ def validate_input(config: InputConfig) -> list[str]:
         detect_format(source, config.format)
     first, fmt = sources[0], detect_format(sources[0], config.format)
     try:
-        sample = next(_iter_raw(first, fmt, config, ExtraColumns(config)), None)
+        sample = next(iter_raw(first, fmt, config, ExtraColumns(config)), None)
     except CurateError:
         raise  # already one clear line
     except Exception as err:  # pyarrow raises several types on unreadable files
-        raise CurateError(f"input {first}: cannot read as {fmt}: {_first_line(err)}") from None
+        raise CurateError(f"input {first}: cannot read as {fmt}: {first_line(err)}") from None
     if sample is not None:
-        _check_columns(first, sample, config, fmt)
+        check_columns(first, sample, config, fmt)
     return sources
-
-
-def make_uid(source_name: str, row_in_file: int, url: str | None) -> str:
-    return hashlib.blake2b(f"{source_name}\x00{row_in_file}\x00{url}".encode(), digest_size=16).hexdigest()
-
-
-def _as_text(column: pa.ChunkedArray) -> pa.Array:
-    """A column as strings: text stays, numbers print, anything else (lists, structs, binary) becomes JSON text."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return column.combine_chunks().cast(pa.string())
-    if pa.types.is_null(column.type):
-        return pa.nulls(len(column), pa.string())
-    try:
-        return column.combine_chunks().cast(pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())
-
-
-def _keep_extra(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
-    """Extra columns go into each sample's .json: keep JSON-ready types, turn the rest into text."""
-    kind = column.type
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_string(kind):
-        return column
-    return _as_text(column)
-
-
-def _cap_captions(captions: pa.Array, max_chars: int) -> tuple[pa.Array, pa.Array]:
-    """Captions cut to ``max_chars`` characters, and which were cut."""
-    truncated = pc.fill_null(pc.greater(pc.utf8_length(captions), max_chars), False)
-    if not pc.any(truncated).as_py():
-        return captions, truncated
-    return pc.utf8_slice_codeunits(captions, 0, max_chars), truncated  # code points, despite the name
-
-
-def _normalise(table: pa.Table, name: str, config: InputConfig, fmt: str, first_row: int, row_in_file: int,
-               extra: ExtraColumns) -> pa.Table:
-    url_col = "url" if fmt in ("txt", "webdataset") else config.url_col
-    caption_col = "caption" if fmt == "webdataset" else config.caption_col
-    if fmt not in ROW_FORMATS:
-        table = extra.fold_columns(table, tuple(c for c in (url_col, caption_col) if c))
-    n = table.num_rows
-    urls = _as_text(table.column(url_col)) if url_col in table.column_names else pa.nulls(n, pa.string())
-    if caption_col and caption_col in table.column_names and fmt != "txt":
-        captions = _as_text(table.column(caption_col))
-    else:
-        captions = pa.nulls(n, pa.string())
-    captions, truncated = _cap_captions(captions, config.max_caption_chars)
-    keys = table.column("source_key").to_pylist() if fmt == "webdataset" else urls.to_pylist()
-    uids = [make_uid(name, row_in_file + i, key) for i, key in enumerate(keys)]
-    columns = {
-        "uid": pa.array(uids, pa.string()),
-        "row": pa.array(range(first_row, first_row + n), pa.int64()),
-        "url": urls,
-        "caption": captions,
-        "status": pa.array([OK] * n, pa.string()),
-        "reason": pa.nulls(n, pa.string()),
-        "decided_by": pa.nulls(n, pa.string()),
-        TRUNCATED: truncated,
-    }
-    reserved = reserved_column_names()  # the reader's own columns (curate.schema.READER_COLUMNS) included
-    for name_ in SOURCE_COLUMNS:
-        if fmt == "webdataset":
-            columns[name_] = table.column(name_).cast(SOURCE_COLUMNS[name_])
-    for column in table.column_names:
-        if column in (url_col, caption_col) or (fmt == "webdataset" and column in SOURCE_COLUMNS):
-            continue
-        # an input column named like one of ours (uid, key, width, ...) is kept under another name, never dropped;
-        # OTHER_KEYS here is the fold's own column (an input column so named was folded into it)
-        target = column if column not in reserved or column == OTHER_KEYS else f"input_{column}"
-        columns[target] = _keep_extra(table.column(column))
-    return pa.table(columns)
-
-
-def _source_signature(sources: list[str]) -> list[dict[str, Any]]:
-    signature = []
-    for source in sources:
-        fs, _, (path,) = fsspec.get_fs_token_paths(source)
-        info = fs.info(path)
-        signature.append({"path": source, "size": info.get("size"), "mtime": str(info.get("mtime", ""))})
-    return signature
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    with atomic_file(path) as handle:
-        pq.write_table(table, handle)
-
-
-def _settings(config: InputConfig) -> dict[str, Any]:
-    return {"url_col": config.url_col, "caption_col": config.caption_col, "rows_per_chunk": config.rows_per_chunk,
-            "max_caption_chars": config.max_caption_chars, "max_record_bytes": config.max_record_bytes,
-            "max_extra_columns": config.max_extra_columns, "keep_columns": config.keep_columns}
-
-
-def staged_chunks(config: InputConfig, sources: list[str], folder: Path) -> InputChunks | None:
-    """The chunks an earlier run staged from these same sources and settings, or None."""
-    done_marker = folder / "_SUCCESS.json"
-    if not done_marker.exists():
-        return None
-    done = json.loads(done_marker.read_text())
-    if done["sources"] != _source_signature(sources) or done["settings"] != _settings(config):
-        return None
-    return InputChunks([folder / name for name in done["chunks"]], done["rows"], reused=True)
-
-
-def stage_input(config: InputConfig, sources: list[str], folder: Path) -> InputChunks:
-    """Write the input as uid-tagged chunks under ``folder``; reuse them when the same sources were staged before."""
-    reused = staged_chunks(config, sources, folder)
-    if reused is not None:
-        return reused
-    done_marker = folder / "_SUCCESS.json"
-    signature = _source_signature(sources)
-    settings = _settings(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    done_marker.unlink(missing_ok=True)  # first: a kill while restaging must not leave a marker over new chunks
-    for stale in folder.glob("*.parquet"):
-        stale.unlink()
-    chunks: list[Path] = []
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    total = 0
-
-    def flush(tables: list[pa.Table]) -> None:
-        path = folder / f"{len(chunks):05d}.parquet"
-        _write_atomic(pa.concat_tables(tables, promote_options="permissive"), path)
-        chunks.append(path)
-
-    labels = source_labels(sources)
-    extra = ExtraColumns(config)  # one for all files: the column budget is the whole input's
-    for source in sources:
-        fmt = detect_format(source, config.format)
-        row_in_file = 0
-        try:
-            for raw in _iter_raw(source, fmt, config, extra):
-                if row_in_file == 0:
-                    _check_columns(source, raw, config, fmt)  # later batches may lack a column: nulls, not an error
-                table = _normalise(raw, labels[source], config, fmt, total, row_in_file, extra)
-                row_in_file += table.num_rows
-                total += table.num_rows
-                while table.num_rows:
-                    take = min(table.num_rows, config.rows_per_chunk - pending_rows)
-                    pending.append(table.slice(0, take))
-                    pending_rows += take
-                    table = table.slice(take)
-                    if pending_rows == config.rows_per_chunk:
-                        flush(pending)
-                        pending, pending_rows = [], 0
-        except CurateError:
-            raise
-        except READ_ERRORS as err:
-            raise CurateError(f"input {source}: cannot read as {fmt}: {_first_line(err)}") from None
-    if pending:
-        flush(pending)
-    done = {"sources": signature, "settings": settings, "chunks": [p.name for p in chunks], "rows": total}
-    write_text_atomic(done_marker, json.dumps(done, indent=1))
-    return InputChunks(chunks, total)

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.atomic import atomic_file
+from curate.core.atomic import atomic_file
 
-from curate.schema import is_embedding_column
+from curate.core.schema import is_embedding_column
 
 EMBEDDINGS = "embeddings"
 MODEL_KEY = b"model"
@@ -68,3 +68,12 @@ def read_embeddings(out: Path, column: str = "image_embedding") -> tuple[list[st
     table = pq.read_table(Path(out) / EMBEDDINGS, columns=["uid", column])
     values = table.column(column).combine_chunks()
     return table.column("uid").to_pylist(), values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list<halffloat> column as an (n, dim) float16 array (rows must all be present)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.null_count:
+        raise ValueError("embedding column has missing rows")
+    flat = array.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(array), -1) if len(array) else flat.reshape(0, 0)

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import parts as part_store
-from curate.atomic import atomic_file
-from curate.pair_tars import write_pair_tars
-from curate.stage import OK, Stage
+from curate.core import parts as part_store
+from curate.core.atomic import atomic_file
+from curate.sinks.pair_tars import write_pair_tars
+from curate.core.stage import OK, Stage
 from curate.stages.score import ScoreConfig, ScoreStage
-from curate.worker import StageWorker
+from curate.core.worker import StageWorker
 
 FOLDER = "bootstrap"
 
@@ -84,7 +84,7 @@ def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], bat
 MIN_TRAINING_ROWS = 8  # fewer live rows per training set than this cannot train a contrastive scorer
 
 
-class _ScoreByFold(Stage):
+class _ScoreByFold(Stage[ScoreConfig]):
     """The score stage with one model per fold: each row goes to the model that did not train on it. With no
     scorers (a pool too small to train on), every live row fails with score:pool_too_small."""
 
@@ -107,7 +107,7 @@ class _ScoreByFold(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         if not self.scorers:
-            from curate.stage import RowOutcomes
+            from curate.core.stage import RowOutcomes
 
             outcomes = RowOutcomes(batch.num_rows, self.outputs())
             for i in range(batch.num_rows):
@@ -160,7 +160,7 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
     parts = part_store.part_files(out)
     if all(_scored(p) for p in parts):
         return
-    config: ScoreConfig = stage.config  # type: ignore[assignment]
+    config: ScoreConfig = stage.config
     boot = config.bootstrap
     live = sum(pc.sum(pc.equal(pq.read_table(p, columns=["status"]).column("status"), OK)).as_py() or 0
                for p in parts)

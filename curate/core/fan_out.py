@@ -91,7 +91,7 @@ def shuffle(map_fn: Callable[[Any, Part], list[Any]], reduce_fn: Callable[[Any, 
     ``map_fn`` returns exactly ``partitions`` pieces. On Ray each map and each reduce is a task (retried if its
     worker dies); a map output stays in the object store of the node that made it and is freed once its reduce task
     has run. Ray inlines objects under 100 KB into their owner, the driver: callers size map tasks so that a piece
-    is bigger than that (curate.pool.Pool.shuffle). ``map_memory`` (bytes) is reserved for each map task when
+    is bigger than that (curate.core.pool.Pool.shuffle). ``map_memory`` (bytes) is reserved for each map task when
     given. In one process the maps run first, then the reduces."""
     if not ships(max(len(parts), partitions)):
         pieces = [map_fn(shared, part) for part in parts]

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.stage import FAILED, FILTERED, OK, Stage
+from curate.core.stage import FAILED, FILTERED, OK, Stage
 
 VALID_STATUSES = (OK, FILTERED, FAILED)
 

@@ -19,11 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.dedup import _mix, split_by_owner
-from curate.fan_out import task_count
+from curate.dedup.bands import mix, split_by_owner
+from curate.core.embeddings import embedding_matrix
+from curate.core.fan_out import task_count
 
 if TYPE_CHECKING:
-    from curate.pool import Pool
+    from curate.core.pool import Pool
 
 COLUMNS = ["clip_model", "image_embedding"]
 BLOCK_ELEMENTS = 1 << 25  # similarities computed per block inside a cluster: 128 MB of float32 at most
@@ -32,8 +33,6 @@ BYTES_PER_TASK = 512 << 20  # float32 vectors a reduce task works on (plus its l
 
 def unit_rows(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A list<float> embedding column as an (n, d) float32 matrix with L2-normalised rows."""
-    from curate.stages.score import embedding_matrix
-
     x = embedding_matrix(column).astype(np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -67,8 +66,6 @@ def _assign(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
     stored vector): the vectors travel at the precision they are stored in (float16) and are normalised there."""
     import faiss
 
-    from curate.stages.score import embedding_matrix
-
     model, centroids, partitions = job[:3]
     table = _embedded(table)
     table = table.filter(pc.equal(table.column("clip_model"), model))
@@ -79,14 +76,14 @@ def _assign(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
         nearest = index.search(unit_rows(table.column("image_embedding")), 1)[1].ravel().astype(np.int64)
     else:
         nearest = np.zeros(table.num_rows, np.int64)
-    owner = (_mix(nearest, 11) % np.uint64(partitions)).astype(np.intp)
+    owner = (mix(nearest, 11) % np.uint64(partitions)).astype(np.intp)
     return split_by_owner(owner, [table.column("row").to_numpy().astype(np.int64), nearest, stored], partitions)
 
 
 def _forest(size: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The same groups with fewer edges: each member linked to its group's first member. A cluster of m copies has
     m²/2 pairs but m - 1 forest edges; the semantic tier keeps every pair it finds, so groups are all it needs."""
-    from curate.dedup import groups_of
+    from curate.dedup.groups import groups_of
 
     labels = groups_of(size, left, right)
     first = np.full(labels.max() + 1 if size else 0, size, dtype=np.int64)
@@ -136,8 +133,6 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
     forest: rows linked through others may come as (first member, row) rather than as every pair."""
     import faiss
 
-    from curate.stages.score import embedding_matrix
-
     counts: Counter[str] = sum(pool.map(_count_models, None, COLUMNS), Counter())
     if not counts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -173,7 +168,7 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
 def semantic_pairs(embeddings: np.ndarray, threshold: float, clusters: int | None = None,
                    fit_sample: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``semantic_pair_rows`` over an (n, d) array of one model's embeddings: index pairs (i < j)."""
-    from curate.pool import Pool
+    from curate.core.pool import Pool
 
     x = np.asarray(embeddings, dtype=np.float32)
     n = len(x)

@@ -8,7 +8,7 @@ import sys
 
 from curate.config import RayConfig
 from curate.errors import CurateError
-from curate.stage import Resources
+from curate.config import Resources
 
 # CPUs left free for Ray Data's read and part-writing tasks, so a pool of actors cannot starve them.
 RESERVED_CPUS = 0.5
@@ -74,7 +74,7 @@ def check_cluster_address(address: str) -> None:
     if os.environ.get("RAY_AUTH_MODE") == "disabled":
         _warn_once("RAY_AUTH_MODE=disabled: joining a cluster without token authentication")
         return
-    from curate.jobs import auth_token
+    from curate.cluster.jobs import auth_token
 
     auth_token()  # one clear line when there is none, before Ray's own retries
     os.environ["RAY_AUTH_MODE"] = "token"  # Ray sends the token only in token mode; the cluster checks it
