@@ -79,7 +79,7 @@ def test_dedup_pairs_do_not_depend_on_how_the_pool_is_cut(monkeypatch) -> None:
 def test_a_phash_reduce_task_gets_about_its_share_of_the_entries() -> None:
     codes = np.random.default_rng(1).integers(-2**63, 2**63 - 1, size=20_000, dtype=np.int64)
     table = pa.table({"row": pa.array(np.arange(20_000)), "phash": pa.array(codes)})
-    pieces = bands.codes_to_bands((8, 36), table)
+    pieces = bands.codes_to_bands(bands.BandJob(8, 36), table)
     sizes = [len(piece) for piece in pieces]
     assert len(sizes) == 36 and sum(sizes) == 9 * 20_000  # each row once per band
     assert max(sizes) <= 1.5 * sum(sizes) / 36

@@ -69,18 +69,29 @@ def read_live(piece: Piece, columns: Sequence[str], removed: np.ndarray) -> pa.T
     return table.select(wanted)
 
 
-def _read_group(job: tuple, group: list[Piece]) -> pa.Table:
-    removed, columns = job[0], job[1]
-    tables = [read_live(piece, columns, removed) for piece in group]
-    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+@dataclass(frozen=True)
+class PoolJob:
+    """What a map or reduce task over the pool needs: which rows are gone, the columns to read, the stage's
+    functions and the data they share (sent once to every task)."""
+
+    removed: np.ndarray
+    columns: list[str]
+    map_fn: Callable[[Any, pa.Table], Any]
+    reduce_fn: Callable[[Any, int, list[Any]], Any] | None
+    shared: Any
+
+    def read(self, group: list[Piece]) -> pa.Table:
+        tables = [read_live(piece, self.columns, self.removed) for piece in group]
+        return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
-def _map_task(job: tuple, group: list[Piece]) -> Any:
-    return job[2](job[4], _read_group(job, group))
+def _map_task(job: PoolJob, group: list[Piece]) -> Any:
+    return job.map_fn(job.shared, job.read(group))
 
 
-def _reduce_task(job: tuple, partition: int, pieces: list[Any]) -> Any:
-    return job[3](job[4], partition, pieces)
+def _reduce_task(job: PoolJob, partition: int, pieces: list[Any]) -> Any:
+    assert job.reduce_fn is not None
+    return job.reduce_fn(job.shared, partition, pieces)
 
 
 def _rows_of(wanted: np.ndarray, table: pa.Table) -> pa.Table:
@@ -155,7 +166,7 @@ class Pool:
 
     def map(self, fn: Callable[[Any, pa.Table], Result], shared: Any, columns: Sequence[str]) -> list[Result]:
         """``fn(shared, live rows of a group)`` for each group of pieces, in order."""
-        return fan_out.fan_out(_map_task, (self.removed, list(columns), fn, None, shared), self.groups())
+        return fan_out.fan_out(_map_task, PoolJob(self.removed, list(columns), fn, None, shared), self.groups())
 
     def shuffle(self, map_fn: Callable[[Any, pa.Table], list[Any]], reduce_fn: Callable[[Any, int, list[Any]], Result],
                 shared: Any, columns: Sequence[str], partitions: int, bytes_per_row: float) -> list[Result]:
@@ -174,7 +185,7 @@ class Pool:
         bounds = np.cumsum([0, *(len(group) for group in groups)])  # groups cut the pieces in order
         largest = max(sum(self.sizes[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
         memory = int(8 * per_row * largest) if 8 * per_row * largest > MAP_TASK_BYTES else None
-        job = (self.removed, list(columns), map_fn, reduce_fn, shared)
+        job = PoolJob(self.removed, list(columns), map_fn, reduce_fn, shared)
         return fan_out.shuffle(_map_task, _reduce_task, job, groups, partitions, map_memory=memory)
 
     def lookup(self, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:

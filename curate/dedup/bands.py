@@ -19,6 +19,7 @@ holds about one code in 16 million: up to tens of millions of codes per reduce t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -169,12 +170,26 @@ def mix(values: np.ndarray, salt: int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class BandJob:
+    """A band search's settings, shared by its map and reduce tasks: the Hamming ``radius``, the reduce
+    ``partitions``, the banding ``tables`` per band, the entries of ``outside`` codes per partition (eval images),
+    the content ``views`` a map task sends, and ``expand`` (pair the entries of a code instead of chaining them)."""
+
+    radius: int
+    partitions: int
+    tables: list[list[np.ndarray]] = field(default_factory=list)
+    outside: list[np.ndarray] | None = None
+    views: list[int] = field(default_factory=list)
+    expand: int = 0
+
+
+def codes_to_bands(job: BandJob, table: pa.Table) -> list[np.ndarray]:
     """Map: each row with a pHash, once per band, to the reduce task owning (band, the band's bits), as
     (row, code, band) int64 triples."""
     import pyarrow.compute as pc
 
-    radius, partitions = job[0], job[1]
+    radius, partitions = job.radius, job.partitions
     table = table.filter(pc.is_valid(table.column("phash")))
     rows = table.column("row").to_numpy().astype(np.int64)
     codes = table.column("phash").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -211,13 +226,12 @@ def _near_pairs_by_band_value(unique: np.ndarray, band: np.ndarray, tables: list
     return np.concatenate(left), np.concatenate(right)
 
 
-def pairs_in_bands(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pairs_in_bands(job: BandJob, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Reduce: the pairs of rows among these entries within ``radius`` bits that meet in a table of their band (a
     pair that meets in several bands is reported by each). Equal codes are searched once, as the smallest pool row
     holding them; the others are chained to it (in band 0, which equal codes always agree on). A job with an
-    ``expand`` (``job[5]``) lists the pairs of entries instead (``_expanded_pairs``)."""
-    radius, tables, outside = job[0], job[2], job[3]
-    expand = job[5] if len(job) > 5 else 0
+    ``expand`` lists the pairs of entries instead (``_expanded_pairs``)."""
+    radius, tables, outside, expand = job.radius, job.tables, job.outside, job.expand
     layout = bands(radius)
     pieces = [*pieces, outside[partition]] if outside is not None else pieces
     entries = np.concatenate(pieces) if pieces else np.zeros((0, 3), np.int64)
@@ -290,8 +304,8 @@ def phash_pair_rows(pool: Pool, radius: int = DEFAULT_RADIUS, tables: int | None
 
         table = pa.table({"row": pa.array(-1 - np.arange(len(outside), dtype=np.int64)),
                           "phash": pa.array(np.asarray(outside, dtype=np.int64))})
-        extra = codes_to_bands((radius, partitions), table)
-    job = (radius, partitions, band_tables(radius, tables or tables_for(radius, bits), bits, seed), extra)
+        extra = codes_to_bands(BandJob(radius, partitions), table)
+    job = BandJob(radius, partitions, band_tables(radius, tables or tables_for(radius, bits), bits, seed), extra)
     found = pool.shuffle(codes_to_bands, pairs_in_bands, job, ["phash"], partitions,
                          bytes_per_row=24 * len(bands(radius)))
     pairs = np.unique(np.stack(joined(found), 1), axis=0)  # a pair agreeing on several bands may meet in several

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from curate.dedup import bands as band_search
-from curate.dedup.bands import codes_to_bands, pairs_in_bands, band_tables, bands, joined, tables_for
+from curate.dedup.bands import BandJob, band_tables, bands, codes_to_bands, joined, pairs_in_bands, tables_for
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,12 +30,12 @@ def entry_views(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return entries // VIEW_SLOTS, entries % VIEW_SLOTS
 
 
-def _content_codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
-    """Map: every view code of each row (content views in ``job[2]``, and the whole-image pHash) as an entry."""
+def _content_codes_to_bands(job: BandJob, table: pa.Table) -> list[np.ndarray]:
+    """Map: every view code of each row (the content ``views``, and the whole-image pHash) as an entry."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    radius, partitions, views = job[0], job[1], job[4]
+    radius, partitions, views = job.radius, job.partitions, job.views
     rows = table.column("row").to_numpy().astype(np.int64)
     lists = table.column("content_phash").combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.int64()))
     entries, codes = [], []
@@ -52,7 +52,7 @@ def _content_codes_to_bands(job: tuple, table: pa.Table) -> list[np.ndarray]:
     entries.append(whole.column("row").to_numpy().astype(np.int64) * VIEW_SLOTS + FULL_VIEW)
     codes.append(whole.column("phash").to_numpy(zero_copy_only=False).astype(np.int64))
     as_table = pa.table({"row": pa.array(np.concatenate(entries)), "phash": pa.array(np.concatenate(codes))})
-    return codes_to_bands((radius, partitions), as_table)
+    return codes_to_bands(BandJob(radius, partitions), as_table)
 
 
 def content_candidates(pool: Pool, radius: int, bits: int, seed: int, mirror: bool
@@ -66,7 +66,8 @@ def content_candidates(pool: Pool, radius: int, bits: int, seed: int, mirror: bo
     per_row = len(views) + 1
     entries = per_row * len(bands(radius)) * max(1, pool.rows)
     partitions = min(1 << 16, pool.partitions(entries, band_search.ENTRIES_PER_TASK))
-    job = (radius, partitions, band_tables(radius, tables_for(radius, bits), bits, seed), None, views, EXPAND)
+    job = BandJob(radius, partitions, band_tables(radius, tables_for(radius, bits), bits, seed), views=views,
+                  expand=EXPAND)
     found = pool.shuffle(_content_codes_to_bands, pairs_in_bands, job, ["content_phash", "phash"], partitions,
                          bytes_per_row=24 * len(bands(radius)) * per_row)
     left, right = joined(found)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,12 +62,23 @@ def _sample(job: tuple[dict[str, float], int], table: pa.Table) -> pa.Table:
     return table.take(pa.array(picked)).append_column("priority", pa.array(priority[picked]))
 
 
-def _assign(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
+@dataclass(frozen=True)
+class ClusterJob:
+    """One model's shuffle: rows embedded by ``model`` go to the reduce task owning their nearest of the
+    ``centroids`` (one of ``partitions``), where pairs with cosine ≥ ``threshold`` are found."""
+
+    model: str
+    centroids: np.ndarray
+    partitions: int
+    threshold: float
+
+
+def _assign(job: ClusterJob, table: pa.Table) -> list[list[np.ndarray]]:
     """Map: each row embedded by this model to the reduce task owning its nearest centroid, as (row, cluster,
     stored vector): the vectors travel at the precision they are stored in (float16) and are normalised there."""
     import faiss
 
-    model, centroids, partitions = job[:3]
+    model, centroids, partitions = job.model, job.centroids, job.partitions
     table = _embedded(table)
     table = table.filter(pc.equal(table.column("clip_model"), model))
     stored = embedding_matrix(table.column("image_embedding")) if table.num_rows else np.zeros((0, 1), np.float16)
@@ -92,11 +104,11 @@ def _forest(size: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray,
     return first[labels[members]], members
 
 
-def _pairs_in_clusters(job: tuple, partition: int, pieces: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _pairs_in_clusters(job: ClusterJob, partition: int, pieces: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Reduce: the groups of rows inside each of this task's clusters linked by cosine ≥ the threshold, as pairs of
     rows (a forest: at most one edge per row). Memory: the task's vectors, one block of at most BLOCK_ELEMENTS
     similarities and the pairs found in it (as many, in a cluster of copies), compacted to a forest per block."""
-    threshold = job[3]
+    threshold = job.threshold
     pieces = [p for p in pieces if len(p[0])]
     left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if not pieces:
@@ -157,7 +169,7 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
         itemsize = embedding_matrix(rows.column("image_embedding")[:1]).dtype.itemsize  # as stored: float16
         emitted = (itemsize * dim + 16) * counts[model] / max(1, pool.rows)  # a vector, its row and cluster
         partitions = pool.partitions(counts[model] * 4 * dim, BYTES_PER_TASK)  # float32 while they work
-        found = pool.shuffle(_assign, _pairs_in_clusters, (model, centroids, partitions, threshold), COLUMNS,
+        found = pool.shuffle(_assign, _pairs_in_clusters, ClusterJob(model, centroids, partitions, threshold), COLUMNS,
                              partitions, bytes_per_row=emitted)
         left += [f[0] for f in found]
         right += [f[1] for f in found]
