@@ -39,6 +39,11 @@ class ItmHead(nn.Module):
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_padding: torch.Tensor,
                 image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Logits (n, 2): [not matched, matched], read at the text's first token (which sees the whole pair)."""
+        # positions past every text's last token are padding everywhere: masked as keys and never read, so the
+        # fusion runs on the longest text's length, not the context's (web captions fill a fraction of it)
+        length = int(((~text_padding) * torch.arange(1, text_padding.shape[1] + 1, device=text_padding.device))
+                     .max()) if text_padding.numel() else 0
+        text_tokens, text_padding = text_tokens[:, :max(1, length)], text_padding[:, :max(1, length)]
         fused = self.fusion(self.text_in(text_tokens), self.image_in(image_tokens), tgt_key_padding_mask=text_padding)
         pair = F.normalize(image_features, dim=-1) * F.normalize(text_features, dim=-1)
         return self.classify(self.norm(fused[:, 0]) + self.pair_in(pair))
