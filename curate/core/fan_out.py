@@ -55,7 +55,7 @@ def ships(parts: int) -> bool:
 
 
 def fan_out(fn: Callable[[Any, Part], Result], shared: Any, parts: Sequence[Part],
-            cpus_per_task: float = 1.0) -> list[Result]:
+            cpus_per_task: float = 1.0, gpus_per_task: float = 0.0) -> list[Result]:
     """``[fn(shared, part) for part in parts]``, in order; on Ray each call is a task (retried if its worker dies).
 
     ``shared`` is put in the object store once and read by every task: keep it to what every task needs, and pass
@@ -64,7 +64,7 @@ def fan_out(fn: Callable[[Any, Part], Result], shared: Any, parts: Sequence[Part
         return [fn(shared, part) for part in parts]
     import ray
 
-    remote = ray.remote(num_cpus=cpus_per_task, max_retries=3)(fn)
+    remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task or None, max_retries=3)(fn)
     shared_ref = ray.put(shared)  # top-level refs are resolved in the task: numpy arrays arrive zero-copy
     try:
         return ray.get([remote.remote(shared_ref, part) for part in parts])

@@ -28,6 +28,7 @@ from curate.config import PipelineConfig
 from curate.core.pipeline import check_stage_order
 from curate.core.decide import decide_and_write
 from curate.errors import CurateError
+from curate.core.fan_out import in_process
 from curate.core.ledger import MANIFEST, Manifest
 from curate.core.stage import FAILED, GlobalStage, Stage
 from curate.stages import STAGES
@@ -300,7 +301,8 @@ def run_pipeline(
         if stage.deferred:  # scorers trained on the stored pool itself (score.model: bootstrap)
             from curate.train.bootstrap import bootstrap_scores
 
-            bootstrap_scores(out, stage, progress)
+            with in_process(local):  # on Ray: fold trainings and part scoring as tasks, not in this driver
+                bootstrap_scores(out, stage, progress)
 
     manifest = decide_and_write(
         out, config, stages, global_stages, chunks.rows, local=local,

@@ -5,14 +5,18 @@ split into K folds by uid, a small CLIP is trained on every K-1 folds, and each 
 never saw it (so a model cannot vouch for pairs it memorised). The scores, model names and embeddings land in the
 stored parts exactly as the pretrained path writes them, before any decision, so everything downstream is the same.
 
-The runner calls ``bootstrap_scores`` after the per-sample stream has stored every row. Each step resumes: fold
-shards are rewritten only if missing, training resumes from its checkpoints, scored parts are skipped.
+The runner calls ``bootstrap_scores`` after the per-sample stream has stored every row. On Ray the heavy work runs
+in tasks, not in the driver: one training task per fold (on a GPU when the score stage asks for one), and the
+scoring of the stored parts in groups. Each step resumes: fold shards are rewritten only if missing, training
+resumes from its checkpoints, scored parts are skipped.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,7 +27,11 @@ from curate.core.atomic import atomic_file
 from curate.sinks.pair_tars import write_pair_tars
 from curate.core.stage import OK, Stage
 from curate.stages.score import ScoreConfig, ScoreStage
+from curate.core.fan_out import fan_out, task_count
 from curate.core.worker import StageWorker
+
+if TYPE_CHECKING:
+    from curate.train.config import TrainConfig
 
 FOLDER = "bootstrap"
 
@@ -56,29 +64,34 @@ def write_fold_shards(out: Path, folds: int, folder: Path, trusted: set[str] | N
 
 def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], batch_size: int,
                       progress: bool, training_rows: int) -> list[Path]:
-    """Model k trained on every fold but k (about ``training_rows`` rows); returns their checkpoint folders."""
-    import torch
-
+    """Model k trained on every fold but k (about ``training_rows`` rows), each as a Ray task on Ray (a GPU each
+    when the score stage asks for GPUs), else one after the other here; returns their checkpoint folders."""
     from curate.train.config import TrainConfig
-    from curate.train.loop import train
 
     boot = config.bootstrap
-    # this runs in the driver: a GPU only if the driver has one (a CPU-only head node trains on its CPUs)
-    device = "cuda" if config.resources.gpus and torch.cuda.is_available() else "cpu"
     steps = boot.steps_for(training_rows, batch_size)
-    models = []
-    for k in range(len(shards)):
-        if progress:
-            print(f"[bootstrap] training scorer {k + 1}/{len(shards)} on the other folds ({folder.name})",
-                  file=sys.stderr)
-        train_config = TrainConfig(
-            model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
-            output=str(folder / f"model_{k}"), steps=steps, batch_size=batch_size,
-            lr=boot.lr, warmup_steps=min(20, steps // 10), seed=boot.seed + k, log_every=max(1, steps // 5),
-            drop_noisiest=boot.drop_noisiest,
-            checkpoint_every=steps, keep_checkpoints=1, device=device)
-        models.append(train(train_config, progress=progress).checkpoint)
-    return models  # type: ignore[return-value]
+    trainings = [TrainConfig(
+        model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
+        output=str(folder / f"model_{k}"), steps=steps, batch_size=batch_size,
+        lr=boot.lr, warmup_steps=min(20, steps // 10), seed=boot.seed + k, log_every=max(1, steps // 5),
+        drop_noisiest=boot.drop_noisiest, checkpoint_every=steps, keep_checkpoints=1,
+        device="cuda" if config.resources.gpus else "cpu") for k in range(len(shards))]
+    if progress:
+        print(f"[bootstrap] training {len(shards)} scorers, each on the other folds ({folder.name})", file=sys.stderr)
+    return [Path(p) for p in fan_out(_train_one, progress, trainings, cpus_per_task=config.resources.cpus,
+                                     gpus_per_task=config.resources.gpus)]
+
+
+def _train_one(progress: bool, config: TrainConfig) -> str:
+    """One fold's scorer (a task on Ray): its checkpoint folder. A GPU when asked for and present (a driver
+    without one, in a run off Ray, trains on its CPUs)."""
+    import torch
+
+    from curate.train.loop import train
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        config = config.model_copy(update={"device": "cpu"})
+    return str(train(config, progress=progress).checkpoint)
 
 
 MIN_TRAINING_ROWS = 8  # fewer live rows per training set than this cannot train a contrastive scorer
@@ -150,6 +163,25 @@ def _round_scores(out: Path, worker: StageWorker, folder: Path) -> pa.Table:
     return pq.read_table(path)
 
 
+@dataclass(frozen=True)
+class FoldScorers:
+    """What a scoring task needs: the score stage's config and the checkpoint folder of each fold's model."""
+
+    config: ScoreConfig
+    models: list[str]
+
+
+def _score_parts(scorers: FoldScorers, paths: list[str]) -> int:
+    """Score these stored parts with the fold models (a task on Ray) and store them again: the same rows under the
+    same name, now with the score stage's columns."""
+    stage = _ScoreByFold(scorers.config, [ScoreStage(scorers.config.model_copy(update={"model": model}))
+                                          for model in scorers.models])
+    worker = StageWorker(stage)  # sets the fold scorers up before the first part
+    for path in paths:
+        part_store.write_part(worker(pq.read_table(path)), str(Path(path).parent))
+    return len(paths)
+
+
 def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> None:
     """Score every stored live row with cross-fitted models, adding the score stage's columns to the parts.
 
@@ -182,9 +214,10 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
         if round_ < boot.rounds:
             trusted = trusted_rows(_round_scores(out, StageWorker(_ScoreByFold(config, scorers)), folder),
                                    boot.keep_top)
-    worker = StageWorker(_ScoreByFold(config, scorers))  # sets the fold scorers up before the first part
-    for path in parts:
-        if not _scored(path):
-            part_store.write_part(worker(pq.read_table(path)), str(path.parent))  # same rows: same name, replaced
+    pending = [str(p) for p in parts if not _scored(p)]
+    count = task_count(len(pending))
+    groups = [pending[i::count] for i in range(count) if pending[i::count]]
+    fan_out(_score_parts, FoldScorers(config, [s.config.model for s in scorers]), groups,
+            cpus_per_task=config.resources.cpus, gpus_per_task=config.resources.gpus)
     if progress:
         print(f"[bootstrap] scored {len(parts)} parts with {len(scorers)} cross-fitted models", file=sys.stderr)
