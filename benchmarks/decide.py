@@ -80,10 +80,12 @@ def decide(n: int, mode: str, part_rows: int) -> dict:
         stages = [DedupExact(DedupExactConfig()), DedupPhash(DedupPhashConfig(content=False)),
                   DedupSemantic(DedupSemanticConfig(threshold=0.99)), AlignmentFilter(AlignmentConfig(keep_top=0.7))]
         reads: Counter[str] = Counter()
+        embedding_reads: Counter[str] = Counter()
         real_read = pq.read_table
 
         def counted(source, *args, **kwargs):
             reads[str(source)] += 1
+            embedding_reads[str(source)] += "image_embedding" in (kwargs.get("columns") or [])
             return real_read(source, *args, **kwargs)
 
         by_stage: Counter[str] = Counter()
@@ -114,6 +116,7 @@ def decide(n: int, mode: str, part_rows: int) -> dict:
         return {"rows": n, "mode": mode, "parts": len(parts), "seconds": round(seconds, 2),
                 "driver_peak_rss_mib": round(peak, 1), "rss_before_decide_mib": round(before, 1),
                 "passes_over_parts": passes, "removed": len(decisions),
+                "embedding_passes": sum(embedding_reads.values()) / len(parts) if mode != "ray" else None,
                 "passes_by_stage": {k: v / len(parts) for k, v in by_stage.items()} if mode != "ray" else None,
                 "removed_by": dict(Counter(d[2] for d in decisions.values()))}
 
@@ -136,7 +139,8 @@ def main() -> None:
             passes = result["passes_over_parts"]
             print(f"{n:>8} rows  {mode:<10}  {result['seconds']:7.2f} s  driver peak RSS "
                   f"{result['driver_peak_rss_mib']:7.1f} MiB (before deciding {result['rss_before_decide_mib']:.1f})"
-                  + (f"  passes over the parts {passes:.1f} {result['passes_by_stage']}" if passes is not None else "")
+                  + (f"  passes over the parts {passes:.1f} {result['passes_by_stage']}, of them reading the "
+                     f"embeddings {result['embedding_passes']:.1f}" if passes is not None else "")
                   + f"  removed {result['removed']} {result['removed_by']}")
 
 

@@ -43,7 +43,10 @@ def _embedded(table: pa.Table) -> pa.Table:
 
 
 def _count_models(_job: None, table: pa.Table) -> Counter[str]:
-    return Counter(_embedded(table).column("clip_model").to_pylist())
+    """Rows per model, from the small ``clip_model`` column alone: the embeddings are read twice, by the sample
+    and by the assignment, not a third time for a count (a scored row without its embedding only lowers the
+    sampling rate a little)."""
+    return Counter(m for m in table.column("clip_model").to_pylist() if m is not None)
 
 
 def _priority(uids: list[str], seed: int) -> np.ndarray:
@@ -145,7 +148,7 @@ def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None
     forest: rows linked through others may come as (first member, row) rather than as every pair."""
     import faiss
 
-    counts: Counter[str] = sum(pool.map(_count_models, None, COLUMNS), Counter())
+    counts: Counter[str] = sum(pool.map(_count_models, None, ["clip_model"]), Counter())
     if not counts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     rates = {model: min(1.0, 1.2 * fit_sample / count) for model, count in counts.items()}
