@@ -188,26 +188,8 @@ def decide_and_write(
                 if name.endswith("_seconds"):
                     seconds[name[: -len("_seconds")]] += pc.sum(table.column(name)).as_py() or 0.0
             stopped_by.update(d for d in table.column("decided_by").to_pylist() if d)
-            status = table.column("status").to_pylist()
-            shard_col: list[str | None] = [None] * table.num_rows
-            key_col: list[str | None] = [None] * table.num_rows
-            rows = table.column("row").to_pylist()
-            uids = table.column("uid").to_pylist()
-            for i in np.flatnonzero(np.asarray(status, dtype=object) == OK):
-                if not plan.parts or plan.parts[-1][0] != str(part):
-                    plan.parts.append((str(part), []))
-                key = sample_key(plan.index, len(plan.keys), width)
-                plan.parts[-1][1].append(rows[i])
-                plan.uids.append(uids[i])
-                plan.keys.append(key)
-                shard_col[i], key_col[i] = plan.tar_name, key
-                status[i] = KEPT
-                if len(plan.keys) == per_shard:
-                    writers.submit(plan)
-                    plan = ShardPlan(index=plan.index + 1)
-            table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))
-            ledger.write(table.append_column("shard", pa.array(shard_col, pa.string())).append_column(
-                "key", pa.array(key_col, pa.string())))
+            table, plan = _place_in_shards(table, str(part), plan, writers, per_shard, width)
+            ledger.write(table)
         if plan.keys:
             writers.submit(plan)
             plan = ShardPlan(index=plan.index + 1)
@@ -247,6 +229,32 @@ def decide_and_write(
                            "refusing to publish")
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def _place_in_shards(table: pa.Table, part: str, plan: ShardPlan, writers: ShardWriters, per_shard: int,
+                     width: int) -> tuple[pa.Table, ShardPlan]:
+    """The part's surviving rows become ``kept`` and take the next keys of the shard being planned (a full plan is
+    handed to the writers); returns the ledger rows, with ``shard`` and ``key``, and the plan now being filled."""
+    status = table.column("status").to_pylist()
+    shard_col: list[str | None] = [None] * table.num_rows
+    key_col: list[str | None] = [None] * table.num_rows
+    rows = table.column("row").to_pylist()
+    uids = table.column("uid").to_pylist()
+    for i in np.flatnonzero(np.asarray(status, dtype=object) == OK):
+        if not plan.parts or plan.parts[-1][0] != part:
+            plan.parts.append((part, []))
+        key = sample_key(plan.index, len(plan.keys), width)
+        plan.parts[-1][1].append(rows[i])
+        plan.uids.append(uids[i])
+        plan.keys.append(key)
+        shard_col[i], key_col[i] = plan.tar_name, key
+        status[i] = KEPT
+        if len(plan.keys) == per_shard:
+            writers.submit(plan)
+            plan = ShardPlan(index=plan.index + 1)
+    table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))
+    return table.append_column("shard", pa.array(shard_col, pa.string())).append_column(
+        "key", pa.array(key_col, pa.string())), plan
 
 
 def stage_stats(stages: list[Stage | GlobalStage], input_rows: int, stopped_by: Counter[str],
