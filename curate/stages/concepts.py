@@ -2,13 +2,15 @@
 screenshot of text", anything a user names), with the model that made the embeddings. A row whose cosine to any of
 a concept's prompts reaches ``threshold`` is filtered with ``concept:<name>`` (the first concept in order wins).
 
-No image is read and no image is embedded again: only the prompts are encoded, once per scoring model.
+No image is read and no image is embedded again: only the prompts are encoded, once per scoring model, in the
+driver; the cosines are computed in tasks beside the stored embeddings, which never travel to the driver.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,9 @@ from curate.errors import CurateError
 from curate.models.clip import ClipSpec
 from curate.core.stage import GlobalStage, Removals, Stage
 from curate.config import StageConfig
+
+if TYPE_CHECKING:
+    from curate.core.pool import Pool
 
 
 class ConceptsConfig(StageConfig):
@@ -50,11 +55,12 @@ class ConceptFilter(GlobalStage[ConceptsConfig]):
     name = "concepts"
     Config = ConceptsConfig
     counts_would_reject: ClassVar[bool] = True
+    fans_out: ClassVar[bool] = True  # cosines in tasks beside the embeddings
 
     def __init__(self, config: StageConfig) -> None:
         super().__init__(config)
         self.score_spec: ClipSpec | None = None
-        self._prompts: dict[str, dict[str, np.ndarray]] = {}  # per model: decide() runs twice (would_reject)
+        self._prompts: dict[str, dict[str, np.ndarray]] = {}  # per model: the stage decides twice (would_reject)
 
     def inputs(self) -> list[str]:
         return ["image_embedding", "clip_model"]
@@ -93,22 +99,51 @@ class ConceptFilter(GlobalStage[ConceptsConfig]):
         self._prompts[described] = out
         return out
 
-    def decide(self, metadata: pa.Table) -> Removals:
-        from curate.dedup.semantic import unit_rows
-
+    def decide_pool(self, pool: Pool) -> Removals:
+        """The prompts are encoded here, once per scoring model; the cosines are computed in tasks beside the
+        stored embeddings (curate.core.pool), which send back only the rows they remove and their counts."""
         config: ConceptsConfig = self.config
-        reasons = np.full(metadata.num_rows, None, dtype=object)
-        would_reject = {f"concept:{name}": 0 for name in config.concepts}
-        embedded = pc.is_valid(metadata.column("image_embedding")).to_numpy(zero_copy_only=False)
-        models = metadata.column("clip_model").to_pylist()
-        for described in sorted({m for m, e in zip(models, embedded) if e and m}):
-            rows = np.flatnonzero(embedded & (np.asarray(models, dtype=object) == described))
-            images = unit_rows(metadata.column("image_embedding").take(rows))
-            for name, prompts in self.prompt_embeddings(described).items():
-                shows = (images @ prompts.T).max(axis=1) >= config.threshold
-                would_reject[f"concept:{name}"] += int(shows.sum())
-                undecided = reasons[rows] == None  # noqa: E711 (elementwise)
-                reasons[rows[shows & undecided]] = f"concept:{name}"
-        removed = np.flatnonzero(reasons != None)  # noqa: E711
-        uids = np.asarray(metadata.column("uid").to_pylist(), dtype=object)
-        return Removals.of(uids[removed].tolist(), reasons[removed].tolist(), would_reject=would_reject)
+        models = sorted(set().union(*pool.map(_models_present, None, ["clip_model"])))
+        job = ConceptJob(list(config.concepts), {m: self.prompt_embeddings(m) for m in models}, config.threshold)
+        found = pool.map(_concept_matches, job, self.inputs())
+        would_reject = {f"concept:{name}": sum(f[3].get(name, 0) for f in found) for name in config.concepts}
+        return Removals.of([u for f in found for u in f[1]], [r for f in found for r in f[2]],
+                           rows=[r for f in found for r in f[0]], would_reject=would_reject)
+
+
+def _models_present(_job: None, table: pa.Table) -> set[str]:
+    return {m for m in table.column("clip_model").to_pylist() if m}
+
+
+@dataclass(frozen=True)
+class ConceptJob:
+    """What a concept task needs: the concepts in order, each scoring model's prompt vectors, the threshold."""
+
+    concepts: list[str]
+    prompts: dict[str, dict[str, np.ndarray]]
+    threshold: float
+
+
+def _concept_matches(job: ConceptJob, table: pa.Table) -> tuple[list[int], list[str], list[str], dict[str, int]]:
+    """Map: (rows, uids, reasons) of the rows that show a concept (the first concept in order wins), and per
+    concept every row that shows it (what it would reject on its own)."""
+    from curate.dedup.semantic import unit_rows
+
+    reasons = np.full(table.num_rows, None, dtype=object)
+    shown = dict.fromkeys(job.concepts, 0)
+    embedded = pc.is_valid(table.column("image_embedding")).to_numpy(zero_copy_only=False)
+    models = np.asarray(table.column("clip_model").to_pylist(), dtype=object)
+    for described, prompts in job.prompts.items():
+        rows = np.flatnonzero(embedded & (models == described))
+        if not len(rows):
+            continue
+        images = unit_rows(table.column("image_embedding").take(rows))
+        for name in job.concepts:
+            shows = (images @ prompts[name].T).max(axis=1) >= job.threshold
+            shown[name] += int(shows.sum())
+            undecided = reasons[rows] == None  # noqa: E711 (elementwise)
+            reasons[rows[shows & undecided]] = f"concept:{name}"
+    removed = np.flatnonzero(reasons != None)  # noqa: E711
+    return (table.column("row").to_numpy()[removed].tolist(),
+            np.asarray(table.column("uid").to_pylist(), dtype=object)[removed].tolist(), reasons[removed].tolist(),
+            shown)

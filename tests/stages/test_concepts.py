@@ -72,3 +72,16 @@ def test_embeddings_of_another_model_are_refused(scored) -> None:
     other = live.set_column(2, "clip_model", pa.array(["ViT-B-32/laion2b_s34b_b79k"] * live.num_rows))
     with pytest.raises(CurateError, match="score and filter with the same pipeline"):
         stage.decide(other)
+
+
+def test_the_decision_does_not_depend_on_how_the_pool_is_cut(scored) -> None:
+    """Cosines are computed per group of parts (as tasks on Ray): four pieces decide as one table does."""
+    from curate.core.pool import Pool
+
+    config, live = scored
+    stage = ConceptFilter(ConceptsConfig(concepts=CONCEPTS, threshold=0.0))
+    stage.bind(build_stages(config)[0])
+    whole = stage.decide_pool(Pool.from_table(live))
+    cut = stage.decide_pool(Pool.from_table(live, pieces=4))
+    assert 0 < whole.num_rows < live.num_rows
+    assert cut.table.sort_by("uid").equals(whole.table.sort_by("uid")) and cut.would_reject == whole.would_reject
