@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,13 +17,21 @@ if TYPE_CHECKING:
     from curate.core.pool import Pool
 
 
-def _digests_to_owners(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
+@dataclass(frozen=True)
+class DigestJob:
+    """The digest columns compared (each within itself) and the reduce partitions they are shuffled into."""
+
+    columns: list[str]
+    partitions: int
+
+
+def _digests_to_owners(job: DigestJob, table: pa.Table) -> list[list[np.ndarray]]:
     """Map: each (row, digest column) to the reduce task owning the digest, as (row, column, 128-bit hash)."""
     import hashlib
 
     import pyarrow.compute as pc
 
-    columns, partitions = job
+    columns, partitions = job.columns, job.partitions
     entries = []
     for index, name in enumerate(columns):
         present = table.filter(pc.is_valid(table.column(name)))
@@ -37,7 +46,7 @@ def _digests_to_owners(job: tuple, table: pa.Table) -> list[list[np.ndarray]]:
     return [piece[0] for piece in split_by_owner(owner, [entries_all], partitions)]
 
 
-def _equal_digest_pairs(job: tuple, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _equal_digest_pairs(job: DigestJob, partition: int, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Reduce: rows sharing a digest (in the same column), each chained to the smallest row holding it."""
     entries = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int64)
     entries = entries[np.lexsort((entries[:, 0], entries[:, 3], entries[:, 2], entries[:, 1]))]
@@ -50,5 +59,6 @@ def _equal_digest_pairs(job: tuple, partition: int, pieces: list[np.ndarray]) ->
 def exact_pair_rows(pool: Pool, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of rows with equal digests in one of ``columns`` (compared by a 128-bit hash), shuffled by digest."""
     partitions = pool.partitions(pool.rows * len(columns), bands.ENTRIES_PER_TASK)
-    return joined(pool.shuffle(_digests_to_owners, _equal_digest_pairs, (list(columns), partitions), list(columns),
-                               partitions, bytes_per_row=32 * len(columns)))
+    job = DigestJob(list(columns), partitions)
+    return joined(pool.shuffle(_digests_to_owners, _equal_digest_pairs, job, list(columns), partitions,
+                               bytes_per_row=32 * len(columns)))
