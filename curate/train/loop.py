@@ -115,6 +115,56 @@ def resolve_device(config: TrainConfig) -> str:
     return config.device
 
 
+def autocast_dtype(precision: str, gpu: bool) -> Any:
+    """The autocast dtype for ``precision`` (None: fp32); auto is bf16 on GPUs that have it, else fp16."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if precision == "auto" and gpu:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dtype
+
+
+def restore(resume: Path, out: Path, config: TrainConfig, optimizer: Any, scaler: Any, cuda_device: str | None,
+            position: dict[str, int]) -> int:
+    """Optimizer, scaler, random state and data position of the checkpoint ``resume`` (``position`` updated in
+    place); returns its step. A run of other objectives is one clear error."""
+    import torch
+
+    state = checkpoint.load_state(resume)
+    saved_objectives = state.get("objectives", config.objectives)
+    if sorted(saved_objectives) != sorted(config.objectives):
+        raise CurateError(f"objectives: {out} holds a run trained with {saved_objectives}, not {config.objectives}; "
+                          f"use another --output, or start a new run from the checkpoint with model: {resume}")
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if "rng" in state:  # dropout and the ITM head's negative sampling continue as if never stopped
+        torch.set_rng_state(state["rng"])
+    if cuda_device is not None and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], torch.device(cuda_device))
+    position.update({k: int(state.get(k, 0)) for k in position})
+    return int(state["step"])
+
+
+def apply_gradients(total: Any, optimizer: Any, scaler: Any, grad_clip: float | None) -> None:
+    """Backward, optional clipping and the optimizer step (through the fp16 scaler when there is one)."""
+    import torch
+
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None = None) -> TrainResult:
     """Train ``config`` here, or on Ray Train workers when ``config.distributed.workers`` is set."""
     import torch
@@ -127,7 +177,7 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
         return train_on_ray(config, progress)
     workers = workers or Workers()
 
-    # --- set up: output, data, device, model (fresh or resumed), optimizer, losses ---
+    # set up: output, data, device, model (fresh or resumed), optimizer, losses
     if not config.output:
         raise CurateError("output: no folder for checkpoints (set output: in the config or pass --output)")
     out = Path(config.output).expanduser().resolve()
@@ -150,26 +200,10 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
     position = {"epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "skipped": 0}
     step = 0
     gpu = device_type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-    if config.precision == "auto" and gpu:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = autocast_dtype(config.precision, gpu)
     scaler = torch.amp.GradScaler("cuda") if gpu and dtype == torch.float16 else None
     if resume:
-        state = checkpoint.load_state(resume)
-        saved_objectives = state.get("objectives", config.objectives)
-        if sorted(saved_objectives) != sorted(config.objectives):
-            raise CurateError(f"objectives: {out} holds a run trained with {saved_objectives}, not "
-                              f"{config.objectives}; use another --output, or start a new run from the checkpoint "
-                              f"with model: {resume}")
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if "rng" in state:  # dropout and the ITM head's negative sampling continue as if never stopped
-            torch.set_rng_state(state["rng"])
-        if gpu and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], torch.device(device))
-        step = int(state["step"])
-        position = {k: int(state.get(k, 0)) for k in position}
+        step = restore(resume, out, config, optimizer, scaler, device if gpu else None, position)
         if progress:
             print(f"[train] resuming from {resume} at step {step}", file=sys.stderr)
     if workers.main:
@@ -180,7 +214,7 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
     saved = resume
     run_start, samples_before = time.perf_counter(), position["samples_seen"]
 
-    # --- the loop ---
+    # the loop
     model.train()
     last: dict[str, float] = {}
     nonfinite, window_start, window_samples = 0, time.perf_counter(), 0
@@ -207,19 +241,7 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
                                       "use precision: fp32")
                 continue
             nonfinite = 0
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
-                                               config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            apply_gradients(total, optimizer, scaler, config.grad_clip)
             with torch.no_grad():  # CLIP's temperature stays below 100
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
