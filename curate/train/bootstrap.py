@@ -165,18 +165,22 @@ def _round_scores(out: Path, worker: StageWorker, folder: Path) -> pa.Table:
 
 @dataclass(frozen=True)
 class FoldScorers:
-    """What a scoring task needs: the score stage's config and the checkpoint folder of each fold's model."""
+    """One round's scorers: the score stage's config and the checkpoint folder of each fold's model (none when
+    the pool was too small to train on). Small and picklable: what a scoring task is sent."""
 
     config: ScoreConfig
     models: list[str]
+
+    def worker(self) -> StageWorker:
+        """The score stage with one model per fold, set up before its first batch."""
+        return StageWorker(_ScoreByFold(self.config, [ScoreStage(self.config.model_copy(update={"model": model}))
+                                                      for model in self.models]))
 
 
 def _score_parts(scorers: FoldScorers, paths: list[str]) -> int:
     """Score these stored parts with the fold models (a task on Ray) and store them again: the same rows under the
     same name, now with the score stage's columns."""
-    stage = _ScoreByFold(scorers.config, [ScoreStage(scorers.config.model_copy(update={"model": model}))
-                                          for model in scorers.models])
-    worker = StageWorker(stage)  # sets the fold scorers up before the first part
+    worker = scorers.worker()
     for path in paths:
         part_store.write_part(worker(pq.read_table(path)), str(Path(path).parent))
     return len(paths)
@@ -196,7 +200,7 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
     boot = config.bootstrap
     live = sum(pc.sum(pc.equal(pq.read_table(p, columns=["status"]).column("status"), OK)).as_py() or 0
                for p in parts)
-    scorers: list[ScoreStage] = []
+    scorers = FoldScorers(config, [])
     trusted: set[str] | None = None
     for round_ in range(1, boot.rounds + 1):
         training_rows = (live if trusted is None else len(trusted)) * (boot.folds - 1) // boot.folds
@@ -210,14 +214,13 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
         shards = write_fold_shards(out, boot.folds, folder, trusted)
         models = train_fold_models(folder, config, shards, min(boot.batch_size, training_rows), progress,
                                    training_rows)
-        scorers = [ScoreStage(config.model_copy(update={"model": str(model)})) for model in models]
+        scorers = FoldScorers(config, [str(model) for model in models])
         if round_ < boot.rounds:
-            trusted = trusted_rows(_round_scores(out, StageWorker(_ScoreByFold(config, scorers)), folder),
-                                   boot.keep_top)
+            trusted = trusted_rows(_round_scores(out, scorers.worker(), folder), boot.keep_top)
     pending = [str(p) for p in parts if not _scored(p)]
     count = task_count(len(pending))
     groups = [pending[i::count] for i in range(count) if pending[i::count]]
-    fan_out(_score_parts, FoldScorers(config, [s.config.model for s in scorers]), groups,
-            cpus_per_task=config.resources.cpus, gpus_per_task=config.resources.gpus)
+    fan_out(_score_parts, scorers, groups, cpus_per_task=config.resources.cpus, gpus_per_task=config.resources.gpus)
     if progress:
-        print(f"[bootstrap] scored {len(parts)} parts with {len(scorers)} cross-fitted models", file=sys.stderr)
+        print(f"[bootstrap] scored {len(parts)} parts with {len(scorers.models)} cross-fitted models",
+              file=sys.stderr)
