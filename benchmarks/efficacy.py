@@ -253,13 +253,14 @@ def pair_auc(model_dir: Path, eval_parquet: Path) -> float:
     """Held-out alignment of an arm's last checkpoint: the chance that an eval image's own caption scores above
     another eval caption, and a caption's own image above another image (averaged). R@K on a few hundred pairs is
     near chance for models this small and moves by a few hits; this uses every pair."""
-    from curate.models.clip import ClipSpec, load_clip
+    from curate.models.clip import ClipSpec
+    from curate.models.scorer import load_scorer
     from curate.train.eval import decodable, embed, load_pairs
 
     checkpoint = sorted((model_dir / "checkpoints").glob("step_*"))[-1]
-    clip = load_clip(ClipSpec(str(checkpoint)), "cpu")
+    scorer = load_scorer(ClipSpec(str(checkpoint)), "cpu")
     pairs, _ = decodable(load_pairs(str(eval_parquet)))
-    image, text = embed(clip, [p["image"] for p in pairs], [p["caption"] for p in pairs], "cpu")
+    image, text = embed(scorer, [p["image"] for p in pairs], [p["caption"] for p in pairs])
     similarity = image @ text.T
     own = np.diag(similarity)
     n = len(own)

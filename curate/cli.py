@@ -128,7 +128,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from curate.train.eval import evaluate, print_table
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
-    results = evaluate(ClipSpec(args.model, args.pretrained, args.architecture_file), args.data,
+    results = evaluate(ClipSpec(args.model, args.pretrained, args.architecture_file, args.family), args.data,
                        classnames=classes, templates=args.template or ["a photo of a {}."], label_key=args.label_key)
     print_table(results)
     if args.json:
@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="retrieval recall@K and zero-shot accuracy of a model on an eval set")
-    p.add_argument("--model", required=True, help="checkpoint folder, architecture name or hf-hub:org/repo")
+    p.add_argument("--model", required=True, help="checkpoint folder, architecture name, hf-hub:org/repo, or a "
+                   "transformers CLIP/SigLIP (its folder, or a hub id with --family transformers)")
+    p.add_argument("--family", default="auto", help="model family: open_clip, transformers, or auto (default)")
     p.add_argument("--pretrained", help="tag or weights file, for an architecture name")
     p.add_argument("--architecture-file", help="model-config JSON of a custom architecture")
     p.add_argument("--data", required=True, help="eval shards (folder/glob) or a parquet of image_path, caption")

@@ -108,6 +108,56 @@ def tiny_clip(tmp_path_factory) -> Path:
     return save_checkpoint_dir(model, json.loads(config.read_text()), tmp_path_factory.mktemp("models") / "tiny")
 
 
+def _tiny_transformers_model(folder: Path, kind: str) -> Path:
+    """A random-init CLIP or SigLIP in transformers' layout (config.json, model.safetensors, processor files), with
+    a real tokenizer: CLIP's BPE vocabulary (open_clip ships it), or a SentencePiece model trained here."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(tower, image_size=32, patch_size=8)
+    if kind == "clip":
+        from open_clip.tokenizer import SimpleTokenizer
+
+        bpe = SimpleTokenizer()
+        names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # HF's names of them
+        vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
+        merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+        tokenizer = tf.CLIPTokenizer(vocab=vocab, merges=merges)
+        text = dict(tower, vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                    eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+        model = tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        processor = tf.CLIPProcessor(image_processor=tf.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    else:
+        import sentencepiece
+
+        from curate.demo.pool import SHAPES
+
+        words = [*SHAPES, "a", "photo", "of", "red", "green", "blue", "on", "white", "background", "watermark"]
+        corpus = folder.parent / f"{kind}-corpus.txt"
+        corpus.write_text("\n".join(" ".join(words[i:] + words[:i]) for i in range(len(words))) * 20)
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(folder.parent / kind), vocab_size=64, hard_vocab_limit=False,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        tokenizer = tf.SiglipTokenizer(vocab_file=str(folder.parent / f"{kind}.model"), model_max_length=16)
+        text = dict(tower, vocab_size=tokenizer.vocab_size, max_position_embeddings=16)
+        model = tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision))
+        processor = tf.SiglipProcessor(image_processor=tf.SiglipImageProcessor(size={"height": 32, "width": 32}),
+                                       tokenizer=tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_transformers(tmp_path_factory) -> dict[str, Path]:
+    """Random-init transformers CLIP and SigLIP folders, by model_type."""
+    root = tmp_path_factory.mktemp("transformers")
+    return {kind: _tiny_transformers_model(root / kind, kind) for kind in ("clip", "siglip")}
+
+
 @pytest.fixture(scope="session")
 def pool_images(demo_pool):
     """(image bytes, caption) of the demo pool's clean rows, as the score stage receives them."""

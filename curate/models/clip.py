@@ -1,6 +1,7 @@
-"""Loading CLIP models for scoring, through open_clip's own loading code.
+"""The open_clip model family: loading CLIP models through open_clip's own loading code.
 
-A model is named by a ``ClipSpec``:
+A model is named by a ``ClipSpec`` (which also names models of other families: ``family: transformers`` or a
+``transformers:`` prefix, curate.models.scorer). For open_clip, its model is:
 
 - an open_clip architecture with a pretrained tag (``ViT-B-32`` + ``laion2b_s34b_b79k``: downloaded where the hub is
   reachable) or a path to a weights file (``pretrained: /ckpt/epoch_5.pt``);
@@ -25,6 +26,7 @@ from typing import Any
 
 from curate.core.atomic import atomic_folder
 from curate.errors import CurateError
+from curate.models.scorer import AUTO, ModelFamily, Scorer
 
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -40,6 +42,17 @@ class ClipSpec:
     model: str
     pretrained: str | None = None
     architecture_file: str | None = None
+    family: str = AUTO  # a name in curate.models.scorer.FAMILIES; auto: the family that claims the model
+
+    def __post_init__(self) -> None:
+        from curate.models.scorer import FAMILIES, resolve_family
+
+        prefix = self.model.split(":", 1)[0]
+        if prefix in FAMILIES and ":" in self.model:  # "transformers:/path" as stored in clip_model
+            object.__setattr__(self, "model", self.model.split(":", 1)[1])
+            object.__setattr__(self, "family", prefix)
+        if self.family == AUTO:
+            object.__setattr__(self, "family", resolve_family(self))
 
     def open_clip_name(self) -> str:
         """The name open_clip's create_model gets: a bare folder path becomes ``local-dir:<absolute path>``."""
@@ -53,7 +66,10 @@ class ClipSpec:
 
     def describe(self) -> str:
         """What a score was computed with, as stored beside it: ``ViT-B-32/laion2b_s34b_b79k``, ``hf-hub:org/x``,
-        ``local-dir:/abs/path``."""
+        ``local-dir:/abs/path``; another family's models as ``<family>:<hub id or absolute path>``."""
+        if self.family != "open_clip":
+            folder = Path(self.model).expanduser()
+            return f"{self.family}:{folder.resolve() if folder.exists() else self.model}"
         name = self.open_clip_name()
         if name.startswith((HF_HUB, LOCAL_DIR)) or not self.pretrained:
             return name
@@ -185,11 +201,7 @@ def check_weights_only(path: Path) -> None:
 
 
 def preflight(spec: ClipSpec) -> None:
-    """In the driver, before any work: the spec resolves, its tag exists, local weights are weights only."""
-    try:
-        check_spec(spec)
-    except ValueError as err:
-        raise CurateError(str(err)) from None
+    """In the driver, before any work (after check_spec): its tag exists, local weights are weights only."""
     name = spec.open_clip_name()
     if spec.pretrained and not name.startswith((HF_HUB, LOCAL_DIR)) and not _looks_like_path(spec.pretrained):
         import open_clip
@@ -229,6 +241,33 @@ def load_clip(spec: ClipSpec, device: str = "cpu") -> LoadedClip:
             from None
     model.eval()
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), spec.describe())
+
+
+class OpenClipScorer(Scorer):
+    """An open_clip model behind the Scorer interface; ``model`` and ``tokenizer`` stay reachable for what only
+    open_clip models do (the ITM head reads their token states, CoCa generates)."""
+
+    def __init__(self, clip: LoadedClip, device: str) -> None:
+        self.model, self.tokenizer, self.name, self.device = clip.model, clip.tokenizer, clip.name, device
+        self._preprocess = clip.preprocess
+
+    def preprocess(self, image: Any) -> Any:
+        return self._preprocess(image)
+
+    def encode_images(self, pixels: Any) -> Any:
+        return self.model.encode_image(pixels)
+
+    def encode_texts(self, texts) -> Any:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device, non_blocking=True))
+
+
+FAMILY = ModelFamily(
+    name="open_clip",
+    claims=lambda spec: True,  # the default family: architecture names, hf-hub:, local-dir:, checkpoint folders
+    check=check_spec,
+    preflight=preflight,
+    load=lambda spec, device: OpenClipScorer(load_clip(spec, device), device),
+)
 
 
 def save_checkpoint_dir(model: Any, model_cfg: dict, folder: Path, extra: dict | None = None,

@@ -40,6 +40,12 @@ class ScorerSpec(BaseModel):
     model: str
     pretrained: str | None = None
     architecture_file: str | None = None
+    family: str = Field("auto", description="model family (curate.models.scorer.FAMILIES) or auto")
+
+    def spec(self) -> Any:
+        from curate.models.clip import ClipSpec
+
+        return ClipSpec(self.model, self.pretrained, self.architecture_file, self.family)
 
 
 class CaptionConfig(StageConfig):
@@ -79,8 +85,9 @@ class CaptionConfig(StageConfig):
         if getattr(score, "model", None) == "bootstrap":
             raise ValueError(f"mode {self.mode}: a bootstrapped score stage scores after the stream; give caption a "
                              "scorer (model: a checkpoint folder) or use mode replace or add")
-        self.scorer = ScorerSpec(model=score.model, pretrained=score.pretrained,  # type: ignore[attr-defined]
-                                 architecture_file=score.architecture_file)  # type: ignore[attr-defined]
+        spec = score.spec()  # type: ignore[attr-defined]
+        self.scorer = ScorerSpec(model=spec.model, pretrained=spec.pretrained,
+                                 architecture_file=spec.architecture_file, family=spec.family)
 
 
 def uses_open_clip(config: CaptionConfig) -> bool:
@@ -122,9 +129,9 @@ class CaptionStage(Stage[CaptionConfig]):
     def preflight(self) -> None:
         config: CaptionConfig = self.config
         if config.scorer is not None:
-            from curate.models.clip import ClipSpec, preflight
+            from curate.models.scorer import preflight_model
 
-            preflight(ClipSpec(config.scorer.model, config.scorer.pretrained, config.scorer.architecture_file))
+            preflight_model(config.scorer.spec())
 
     def setup(self) -> None:
         import torch
@@ -139,10 +146,9 @@ class CaptionStage(Stage[CaptionConfig]):
         if config.mode in SCORED_MODES and config.scorer is None:
             raise CurateError(f"caption: mode {config.mode} needs a scorer (the pipeline's score stage)")
         if config.scorer is not None:
-            from curate.models.clip import ClipSpec, load_clip
+            from curate.models.scorer import load_scorer
 
-            self._scorer = load_clip(ClipSpec(config.scorer.model, config.scorer.pretrained,
-                                              config.scorer.architecture_file), self._device)
+            self._scorer = load_scorer(config.scorer.spec(), self._device)
 
     def process(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
@@ -182,18 +188,13 @@ class CaptionStage(Stage[CaptionConfig]):
 
     def _scores(self, batch: pa.Table, synthetic: dict[int, str]) -> dict[int, float]:
         """Cosine of each synthetic caption with the row's stored image embedding, from the scoring model."""
-        import torch
-
         from curate.dedup.semantic import unit_rows
 
         rows = [i for i, text in synthetic.items() if text]
         if not rows:
             return {}
         images = unit_rows(batch.column("image_embedding").take(pa.array(rows)))
-        with torch.inference_mode():
-            texts = self._scorer.model.encode_text(  # type: ignore[union-attr]
-                self._scorer.tokenizer([synthetic[i] for i in rows]).to(self._device),  # type: ignore[union-attr]
-                normalize=True).float().cpu().numpy()
+        texts = self._scorer.embed_texts([synthetic[i] for i in rows])  # type: ignore[union-attr]
         return {i: float(s) for i, s in zip(rows, (images * texts).sum(axis=1))}
 
 
@@ -232,7 +233,7 @@ class _OpenClipCaptioner:
     def __init__(self, config: CaptionConfig, device: str) -> None:
         from curate.models.clip import ClipSpec, load_clip
 
-        spec = ClipSpec(config.model, config.pretrained)
+        spec = ClipSpec(config.model, config.pretrained, family="open_clip")
         self.clip = load_clip(spec, device)
         if not hasattr(self.clip.model, "generate"):
             raise CurateError(f"caption.model {config.model}: an open_clip model without generate() (not a CoCa)")

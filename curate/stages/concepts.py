@@ -68,16 +68,16 @@ class ConceptFilter(GlobalStage[ConceptsConfig]):
     def bind(self, stages: list[Stage]) -> None:
         score = next((s for s in stages if s.name == "score"), None)
         if score is not None and not score.deferred:
-            cfg = score.config
-            self.score_spec = ClipSpec(cfg.model, cfg.pretrained, cfg.architecture_file)  # type: ignore[attr-defined]
+            self.score_spec = score.config.spec()  # type: ignore[attr-defined]
 
     def _spec_for(self, described: str) -> ClipSpec:
         """The model behind a stored ``clip_model``: the pipeline's score stage, or a checkpoint the name points at
         (bootstrapped scorers)."""
         if self.score_spec is not None and self.score_spec.describe() == described:
             return self.score_spec
-        if described.startswith(("local-dir:", "hf-hub:")):
-            return ClipSpec(described)
+        spec = ClipSpec(described)  # local-dir:, hf-hub:, transformers:/path name their model in full
+        if described.startswith(("local-dir:", "hf-hub:")) or spec.family != "open_clip":
+            return spec
         raise CurateError(f"concepts: rows were scored with {described}, which this pipeline's score stage does not "
                           "name; score and filter with the same pipeline")
 
@@ -85,16 +85,11 @@ class ConceptFilter(GlobalStage[ConceptsConfig]):
         """Concept → (prompts, d) unit vectors from the model that embedded the images (loaded once per model)."""
         if described in self._prompts:
             return self._prompts[described]
-        import torch
-
-        from curate.models.clip import load_clip
+        from curate.models.scorer import load_scorer
 
         config: ConceptsConfig = self.config
-        clip = load_clip(self._spec_for(described), "cpu")
-        out = {}
-        with torch.inference_mode():
-            for name, prompts in config.concepts.items():
-                out[name] = clip.model.encode_text(clip.tokenizer(prompts), normalize=True).float().numpy()
+        scorer = load_scorer(self._spec_for(described), "cpu")
+        out = {name: scorer.embed_texts(prompts) for name, prompts in config.concepts.items()}
         print(f"[concepts] {len(out)} concepts encoded with {described}", file=sys.stderr)
         self._prompts[described] = out
         return out

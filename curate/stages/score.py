@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curate.errors import CurateError
-from curate.models.clip import ClipSpec, check_spec, load_clip, preflight
+from curate.models.clip import ClipSpec, check_spec
+from curate.models.scorer import AUTO, check_family_name, check_model, load_scorer, preflight_model
 from curate.config import Resources, StageConfig
 from curate.core.stage import RowOutcomes, Stage
 
@@ -32,6 +33,7 @@ EMBEDDING = pa.list_(pa.float16())
 
 
 BOOTSTRAP = "bootstrap"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
 
 class BootstrapConfig(BaseModel):
@@ -73,9 +75,12 @@ class ScoreConfig(StageConfig):
     resources: Resources = Field(default_factory=lambda: Resources(cpus=1.0, batch_size=256))
     model: str = Field("ViT-B-32", description="open_clip architecture, 'hf-hub:org/repo', a checkpoint folder "
                                                "('local-dir:/path' or the path: open_clip_config.json + weights), "
-                                               "or 'bootstrap': small CLIPs cross-fitted on the pool itself")
+                                               "a transformers CLIP/SigLIP (hub id with family: transformers, or "
+                                               "its folder), or 'bootstrap': small CLIPs cross-fitted on the pool")
+    family: str = Field(AUTO, description="model family (curate.models.scorer.FAMILIES): open_clip, transformers; "
+                        "auto: transformers for a folder in its layout (config.json), else open_clip")
     pretrained: str | None = Field(
-        "laion2b_s34b_b79k", description="pretrained tag or weights file for an architecture name (null: random "
+        DEFAULT_PRETRAINED, description="pretrained tag or weights file for an architecture name (null: random "
                                          "init); ignored for hf-hub and checkpoint folders")
     architecture_file: str | None = Field(
         None, description="model-config JSON of a custom architecture, registered under its file stem")
@@ -87,6 +92,11 @@ class ScoreConfig(StageConfig):
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig, description="used by model: bootstrap")
     itm: bool = Field(False, description="also itm_score: the match probability of the checkpoint's image-text "
                                          "matching head (a folder trained with objectives [clip, itm])")
+
+    @field_validator("family")
+    @classmethod
+    def _family_known(cls, value: str) -> str:
+        return check_family_name(value)
 
     @model_validator(mode="after")
     def _spec_resolves(self) -> ScoreConfig:
@@ -101,14 +111,17 @@ class ScoreConfig(StageConfig):
                 raise ValueError("itm: the bootstrapped scorers are two-tower CLIPs without a matching head")
             check_spec(ClipSpec(self.bootstrap.architecture))
             return self
-        try:
-            check_spec(self.spec())
-        except ValueError as err:
-            raise ValueError(str(err)) from None
+        if self.itm and self.spec().family != "open_clip":
+            raise ValueError("itm: the image-text matching head is trained on open_clip checkpoints (curate train)")
+        check_model(self.spec())
         return self
 
     def spec(self) -> ClipSpec:
-        return ClipSpec(self.model, self.pretrained, self.architecture_file)
+        """The model to load; ``pretrained`` is open_clip's, so its default is dropped for other families."""
+        spec = ClipSpec(self.model, None, self.architecture_file, self.family)
+        if spec.family == "open_clip" or self.pretrained != DEFAULT_PRETRAINED:
+            spec = ClipSpec(spec.model, self.pretrained, self.architecture_file, spec.family)
+        return spec
 
 
 class ScoreStage(Stage[ScoreConfig]):
@@ -135,9 +148,9 @@ class ScoreStage(Stage[ScoreConfig]):
     def preflight(self) -> None:
         cfg: ScoreConfig = self.config
         if self.deferred:
-            preflight(ClipSpec(cfg.bootstrap.architecture))
+            preflight_model(ClipSpec(cfg.bootstrap.architecture))
             return
-        preflight(cfg.spec())
+        preflight_model(cfg.spec())
         if cfg.itm:
             self._itm_folder()
 
@@ -164,7 +177,7 @@ class ScoreStage(Stage[ScoreConfig]):
             self._device = "cpu"
             if _in_ray_worker():  # a worker owns its declared CPUs, not every core of a shared node
                 torch.set_num_threads(max(1, int(round(cfg.resources.cpus))))
-        self._clip = load_clip(cfg.spec(), self._device)
+        self._clip = load_scorer(cfg.spec(), self._device)
         self._itm_head = None
         if cfg.itm:
             from curate.models.itm import load_head
@@ -215,17 +228,18 @@ class ScoreStage(Stage[ScoreConfig]):
         torch = self._torch
         rows = [i for i, _ in chunk]
         images = torch.stack([t for _, t in chunk]).to(self._device, non_blocking=True)
-        texts = self._clip.tokenizer([captions[i] for i in rows]).to(self._device, non_blocking=True)
+        texts = [captions[i] for i in rows]
         match = None
         with torch.inference_mode(), torch.autocast(self._device, dtype=self._autocast or torch.float32,
                                                     enabled=self._autocast is not None):
             if self._itm_head is None:
-                image_features = self._clip.model.encode_image(images)
-                text_features = self._clip.model.encode_text(texts)
+                image_features = self._clip.encode_images(images)
+                text_features = self._clip.encode_texts(texts)
             else:  # one pass of both towers gives the embeddings and the tokens the fusion head reads
                 from curate.models.itm import encode_with_tokens
 
-                out = encode_with_tokens(self._clip.model, images, texts)
+                tokens = self._clip.tokenizer(texts).to(self._device, non_blocking=True)  # type: ignore[attr-defined]
+                out = encode_with_tokens(self._clip.model, images, tokens)  # type: ignore[attr-defined]
                 image_features, text_features = out["image_features"], out["text_features"]
                 logits = self._itm_head(out["image_tokens"], out["text_tokens"], out["text_padding"],
                                         image_features, text_features)

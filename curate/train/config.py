@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
         return self
 
     def spec(self) -> ClipSpec:
-        return ClipSpec(self.model, self.pretrained, self.architecture_file)
+        return ClipSpec(self.model, self.pretrained, self.architecture_file, family="open_clip")  # trains open_clip
 
 
 def _set(raw: dict[str, Any], text: str) -> None:

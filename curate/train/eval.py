@@ -1,4 +1,5 @@
-"""`curate eval`: image->text and text->image recall@K, and zero-shot classification, for any model a ClipSpec names.
+"""`curate eval`: image->text and text->image recall@K, and zero-shot classification, for any model a ClipSpec names
+(an open_clip model or checkpoint, or a transformers CLIP/SigLIP: curate.models.scorer).
 
 The eval set is WebDataset shards (image + .txt, an optional label in the .json) or a parquet with ``image_path``
 (or ``image`` bytes), ``caption`` and optional ``label`` columns.
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from curate.errors import CurateError
-from curate.models.clip import ClipSpec, LoadedClip, load_clip
+from curate.models.clip import ClipSpec
+from curate.models.scorer import Scorer, load_scorer, preflight_model
 from curate.train.data import IMAGE_KEYS, shard_list
 
 KS = (1, 5, 10)
@@ -70,27 +72,16 @@ def decodable(pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     return good, len(pairs) - len(good)
 
 
-def embed(clip: LoadedClip, images: Sequence[bytes], texts: Sequence[str], device: str = "cpu",
-          batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def embed(scorer: Scorer, images: Sequence[bytes], texts: Sequence[str], batch: int = 256) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
     """L2-normalised float32 embeddings of images and texts."""
+    import torch
     from PIL import Image
 
-    def images_of(chunk: Sequence[bytes]):
-        import torch
-
-        return torch.stack([clip.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in chunk])
-
-    return _encode(clip.model.encode_image, images, images_of, device, batch), _embed_texts(clip, texts, device, batch)
-
-
-def _encode(encoder: Any, items: Sequence[Any], to_tensor: Any, device: str, batch: int) -> np.ndarray:
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(items), batch):
-            out.append(encoder(to_tensor(items[i:i + batch]).to(device), normalize=True).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    chunks = [scorer.embed_images(torch.stack([scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB"))
+                                               for b in images[i:i + batch]]))
+              for i in range(0, len(images), batch)]
+    return np.concatenate(chunks), scorer.embed_texts(texts, batch)
 
 
 def retrieval(image: np.ndarray, text: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -106,23 +97,18 @@ def retrieval(image: np.ndarray, text: np.ndarray, ks: Sequence[int] = KS) -> di
     return metrics
 
 
-def zero_shot(clip: LoadedClip, image: np.ndarray, labels: Sequence[str], classnames: Sequence[str],
-              templates: Sequence[str], device: str = "cpu") -> float:
+def zero_shot(scorer: Scorer, image: np.ndarray, labels: Sequence[str], classnames: Sequence[str],
+              templates: Sequence[str]) -> float:
     """Top-1 accuracy of the class whose prompt embeddings (averaged over templates) are closest to each image."""
     unknown = sorted(set(labels) - set(classnames))
     if unknown:
         raise CurateError(f"eval labels {unknown[:5]} are not among the classes given")
     prompts = [template.format(name) for name in classnames for template in templates]
-    text = _embed_texts(clip, prompts, device)
+    text = scorer.embed_texts(prompts)
     per_class = text.reshape(len(classnames), len(templates), -1).mean(axis=1)
     per_class /= np.linalg.norm(per_class, axis=1, keepdims=True)
     predicted = np.asarray(classnames)[(image @ per_class.T).argmax(axis=1)]
     return float((predicted == np.asarray(labels)).mean())
-
-
-def _embed_texts(clip: LoadedClip, texts: Sequence[str], device: str, batch: int = 256) -> np.ndarray:
-    """In batches: 1000 classes × 80 templates is 80,000 prompts."""
-    return _encode(clip.model.encode_text, texts, lambda chunk: clip.tokenizer(list(chunk)), device, batch)
 
 
 def evaluate(spec: ClipSpec, data: str | list[str], *, classnames: Sequence[str] = (),
@@ -131,16 +117,17 @@ def evaluate(spec: ClipSpec, data: str | list[str], *, classnames: Sequence[str]
     pairs, undecodable = decodable(load_pairs(data, label_key))
     if len(pairs) < 2:
         raise CurateError(f"eval data {data}: fewer than two pairs whose image decodes")
-    clip = load_clip(spec, device)
-    image, text = embed(clip, [p["image"] for p in pairs], [p["caption"] for p in pairs], device)
-    results: dict[str, Any] = {"model": clip.name, "pairs": len(pairs), "undecodable": undecodable,
+    preflight_model(spec)
+    scorer = load_scorer(spec, device)
+    image, text = embed(scorer, [p["image"] for p in pairs], [p["caption"] for p in pairs])
+    results: dict[str, Any] = {"model": scorer.name, "pairs": len(pairs), "undecodable": undecodable,
                                **retrieval(image, text)}
     if classnames:
         labelled = [i for i, p in enumerate(pairs) if p["label"] is not None]
         if not labelled:
             raise CurateError(f"zero-shot: no eval sample has a '{label_key}'")
-        results["zero_shot_top1"] = zero_shot(clip, image[labelled], [str(pairs[i]["label"]) for i in labelled],
-                                              classnames, templates, device)
+        results["zero_shot_top1"] = zero_shot(scorer, image[labelled], [str(pairs[i]["label"]) for i in labelled],
+                                              classnames, templates)
         results["zero_shot_samples"] = len(labelled)
     return results
 

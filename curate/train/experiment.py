@@ -145,13 +145,14 @@ def train_arm(folder: Path, arm: str, data: list[Path], config: ExperimentConfig
 
 def eval_curve(model_dir: Path, pairs: list[dict[str, Any]], device: str) -> list[dict[str, float]]:
     """Retrieval on the held-out pairs at every checkpoint of one arm, in step order."""
-    from curate.models.clip import ClipSpec, load_clip
+    from curate.models.clip import ClipSpec
+    from curate.models.scorer import load_scorer
     from curate.train.eval import embed, retrieval
 
     curve = []
     for checkpoint in sorted((model_dir / "checkpoints").glob("step_*")):
-        clip = load_clip(ClipSpec(str(checkpoint)), device)
-        image, text = embed(clip, [p["image"] for p in pairs], [p["caption"] for p in pairs], device)
+        scorer = load_scorer(ClipSpec(str(checkpoint)), device)
+        image, text = embed(scorer, [p["image"] for p in pairs], [p["caption"] for p in pairs])
         metrics = retrieval(image, text)
         step = int(checkpoint.name.split("_")[1])
         curve.append({"step": step, **metrics, MEAN_RECALL: sum(metrics.values()) / len(metrics)})

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import CurateError
-from curate.models.clip import ClipSpec, _register_architecture, preflight
+from curate.models.clip import ClipSpec, _register_architecture
+from curate.models.scorer import preflight_model
 from curate.train import checkpoint
 from curate.train.config import TrainConfig
 from curate.train.data import Batch, epoch_batches, shard_list
@@ -186,8 +187,8 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
     device = workers.device or resolve_device(config)
     device_type = torch.device(device).type
     resume = checkpoint.latest(out)
-    spec = ClipSpec(str(resume)) if resume else config.spec()
-    preflight(spec)
+    spec = ClipSpec(str(resume), family="open_clip") if resume else config.spec()
+    preflight_model(spec)
     torch.manual_seed(config.seed)
     model, preprocess, tokenizer, model_cfg = build_model(spec, config.objectives, device)
     head = None
