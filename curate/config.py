@@ -74,6 +74,8 @@ class OutputConfig(BaseModel):
 
     path: str | None = Field(None, description="output folder; `--output` overrides")
     samples_per_shard: int = Field(10_000, ge=1)
+    format: str = Field("webdataset", description="shard format (curate.sinks.sink.SINKS): webdataset (tars with a "
+                        "parquet index beside each) or parquet (one parquet per shard holding the image bytes)")
 
 
 class RayConfig(BaseModel):

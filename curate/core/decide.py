@@ -26,7 +26,7 @@ from curate.core.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, Sta
 from curate.core.pool import Pool
 from curate.core.schema import LEDGER_SCHEMA
 from curate.core.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
-from curate.sinks.webdataset import SHARDS, ShardPlan, existing_shard, key_width, sample_key, write_shard
+from curate.sinks.sink import SHARDS, ShardPlan, key_width, sample_key, sink, write_shard
 
 VERSIONED = ("curate", "ray", "pyarrow", "webdataset", "pillow", "numpy", "urllib3")
 
@@ -86,10 +86,12 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
 
 
 class ShardWriters:
-    """Writes shards in this process or as Ray tasks, a bounded number in flight; skips finished shards."""
+    """Writes shards with the output format's sink, in this process or as Ray tasks, a bounded number in flight;
+    skips finished shards."""
 
-    def __init__(self, out: Path, local: bool, ray_config: RayConfig) -> None:
+    def __init__(self, out: Path, local: bool, ray_config: RayConfig, format_name: str) -> None:
         self.out, self.local, self.ray_config = out, local, ray_config
+        self.format, self.sink = format_name, sink(format_name)
         self.entries: dict[int, ShardEntry] = {}
         self.in_flight: dict[object, int] = {}
         self._remote = None
@@ -105,11 +107,11 @@ class ShardWriters:
         self._max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1) * 2))
 
     def submit(self, plan: ShardPlan) -> None:
-        done = existing_shard(self.out, plan)
+        done = self.sink.existing(self.out, plan)
         if done is not None:
             self.entries[plan.index] = done
         elif self.local:
-            self.entries[plan.index] = write_shard(str(self.out), plan)
+            self.entries[plan.index] = self.sink.write(self.out, plan)
         else:
             import ray
 
@@ -117,7 +119,7 @@ class ShardWriters:
                 self._start_ray()
             while len(self.in_flight) >= self._max_in_flight:
                 self._collect(ray.wait(list(self.in_flight), num_returns=1)[0])
-            self.in_flight[self._remote.remote(str(self.out), plan)] = plan.index
+            self.in_flight[self._remote.remote(self.format, str(self.out), plan)] = plan.index
 
     def _collect(self, refs: list) -> None:
         import ray
@@ -170,12 +172,12 @@ def decide_and_write(
 
     per_shard = config.output.samples_per_shard
     width = key_width(per_shard)
-    writers = ShardWriters(out, local, config.ray)
+    writers = ShardWriters(out, local, config.ray, config.output.format)
     ledger = LedgerWriter(out)
     embeddings = EmbeddingWriter(out)
     seconds: Counter[str] = Counter()
     stopped_by: Counter[str] = Counter()
-    plan = ShardPlan(index=0)
+    plan = ShardPlan(index=0, suffix=writers.sink.suffix)
     write_start = time.perf_counter()
     try:
         for part in parts:
@@ -192,12 +194,12 @@ def decide_and_write(
             ledger.write(table)
         if plan.keys:
             writers.submit(plan)
-            plan = ShardPlan(index=plan.index + 1)
+            plan = plan.following()
         entries = writers.finish()
     except BaseException:
         ledger.abort()
         raise
-    _remove_stale_shards(out, keep=len(entries))
+    _remove_stale_shards(out, keep=len(entries), suffix=writers.sink.suffix)
     embeddings.close()
     ledger.close()
     write_seconds = time.perf_counter() - write_start
@@ -211,6 +213,7 @@ def decide_and_write(
     manifest = Manifest(
         pipeline=config.name,
         created=created,
+        output_format=config.output.format,
         input_rows=input_rows,
         shards=entries,
         embeddings=embeddings.files,
@@ -247,11 +250,11 @@ def _place_in_shards(table: pa.Table, part: str, plan: ShardPlan, writers: Shard
         plan.parts[-1][1].append(rows[i])
         plan.uids.append(uids[i])
         plan.keys.append(key)
-        shard_col[i], key_col[i] = plan.tar_name, key
+        shard_col[i], key_col[i] = plan.path, key
         status[i] = KEPT
         if len(plan.keys) == per_shard:
             writers.submit(plan)
-            plan = ShardPlan(index=plan.index + 1)
+            plan = plan.following()
     table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))
     return table.append_column("shard", pa.array(shard_col, pa.string())).append_column(
         "key", pa.array(key_col, pa.string())), plan
@@ -271,14 +274,14 @@ def stage_stats(stages: list[Stage | GlobalStage], input_rows: int, stopped_by: 
     return stats
 
 
-def _remove_stale_shards(out: Path, keep: int) -> None:
-    """Shards numbered past this run's last one are leftovers of an earlier decision; remove them."""
+def _remove_stale_shards(out: Path, keep: int, suffix: str) -> None:
+    """Shards numbered past this run's last one are leftovers of an earlier decision, and files of another format
+    leftovers of an earlier output.format: remove them (a shard's parquet index stays)."""
     folder = out / SHARDS
     if not folder.exists():
         return
     for path in folder.iterdir():
-        stem = path.name.split(".", 1)[0]
-        if stem.isdigit() and int(stem) >= keep:
-            path.unlink()
-        elif path.name.startswith("."):
+        stem, _, ext = path.name.partition(".")
+        if path.name.startswith(".") or (stem.isdigit() and (int(stem) >= keep or f".{ext}" not in (suffix,
+                                                                                                     ".parquet"))):
             path.unlink()

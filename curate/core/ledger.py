@@ -22,7 +22,7 @@ LEDGER = "ledger.parquet"
 
 
 class ShardEntry(BaseModel):
-    path: str = Field(description="relative to the output folder, e.g. shards/00000.tar")
+    path: str = Field(description="relative to the output folder, e.g. shards/00000.tar (or .parquet)")
     index: str = Field(description="the shard's parquet index, relative to the output folder")
     samples: int
     bytes: int
@@ -46,6 +46,7 @@ class Manifest(BaseModel):
     pipeline: str
     created: str
     input_rows: int
+    output_format: str = Field("webdataset", description="the shards' format (output.format)")
     shards: list[ShardEntry]
     embeddings: list[str] = []  # embeddings/ files (uid + vectors), when a stage stored embeddings
     totals_by_status: dict[str, int]
@@ -108,8 +109,8 @@ def read_ledger(out: Path) -> pa.Table:
 
 def check_run(out: Path, input_rows: int | None = None) -> list[str]:
     """Problems with a finished run's promise, empty when it holds:
-    ledger rows = input rows, uids unique, statuses valid, kept rows = manifest samples = samples in the tars."""
-    import tarfile
+    ledger rows = input rows, uids unique, statuses valid, kept rows = manifest samples = samples in the shards."""
+    from curate.sinks.sink import sink
 
     out = Path(out)
     problems: list[str] = []
@@ -134,14 +135,14 @@ def check_run(out: Path, input_rows: int | None = None) -> list[str]:
     if listed != kept:
         problems.append(f"manifest lists {listed} samples, ledger keeps {kept}")
     keys_in_tars: list[str] = []
+    shards = sink(manifest.output_format)
     for shard in manifest.shards:
-        with tarfile.open(out / shard.path) as tar:
-            keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+        keys = set(shards.keys(out / shard.path))
         if len(keys) != shard.samples:
-            problems.append(f"{shard.path}: {len(keys)} samples in the tar, manifest says {shard.samples}")
+            problems.append(f"{shard.path}: {len(keys)} samples in the shard, manifest says {shard.samples}")
         keys_in_tars.extend(f"{shard.path}/{k}" for k in keys)
     kept_rows = ledger.filter(pc.equal(ledger.column("status"), KEPT))
     ledger_keys = [f"{s}/{k}" for s, k in zip(kept_rows.column("shard").to_pylist(), kept_rows.column("key").to_pylist())]
     if sorted(ledger_keys) != sorted(keys_in_tars):
-        problems.append("the kept rows' (shard, key) in the ledger differ from the samples in the tars")
+        problems.append("the kept rows' (shard, key) in the ledger differ from the samples in the shards")
     return problems

@@ -64,7 +64,18 @@ def validate_pipeline(raw: Any, source: str) -> PipelineConfig:
     config.stages = stages
     check_stage_order(config, source)
     check_column_flow(config, source)
+    check_output_format(config, source)
     return config
+
+
+def check_output_format(config: PipelineConfig, source: str) -> None:
+    from curate.sinks.sink import SINKS
+
+    if config.output.format not in SINKS:
+        close = difflib.get_close_matches(config.output.format, list(SINKS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise CurateError(f"{source}: output.format: unknown format '{config.output.format}'{hint}; known: "
+                          f"{', '.join(SINKS)}")
 
 
 def check_stage_order(config: PipelineConfig, source: str) -> None:

@@ -25,7 +25,7 @@ import yaml
 from curate.core import parts as part_store
 from curate.core.atomic import write_text_atomic
 from curate.config import PipelineConfig
-from curate.core.pipeline import check_stage_order
+from curate.core.pipeline import check_output_format, check_stage_order
 from curate.core.decide import decide_and_write
 from curate.errors import CurateError
 from curate.core.fan_out import in_process
@@ -50,6 +50,7 @@ class RunResult:
 
 def build_stages(config: PipelineConfig) -> tuple[list[Stage], list[GlobalStage]]:
     check_stage_order(config, "stages")
+    check_output_format(config, "output")
     for i, stage_config in enumerate(config.stages):  # configs built in code, not loaded from a file, resolve here
         try:
             stage_config.resolve_with(config.stages[:i])

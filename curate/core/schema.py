@@ -76,7 +76,7 @@ LEDGER_DESCRIPTIONS = {
     "status": "kept | filtered | failed",
     "reason": "null for kept rows; '<domain>:<what>' otherwise (download:http_404, decode:truncated, ...)",
     "decided_by": "the stage that stopped the row (null for kept rows)",
-    "shard": "shards/NNNNN.tar holding the sample (kept rows only)",
+    "shard": "shards/NNNNN.tar (or .parquet, by output.format) holding the sample (kept rows only)",
     "key": "the sample's WebDataset key inside that shard (kept rows only)",
     "duplicate_of": "for rows a dedup stage removed: the uid of the row kept in their place",
     "caption_source": "raw or synthetic: which caption the sample carries (null without a caption stage)",

@@ -36,8 +36,25 @@ def load_pairs(data: str | list[str], label_key: str = "label") -> list[dict[str
         base = Path(data).parent
         return [{"image": row.get("image") or (base / row["image_path"]).read_bytes(), "caption": row["caption"],
                  "label": row.get(label_key)} for row in rows]
+    paths = shard_list(data)
+    pairs = _parquet_pairs(paths) if paths[0].endswith(".parquet") else _tar_pairs(paths, label_key)
+    if len(pairs) < 2:
+        raise CurateError(f"eval data {data}: fewer than two image-caption pairs")
+    return pairs
+
+
+def _parquet_pairs(paths: list[str]) -> list[dict[str, Any]]:
+    """Parquet shards (curate's output.format parquet, or any parquet with image bytes and a caption)."""
+    from curate.train.data import parquet_samples
+
+    return [{"image": next(sample[k] for k in IMAGE_KEYS if k in sample),
+             "caption": sample["txt"].decode("utf-8", "replace"), "label": None}
+            for path in paths for sample in parquet_samples(path)]
+
+
+def _tar_pairs(paths: list[str], label_key: str) -> list[dict[str, Any]]:
     pairs = []
-    for path in shard_list(data):
+    for path in paths:
         samples: dict[str, dict[str, bytes]] = {}
         with tarfile.open(path) as tar:
             for member in tar:
@@ -52,8 +69,6 @@ def load_pairs(data: str | list[str], label_key: str = "label") -> list[dict[str
             meta = json.loads(sample["json"]) if "json" in sample else {}
             pairs.append({"image": image, "caption": sample["txt"].decode("utf-8", "replace"),
                           "label": meta.get(label_key)})
-    if len(pairs) < 2:
-        raise CurateError(f"eval data {data}: fewer than two image-caption pairs")
     return pairs
 
 
