@@ -12,6 +12,7 @@ import platform
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -41,13 +42,36 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-Decision = tuple[str, str, str, "str | None"]  # status, reason, stage, the uid it duplicates
+DECISION_BASE = ("uid", "row", "status", "reason")
+
+
+class Decision(NamedTuple):
+    """What became of a removed row: its status and reason, the stage that removed it, and that stage's declared
+    decision columns (``duplicate_of`` and any other), which the ledger stores."""
+
+    status: str
+    reason: str
+    stage: str
+    columns: dict[str, object] | None = None
+
+
+def decision_columns(global_stages: list[GlobalStage]) -> dict[str, pa.DataType]:
+    """The ledger columns a pipeline's global stages declare (``duplicate_of`` always: the ledger has it)."""
+    columns: dict[str, pa.DataType] = {"duplicate_of": pa.string()}
+    for stage in global_stages:
+        for name, dtype in stage.outputs().items():
+            known = columns.get(name, LEDGER_SCHEMA.field(name).type if name in LEDGER_SCHEMA.names else dtype)
+            if name in DECISION_BASE or known != dtype:
+                raise RuntimeError(f"global stage {stage.name}: output column {name!r} ({dtype}) clashes with the "
+                                   f"ledger's {name!r} ({known})")
+            columns[name] = dtype
+    return columns
 
 
 def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
                       stages: list[Stage] | None = None) -> tuple[dict[str, Decision], dict[str, int]]:
-    """uid → (status, reason, stage, duplicate_of) for every row a global stage removes; and, per filter reason,
-    the live rows that filter would reject on its own (whatever ran before it).
+    """uid → Decision for every row a global stage removes; and, per filter reason, the live rows that filter would
+    reject on its own (whatever ran before it).
 
     Each stage reads the pool of stored parts itself (curate.core.pool): the driver holds the decisions, the rows
     removed so far and what a stage gathers, not the pool's metadata."""
@@ -55,6 +79,7 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
     would_reject: Counter[str] = Counter()
     if not global_stages:
         return decisions, {}
+    decision_columns(global_stages)  # a clash is found before any stage runs
     pool = live = Pool.from_parts(parts)
     for stage in global_stages:
         stage.bind(stages or [])
@@ -65,21 +90,21 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
         if stage.counts_would_reject and live is pool:
             would_reject.update(decided.rejected_by_reason())
         removed = decided.table
-        undeclared = set(removed.column_names) - {"uid", "row", "status", "reason"} - set(stage.outputs())
-        unstored = set(stage.outputs()) - set(LEDGER_SCHEMA.names)
-        if undeclared or unstored:
-            raise RuntimeError(f"global stage {stage.name}: columns {sorted(undeclared | unstored)} are not declared "
-                               "outputs the ledger stores; a decision's columns must reach the ledger")
-        duplicate_of = (removed.column("duplicate_of").to_pylist() if "duplicate_of" in removed.column_names
-                        else [None] * removed.num_rows)
-        for uid, status, reason, target in zip(*(removed.column(c).to_pylist() for c in ("uid", "status", "reason")),
-                                               duplicate_of):
+        extra = [c for c in removed.column_names if c not in DECISION_BASE]
+        if set(extra) - set(stage.outputs()):
+            raise RuntimeError(f"global stage {stage.name}: columns {sorted(set(extra) - set(stage.outputs()))} "
+                               "are not declared outputs; a decision's columns must reach the ledger, so declare "
+                               "them in outputs()")
+        values = [removed.column(c).to_pylist() for c in extra]
+        for i, (uid, status, reason) in enumerate(zip(*(removed.column(c).to_pylist()
+                                                        for c in ("uid", "status", "reason")))):
             if status not in (FILTERED, FAILED) or not reason:
                 raise RuntimeError(f"global stage {stage.name} gave uid {uid} status {status!r} reason {reason!r}; "
                                    "expected filtered or failed with a reason")
             if uid in decisions:
                 raise RuntimeError(f"global stage {stage.name} removed uid {uid!r}, which is not a live row")
-            decisions[uid] = (status, reason, stage.name, target)
+            columns = {name: column[i] for name, column in zip(extra, values)} if extra else None
+            decisions[uid] = Decision(status, reason, stage.name, columns)
         if removed.num_rows:
             live = live.without(removed.column("row").to_numpy())
     return decisions, dict(sorted(would_reject.items()))
@@ -133,8 +158,8 @@ class ShardWriters:
         return [self.entries[i] for i in sorted(self.entries)]
 
 
-def _apply_decisions(table: pa.Table, decisions: dict[str, Decision]) -> pa.Table:
-    """Status, reason and decided_by of removed rows updated; a duplicate_of column added (null where none)."""
+def apply_decisions(table: pa.Table, decisions: dict[str, Decision], columns: dict[str, pa.DataType]) -> pa.Table:
+    """Status, reason and decided_by of removed rows updated; each decision column set (null where none)."""
     uids = table.column("uid").to_pylist()
     hits = [decisions.get(uid) for uid in uids] if decisions else [None] * len(uids)
     if any(hits):
@@ -142,10 +167,13 @@ def _apply_decisions(table: pa.Table, decisions: dict[str, Decision]) -> pa.Tabl
             old = table.column(column).to_pylist()
             new = [hit[index] if hit else value for hit, value in zip(hits, old)]
             table = table.set_column(table.column_names.index(column), column, pa.array(new, pa.string()))
-    targets = pa.array([hit[3] if hit else None for hit in hits], pa.string())
-    if "duplicate_of" in table.column_names:
-        return table.set_column(table.column_names.index("duplicate_of"), "duplicate_of", targets)
-    return table.append_column("duplicate_of", targets)
+    for name, dtype in columns.items():
+        values = pa.array([hit.columns.get(name) if hit and hit.columns else None for hit in hits], dtype)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, values)
+        else:
+            table = table.append_column(name, values)
+    return table
 
 
 def decide_and_write(
@@ -173,7 +201,8 @@ def decide_and_write(
     per_shard = config.output.samples_per_shard
     width = key_width(per_shard)
     writers = ShardWriters(out, local, config.ray, config.output.format)
-    ledger = LedgerWriter(out)
+    columns = decision_columns(global_stages)
+    ledger = LedgerWriter(out, columns)
     embeddings = EmbeddingWriter(out)
     seconds: Counter[str] = Counter()
     stopped_by: Counter[str] = Counter()
@@ -184,7 +213,7 @@ def decide_and_write(
             names = [c for c in pq.ParquetFile(part).schema_arrow.names if c != "image"]
             table = pq.read_table(part, columns=names)
             table = table.take(pc.sort_indices(table.column("row")))
-            table = _apply_decisions(table, decisions)
+            table = apply_decisions(table, decisions, columns)
             embeddings.write(table)
             for name in names:
                 if name.endswith("_seconds"):

@@ -73,10 +73,14 @@ def read_manifest(out: Path) -> Manifest | None:
 class LedgerWriter:
     """Streams ledger rows into ledger.parquet (via a temporary file) and counts statuses and reasons."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, decision_columns: dict[str, pa.DataType] | None = None) -> None:
+        """``decision_columns``: the global stages' declared decision columns; those the ledger lacks follow its
+        own columns."""
         self.path = out / LEDGER
+        extra = [(n, t) for n, t in (decision_columns or {}).items() if n not in LEDGER_SCHEMA.names]
+        self.schema = pa.schema([*LEDGER_SCHEMA, *extra])
         self._file = AtomicFile(self.path)
-        self._writer = pq.ParquetWriter(self._file.handle, LEDGER_SCHEMA)
+        self._writer = pq.ParquetWriter(self._file.handle, self.schema)
         self.by_status: Counter[str] = Counter()
         self.by_reason: Counter[str] = Counter()
         self.rows = 0
@@ -85,10 +89,10 @@ class LedgerWriter:
         if "original_caption" in table.column_names:  # the ledger keeps the input's caption; the shard, the final
             original = pc.coalesce(table.column("original_caption"), table.column("caption"))
             table = table.set_column(table.column_names.index("caption"), "caption", original)
-        for name in LEDGER_SCHEMA.names:
+        for name in self.schema.names:
             if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(table.num_rows, LEDGER_SCHEMA.field(name).type))
-        table = table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
+                table = table.append_column(name, pa.nulls(table.num_rows, self.schema.field(name).type))
+        table = table.select(self.schema.names).cast(self.schema)
         self._writer.write_table(table)
         self.rows += table.num_rows
         self.by_status.update(table.column("status").to_pylist())

@@ -4,7 +4,8 @@ A model trained on a pool that holds its benchmark's images scores what it memor
 shards, or a parquet with ``image_path``) go through the pipeline's own per-sample stages — the same decode, resize,
 hashes and embedding model as the pool — so they are compared like for like: equal original bytes or decoded pixels,
 pHashes within ``phash_radius`` whose colour grids agree, and, when the pipeline stores embeddings of one model,
-cosine at or above ``semantic_threshold``. ``duplicate_of`` names the eval item (``eval:<file or key>``).
+cosine at or above ``semantic_threshold``. ``duplicate_of`` names the eval item (``eval:<file or key>``) and
+``eval_match`` how it matched (``sha256``, ``pixel_sha256``, ``phash`` or ``embedding``): both reach the ledger.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Decontaminate(GlobalStage[DecontaminateConfig]):
         return ["pixel_sha256", "image_embedding", "clip_model"]
 
     def outputs(self) -> dict[str, pa.DataType]:
-        return {"duplicate_of": pa.string()}
+        return {"duplicate_of": pa.string(), "eval_match": pa.string()}
 
     def bind(self, stages: list[Stage]) -> None:
         self.pipeline_stages = stages
@@ -127,16 +128,19 @@ class Decontaminate(GlobalStage[DecontaminateConfig]):
         then pHash, then embeddings."""
         config: DecontaminateConfig = self.config
         evals = self._eval_records()
-        matched: dict[int, str] = {}  # pool row → eval uid
+        matched: dict[int, tuple[str, str]] = {}  # pool row → (eval uid, how it matched)
         digests = [c for c in ("sha256", "pixel_sha256") if config.exact and pool.has(c) and c in evals.column_names]
         if digests and evals.num_rows:
             targets = {c: {d: u for d, u in zip(evals.column(c).to_pylist(), evals.column("uid").to_pylist()) if d}
                        for c in digests}
-            for rows, uids in pool.map(_match_digests, targets, digests):
-                for row, uid in zip(rows, uids):
-                    matched.setdefault(row, uid)
+            for rows, uids, how in pool.map(_match_digests, targets, digests):
+                for row, uid, column in zip(rows, uids, how):
+                    matched.setdefault(row, (uid, column))
         if config.phash_radius is not None and evals.num_rows and pool.has("phash"):
-            self._match_phash(pool, evals, config, matched)
+            by_phash: dict[int, str] = {}
+            self._match_phash(pool, evals, config, by_phash)
+            for row, uid in by_phash.items():
+                matched.setdefault(row, (uid, "phash"))
         if config.semantic_threshold is not None and pool.has("image_embedding") \
                 and "image_embedding" in evals.column_names:
             targets = _eval_vectors(evals)
@@ -144,11 +148,11 @@ class Decontaminate(GlobalStage[DecontaminateConfig]):
                 for rows, uids in pool.map(_match_embeddings, (targets, config.semantic_threshold),
                                            ["clip_model", "image_embedding"]):
                     for row, uid in zip(rows, uids):
-                        matched.setdefault(row, uid)
+                        matched.setdefault(row, (uid, "embedding"))
         uids = pool.lookup(np.array(sorted(matched), dtype=np.int64), [])
         rows = uids.column("row").to_pylist()
         return Removals.of(uids.column("uid").to_pylist(), REASON, rows=rows,
-                           duplicate_of=[matched[r] for r in rows])
+                           duplicate_of=[matched[r][0] for r in rows], eval_match=[matched[r][1] for r in rows])
 
     @staticmethod
     def _match_phash(pool: Pool, evals: pa.Table, config: DecontaminateConfig, matched: dict[int, str]) -> None:
@@ -190,14 +194,17 @@ class Decontaminate(GlobalStage[DecontaminateConfig]):
             matched.setdefault(row, eval_uids[index])
 
 
-def _match_digests(targets: dict[str, dict[str, str]], table: pa.Table) -> tuple[list[int], list[str]]:
-    rows, uids = [], []
+def _match_digests(targets: dict[str, dict[str, str]],
+                   table: pa.Table) -> tuple[list[int], list[str], list[str]]:
+    """Rows whose digest is an eval item's: the rows, the eval uids and which digest matched."""
+    rows, uids, how = [], [], []
     for column, by_digest in targets.items():
         for row, digest in zip(table.column("row").to_pylist(), table.column(column).to_pylist()):
             if digest in by_digest:
                 rows.append(row)
                 uids.append(by_digest[digest])
-    return rows, uids
+                how.append(column)
+    return rows, uids, how
 
 
 def _eval_vectors(evals: pa.Table) -> dict[str, tuple[np.ndarray, list[str]]]:

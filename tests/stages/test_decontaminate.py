@@ -59,6 +59,9 @@ def test_pool_rows_that_duplicate_eval_images_are_filtered(eval_folder, url_list
     assert set(expected.items()) <= set(found.items())
     assert "eval:fresh.png" not in found.values()
     assert len(found) <= len(expected) + 4, found
+    how = Counter(r["eval_match"] for r in read_ledger(out).to_pylist() if r["reason"] == "dedup:eval_contamination")
+    assert how and set(how) <= {"sha256", "pixel_sha256", "phash"}, how
+    assert read_ledger(out).column("eval_match").null_count == read_ledger(out).num_rows - len(found)
 
 
 def test_embeddings_match_eval_images_through_the_pipelines_own_model(eval_folder, url_list, make_pipeline,
@@ -78,6 +81,7 @@ def test_embeddings_match_eval_images_through_the_pipelines_own_model(eval_folde
         if target.startswith("eval:copy_"):
             assert found.get(url) == f"eval:images/{target.removeprefix('eval:')}"
     assert Counter(found.values()).keys() <= {f"eval:images/{name}" for name in copies}
+    assert {r["eval_match"] for r in read_ledger(out).to_pylist() if r["url"] in found} == {"embedding"}
 
 
 def test_an_eval_set_without_images_is_one_clear_error(url_list, make_pipeline, tmp_path) -> None:
