@@ -35,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from curate.report.inspect import print_manifest
 
         if args.dry_run:
-            print_manifest(dry_run(config, Path(args.from_run)), None)
+            print_manifest(dry_run(config, Path(args.from_run), local=args.local), None)
             return 0
         if not args.output:
             raise CurateError("--from-run: give --output, a new folder for the re-decided shards")

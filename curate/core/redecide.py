@@ -9,6 +9,7 @@ them — the kept samples resharded, nothing fetched or scored again.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -22,7 +23,8 @@ from curate.config import PipelineConfig
 from curate.core.decide import decide_and_write, package_versions, run_global_stages, stage_stats
 from curate.errors import CurateError
 from curate.core.ledger import Manifest, read_manifest
-from curate.core.runner import CONFIG_FILE, _first_difference, _per_sample_signature, build_stages
+from curate.core.runner import (CONFIG_FILE, build_stages, first_difference, per_sample_signature,
+                                 run_outside_rows)
 from curate.core.stage import KEPT, OK
 
 
@@ -31,21 +33,24 @@ def _check_same_per_sample_work(source: Path, config: PipelineConfig) -> Manifes
     if manifest is None:
         raise CurateError(f"--from-run {source}: not a finished run (no manifest.json); finish it first")
     saved = yaml.safe_load((source / CONFIG_FILE).read_text()) or {}
-    old, new = saved.get("per_sample_signature"), _per_sample_signature(config)
+    old, new = saved.get("per_sample_signature"), per_sample_signature(config)
     if old is not None and old != new:
         raise CurateError(f"--from-run {source}: its per-sample stages differ from this pipeline's "
-                          f"({_first_difference(old, new)}); only global stages (filters, dedup) can be re-decided")
+                          f"({first_difference(old, new)}); only global stages (filters, dedup) can be re-decided")
     return manifest
 
 
-def dry_run(config: PipelineConfig, source: Path) -> Manifest:
-    """The manifest the new decisions would publish (no shards); nothing is written."""
+def dry_run(config: PipelineConfig, source: Path, local: bool = False) -> Manifest:
+    """The manifest the new decisions would publish (no shards); nothing is written (outside rows a decision needs,
+    such as eval images the finished run did not process, go through the per-sample stages in a temporary folder)."""
     started = time.monotonic()
     source = Path(source).resolve()
     previous = _check_same_per_sample_work(source, config)
     stages, global_stages = build_stages(config)
     parts = part_store.part_files(source)
     decide_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="curate-dry-run-") as scratch:
+        run_outside_rows(Path(scratch), config, stages, global_stages, local=local, progress=False, reuse=source)
     decisions, would_reject = run_global_stages(parts, global_stages, stages)
     decide_seconds = time.perf_counter() - decide_start
     by_status: Counter[str] = Counter()
@@ -89,8 +94,9 @@ def redecide(config: PipelineConfig, source: Path, output: Path, local: bool = F
         if not link.exists():
             os.symlink(part, link)
     resolved = config.resolved()
-    resolved["per_sample_signature"] = _per_sample_signature(config)
+    resolved["per_sample_signature"] = per_sample_signature(config)
     resolved["from_run"] = str(source)
     (output / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    run_outside_rows(output, config, stages, global_stages, local=local, progress=True, reuse=source)
     return decide_and_write(output, config, stages, global_stages, previous.input_rows, local=local,
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), started=started)

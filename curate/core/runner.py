@@ -9,6 +9,9 @@ Phases, each resumable:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import sys
 import time
@@ -30,13 +33,14 @@ from curate.core.decide import decide_and_write
 from curate.errors import CurateError
 from curate.core.fan_out import in_process
 from curate.core.ledger import MANIFEST, Manifest
-from curate.core.stage import FAILED, GlobalStage, Stage
+from curate.core.stage import FAILED, OK, GlobalStage, Stage
 from curate.stages import STAGES
 from curate.inputs.chunks import InputChunks, stage_input, staged_chunks
 from curate.inputs.formats import validate_input
 from curate.core.worker import StageWorker, worker_class
 
 CONFIG_FILE = "config.yaml"
+OUTSIDE = "outside"  # outside/<global stage>/: rows from outside the pool (eval images) through the per-sample stages
 # Most rows per stored part file (and at most one input chunk): big enough to keep file counts sane, small enough
 # to lose little work to a kill.
 PART_ROWS = 1024
@@ -61,7 +65,7 @@ def build_stages(config: PipelineConfig) -> tuple[list[Stage], list[GlobalStage]
             [s for s in built if isinstance(s, GlobalStage)])
 
 
-def _per_sample_signature(config: PipelineConfig) -> dict:
+def per_sample_signature(config: PipelineConfig) -> dict:
     resolved = config.resolved()
     stages = [s for s in resolved["stages"] if not issubclass(STAGES[s["stage"]], GlobalStage)]
     for stage in stages:
@@ -70,15 +74,15 @@ def _per_sample_signature(config: PipelineConfig) -> dict:
     return {"input": inputs, "stages": stages}
 
 
-def _first_difference(old: object, new: object, path: str = "") -> str:
+def first_difference(old: object, new: object, path: str = "") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
             if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+                return first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         for i, (a, b) in enumerate(zip(old, new)):
             if a != b:
-                return _first_difference(a, b, f"{path}[{i}]")
+                return first_difference(a, b, f"{path}[{i}]")
     return f"{path}: {old!r} -> {new!r}"
 
 
@@ -103,10 +107,10 @@ def prepare_output(out: Path, config: PipelineConfig, sources: list[str]) -> Non
     if part_store.part_files(out):
         previous = (yaml.safe_load(saved.read_text()) or {}) if saved.exists() else {}
         old_sig = previous.get("per_sample_signature")
-        new_sig = _per_sample_signature(config)
+        new_sig = per_sample_signature(config)
         if old_sig is not None and old_sig != new_sig:
             raise CurateError(
-                f"output {out}: holds results of a different pipeline ({_first_difference(old_sig, new_sig)}); "
+                f"output {out}: holds results of a different pipeline ({first_difference(old_sig, new_sig)}); "
                 "use a new --output"
             )
         if staged_chunks(config.input, sources, out / "input") is None:
@@ -115,7 +119,7 @@ def prepare_output(out: Path, config: PipelineConfig, sources: list[str]) -> Non
                 "use a new --output"
             )
     resolved = config.resolved()
-    resolved["per_sample_signature"] = _per_sample_signature(config)
+    resolved["per_sample_signature"] = per_sample_signature(config)
     write_text_atomic(saved, yaml.safe_dump(resolved, sort_keys=False))
 
 
@@ -234,6 +238,56 @@ def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_r
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
+def run_outside_rows(out: Path, config: PipelineConfig, stages: list[Stage], global_stages: list[GlobalStage], *,
+                     local: bool, progress: bool, reuse: Path | None = None) -> None:
+    """Each global stage's ``outside_rows`` (eval images) through the streaming per-sample stages, on Ray or in this
+    process as the pool went, stored under outside/<stage>/parts; then handed to the stage. Stored results (in
+    ``out``, or in the run ``reuse`` names) are reused while the rows and the per-sample stages are the same: a
+    rerun computes nothing."""
+    streaming = [s for s in stages if not s.deferred]  # a bootstrapped scorer's folds fit no outside image
+    for stage in global_stages:
+        rows = stage.outside_rows()
+        if rows is None:
+            continue
+        folder = out / OUTSIDE / stage.name
+        files = sorted(set(rows.column("source_file").to_pylist()) - {None}) if "source_file" in rows.column_names \
+            else []
+        fingerprint = json.dumps({"rows": hashlib.sha256(_ipc_bytes(rows)).hexdigest(),
+                                  "modified": [os.stat(f).st_mtime_ns for f in files],  # an eval file rewritten
+                                  "per_sample": per_sample_signature(config)}, sort_keys=True)
+        marker = folder / "stored.json"
+        earlier = reuse / OUTSIDE / stage.name if reuse else None
+        if earlier and (earlier / "stored.json").exists() and (earlier / "stored.json").read_text() == fingerprint:
+            folder = earlier
+        elif not (marker.exists() and marker.read_text() == fingerprint):
+            shutil.rmtree(folder, ignore_errors=True)
+            (folder / "input").mkdir(parents=True)
+            path = folder / "input" / "00000.parquet"
+            pq.write_table(rows, path)
+            if progress:
+                print(f"[{stage.name}] {rows.num_rows} outside rows through "
+                      f"{', '.join(s.name for s in streaming)}", file=sys.stderr)
+            if local:
+                run_samples_local(streaming, [path], folder, Progress(stage.name, rows.num_rows, False), PART_ROWS)
+            else:
+                from curate.cluster.ray_env import ensure_ray
+
+                ensure_ray(config.ray)
+                for _ in _iter_ray_samples(streaming, [path], folder, PART_ROWS):
+                    pass
+            write_text_atomic(marker, fingerprint)
+        stored = pa.concat_tables([pq.read_table(p) for p in part_store.part_files(folder)],
+                                  promote_options="default")
+        stage.receive_outside(stored.filter(pc.equal(stored.column("status"), OK)))
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
@@ -304,6 +358,7 @@ def run_pipeline(
 
             with in_process(local):  # on Ray: fold trainings and part scoring as tasks, not in this driver
                 bootstrap_scores(out, stage, progress)
+    run_outside_rows(out, config, stages, global_stages, local=local, progress=progress)
 
     manifest = decide_and_write(
         out, config, stages, global_stages, chunks.rows, local=local,

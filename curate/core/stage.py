@@ -205,6 +205,15 @@ class GlobalStage(ABC, Generic[ConfigT]):
         """Called before ``decide`` with the pipeline's per-sample stages, for a decision that must treat outside
         data (eval images) exactly as the pool was treated."""
 
+    def outside_rows(self) -> pa.Table | None:
+        """Input rows from outside the pool that this decision compares the pool with (decontaminate: the eval
+        images), or None. The runner sends them through the pipeline's per-sample stages in the per-sample phase's
+        workers, as it sends the pool's, and hands what they stored to ``receive_outside`` before deciding."""
+        return None
+
+    def receive_outside(self, table: pa.Table) -> None:
+        """The ``outside_rows`` after the per-sample stages: those they kept (status ok), every stored column."""
+
     def outputs(self) -> dict[str, pa.DataType]:
         """Extra ledger columns this stage fills (e.g. the uid a duplicate points to)."""
         return {}

@@ -10,7 +10,6 @@ cosine at or above ``semantic_threshold``. ``duplicate_of`` names the eval item 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +23,7 @@ from curate.dedup.groups import color_differences
 from curate.errors import CurateError
 from curate.core.pool import Pool
 from curate.dedup.semantic import unit_rows
-from curate.core.stage import OK, GlobalStage, Removals, Stage
+from curate.core.stage import OK, GlobalStage, Removals
 from curate.config import StageConfig
 
 REASON = "dedup:eval_contamination"
@@ -91,7 +90,7 @@ class Decontaminate(GlobalStage[DecontaminateConfig]):
 
     def __init__(self, config: StageConfig) -> None:
         super().__init__(config)
-        self.pipeline_stages: list[Stage] = []
+        self.evals: pa.Table | None = None
 
     def inputs(self) -> list[str]:
         return ["sha256", "phash", "color_signature"]
@@ -102,32 +101,22 @@ class Decontaminate(GlobalStage[DecontaminateConfig]):
     def outputs(self) -> dict[str, pa.DataType]:
         return {"duplicate_of": pa.string(), "eval_match": pa.string()}
 
-    def bind(self, stages: list[Stage]) -> None:
-        self.pipeline_stages = stages
+    def outside_rows(self) -> pa.Table:
+        """The eval images, which the runner sends through the pipeline's per-sample stages in its workers."""
+        return eval_rows(self.config.eval)
 
-    def _eval_records(self) -> pa.Table:
-        """The eval images through the pipeline's per-sample stages, in this process (on its CPU: a driver without
-        a GPU still runs a GPU stage's model)."""
-        from curate.core.worker import StageWorker
+    def receive_outside(self, table: pa.Table) -> None:
+        self.evals = table
 
-        config: DecontaminateConfig = self.config
-        table = eval_rows(config.eval)
-        print(f"[decontaminate] {table.num_rows} eval images through "
-              f"{', '.join(s.name for s in self.pipeline_stages)}", file=sys.stderr)
-        for stage in self.pipeline_stages:
-            if stage.deferred:
-                continue  # bootstrapped scorers: one model per fold, none of them fits eval images
-            local = type(stage)(stage.config.model_copy(update={
-                "resources": stage.config.resources.model_copy(update={"gpus": 0})}))
-            table = StageWorker(local)(table)
-        return table.filter(pc.equal(table.column("status"), OK))
-
-    def decide_pool(self, pool: Pool) -> pa.Table:
+    def decide_pool(self, pool: Pool) -> Removals:
         """Eval fingerprints are small: they travel to tasks over the pool's parts (the pHash search is the pool's
         shuffle with the eval codes added to each reduce task). The first match of a row wins: bytes or pixels,
         then pHash, then embeddings."""
         config: DecontaminateConfig = self.config
-        evals = self._eval_records()
+        evals = self.evals
+        if evals is None:
+            raise RuntimeError("decontaminate: its eval images were not run through the per-sample stages "
+                               "(curate.core.runner.run_outside_rows runs them before deciding)")
         matched: dict[int, tuple[str, str]] = {}  # pool row → (eval uid, how it matched)
         digests = [c for c in ("sha256", "pixel_sha256") if config.exact and pool.has(c) and c in evals.column_names]
         if digests and evals.num_rows:

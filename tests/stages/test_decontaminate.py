@@ -124,3 +124,34 @@ def test_eval_items_sharing_a_code_are_each_compared() -> None:
     matched: dict[int, str] = {}
     Decontaminate._match_phash(pool, evals, DecontaminateConfig(eval="unused", phash_radius=1), matched)
     assert matched == {0: "eval:green", 1: "eval:near"}
+
+
+def test_on_ray_the_eval_images_go_through_the_per_sample_stages_in_workers(
+        eval_folder, url_list, make_pipeline, tiny_clip, ray_session, tmp_path, monkeypatch) -> None:
+    """No model is loaded in the driver for the eval images: there the score stage's setup fails (Ray workers
+    import their own, untouched modules), and the eval copies still match their pool rows by embedding. A rerun
+    reuses the eval images' stored results."""
+    from curate.stages.score import ScoreStage
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the eval images were scored in the driver")
+
+    monkeypatch.setattr(ScoreStage, "setup", not_here)
+    folder, expected = eval_folder
+    config = make_pipeline(score=ScoreConfig(model=str(tiny_clip)))
+    config.stages += [HashConfig(), DecontaminateConfig(eval=str(folder), exact=False, phash_radius=None,
+                                                        semantic_threshold=0.9999)]
+    out = tmp_path / "run"
+    run_pipeline(config, input_path=str(url_list), output=out, progress=False)
+    assert check_run(out) == []
+    found = _contaminated(out)
+    copies = {url: target for url, target in expected.items() if target.startswith("eval:copy_")}
+    assert copies and all(found.get(url) == target for url, target in copies.items()), found
+    stored = out / "outside" / "decontaminate"
+    evals = pa.concat_tables([pq.read_table(p) for p in sorted((stored / "parts").glob("*.parquet"))],
+                             promote_options="default")
+    assert evals.num_rows == sum(1 for _ in folder.iterdir())
+    assert evals.column("image_embedding").null_count == 0 and evals.column("phash").null_count == 0
+    before = (stored / "stored.json").stat().st_mtime_ns
+    run_pipeline(config, input_path=str(url_list), output=out, progress=False)
+    assert (stored / "stored.json").stat().st_mtime_ns == before and _contaminated(out) == found
