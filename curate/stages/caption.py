@@ -18,7 +18,6 @@ Every processed row records ``original_caption``, ``caption_source`` (raw or syn
 
 from __future__ import annotations
 
-import io
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from curate.errors import CurateError
 from curate.config import Resources, StageConfig
 from curate.core.stage import RowOutcomes, Stage
+from curate.core.decoded import stored_rgb
 
 RAW, SYNTHETIC = "raw", "synthetic"
 SCORED_MODES = ("best", "rescue")
@@ -151,8 +151,6 @@ class CaptionStage(Stage[CaptionConfig]):
             self._scorer = load_scorer(config.scorer.spec(), self._device)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
-
         config: CaptionConfig = self.config
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
         raw = [c or "" for c in batch.column("caption").to_pylist()]
@@ -162,8 +160,7 @@ class CaptionStage(Stage[CaptionConfig]):
         images, captioned = [], []
         for i in todo:
             try:
-                with Image.open(io.BytesIO(batch.column("image")[i].as_py())) as img:
-                    images.append(img.convert("RGB"))
+                images.append(stored_rgb(batch.column("image")[i].as_py()))
                 captioned.append(i)
             except Exception:  # a stored image that does not decode keeps its raw caption; it never fails the row
                 continue

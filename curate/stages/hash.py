@@ -15,7 +15,6 @@ tier makes before it links two rows, and ``content_fraction`` for the rules stag
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import Literal
 
 import numpy as np
@@ -26,6 +25,7 @@ from pydantic import Field
 from curate.dedup.fingerprints import content_print
 from curate.config import Resources, StageConfig
 from curate.core.stage import RowOutcomes, Stage
+from curate.core.decoded import stored_rgb
 
 
 class HashConfig(StageConfig):
@@ -66,13 +66,10 @@ class HashStage(Stage[HashConfig]):
                 "content_colors": pa.binary(), "content_fraction": pa.float32()}
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
-
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
         for i, data in enumerate(batch.column("image").to_pylist()):
             try:
-                with Image.open(io.BytesIO(data)) as img:
-                    rgb = img.convert("RGB")
+                rgb = stored_rgb(data)
             except Exception:  # the stored image was written by the download stage: this is rare, never fatal
                 outcomes.fail(i, "hash:undecodable")
                 continue

@@ -11,7 +11,6 @@ on one CPU thread.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from curate.models.clip import ClipSpec, check_spec
 from curate.models.scorer import AUTO, check_family_name, check_model, load_scorer, preflight_model
 from curate.config import Resources, StageConfig
 from curate.core.stage import RowOutcomes, Stage
+from curate.core.decoded import stored_rgb
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +196,10 @@ class ScoreStage(Stage[ScoreConfig]):
 
     def _pixels(self, data: bytes | None):
         """The model's input tensor for one stored image, or None for bytes that do not decode."""
-        from PIL import Image
-
         if not data:
             return None
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                return self._clip.preprocess(img.convert("RGB"))
+            return self._clip.preprocess(stored_rgb(data))
         except Exception:  # a stored image that no longer decodes is this row's failure, not the batch's
             return None
 
