@@ -106,8 +106,10 @@ def test_a_pool_with_nothing_to_train_on_still_finishes(make_pipeline, url_list,
 
 def test_on_ray_the_driver_neither_trains_nor_scores(shuffled_pool, make_pipeline, ray_session, tmp_path,
                                                      monkeypatch) -> None:
-    """Fold trainings and the scoring of the stored parts run as Ray tasks: in the driver both are made to fail
-    (Ray workers import their own, untouched modules), and the run still scores every row."""
+    """Fold tars, fold trainings and the scoring of the stored parts (round 1's, to pick what round 2 trains on,
+    and the last round's) run as Ray tasks: in the driver all are made to fail (Ray workers import their own,
+    untouched modules), and the run still scores every row."""
+    import curate.train.bootstrap
     import curate.train.loop
     from curate.stages.score import ScoreStage
 
@@ -115,9 +117,10 @@ def test_on_ray_the_driver_neither_trains_nor_scores(shuffled_pool, make_pipelin
         raise AssertionError("heavy bootstrap work ran in the driver")
 
     monkeypatch.setattr(curate.train.loop, "train", not_here)
+    monkeypatch.setattr(curate.train.bootstrap, "write_pair_tars", not_here)
     monkeypatch.setattr(ScoreStage, "setup", not_here)
     urls, _ = shuffled_pool
-    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 2, "steps": 10, "batch_size": 32})
+    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 2, "steps": 10, "batch_size": 32, "rounds": 2})
     out = tmp_path / "run"
     run_pipeline(make_pipeline("input.rows_per_chunk=100", score=score), input_path=str(urls), output=out,
                  progress=False)
@@ -125,4 +128,6 @@ def test_on_ray_the_driver_neither_trains_nor_scores(shuffled_pool, make_pipelin
     index = pa.concat_tables([pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))])
     assert index.num_rows > 0 and index.column("clip_score").null_count == 0
     models = set(index.column("clip_model").to_pylist())
-    assert len(models) == 2 and all(f"{out / 'bootstrap'}/model_" in m for m in models)  # one per fold
+    # one per fold, of the last round
+    assert len(models) == 2 and all(f"{out / 'bootstrap' / 'round_2'}/model_" in m for m in models)
+    assert (out / "bootstrap" / "scores.parquet").exists()  # round 1 scored the pool to pick round 2's rows

@@ -6,8 +6,9 @@ never saw it (so a model cannot vouch for pairs it memorised). The scores, model
 stored parts exactly as the pretrained path writes them, before any decision, so everything downstream is the same.
 
 The runner calls ``bootstrap_scores`` after the per-sample stream has stored every row. On Ray the heavy work runs
-in tasks, not in the driver: one training task per fold (on a GPU when the score stage asks for one), and the
-scoring of the stored parts in groups. Each step resumes: fold shards are rewritten only if missing, training
+in tasks, not in the driver: the fold tars written from the stored parts in groups, one training task per fold
+(on a GPU when the score stage asks for one), and the scoring of the stored parts in groups (each round's, with
+``bootstrap.rounds > 1``). Each step resumes: fold shards are rewritten only if missing, training
 resumes from its checkpoints, scored parts are skipped.
 """
 
@@ -48,21 +49,37 @@ def round_folder(out: Path, round_: int) -> Path:
     return Path(out) / FOLDER if round_ == 1 else Path(out) / FOLDER / f"round_{round_}"
 
 
-def write_fold_shards(out: Path, folds: int, folder: Path, trusted: set[str] | None = None) -> list[Path]:
-    """One tar per fold with the stored image and caption of every live row (every ``trusted`` one, in later
-    rounds); written once."""
-    paths = [folder / f"fold_{k}.tar" for k in range(folds)]
+def write_fold_shards(out: Path, folds: int, folder: Path, trusted: set[str] | None = None) -> list[list[Path]]:
+    """Per fold, tars with the stored image and caption of its live rows (its ``trusted`` ones, in later rounds):
+    one tar per fold and group of parts, each group written by a task on Ray; written once."""
+    parts = part_store.part_files(out)
+    count = task_count(len(parts))
+    groups = [(g, [str(p) for p in parts[g::count]]) for g in range(count) if parts[g::count]]
+    wanted = pa.array(sorted(trusted), pa.string()) if trusted is not None else None
+    fan_out(_write_fold_group, (str(folder), folds, len(groups), wanted), groups, cpus_per_task=0.5)
+    return [[_fold_tar(folder, k, g, len(groups)) for g, _ in groups] for k in range(folds)]
+
+
+def _fold_tar(folder: Path, fold: int, group: int, groups: int) -> Path:
+    # the group count in the name: a resume cut into other groups never takes an earlier cut's tars for its own
+    return Path(folder) / f"fold_{fold}-{group:05d}-of-{groups:05d}.tar"
+
+
+def _write_fold_group(shared: tuple[str, int, int, pa.Array | None], group: tuple[int, list[str]]) -> int:
+    """One group of parts into its tar of each fold (a task on Ray)."""
+    folder, folds, groups, wanted = shared
+    index, paths = group
 
     def where(table: pa.Table) -> pa.Array:
         live = pc.equal(table.column("status"), OK)
-        if trusted is None:
-            return live
-        return pc.and_(live, pc.is_in(table.column("uid"), value_set=pa.array(sorted(trusted), pa.string())))
+        return live if wanted is None else pc.and_(live, pc.is_in(table.column("uid"), value_set=wanted))
 
-    return write_pair_tars(out, paths, lambda uid: (fold_of(uid, folds),), where)
+    tars = [_fold_tar(Path(folder), k, index, groups) for k in range(folds)]
+    write_pair_tars([Path(p) for p in paths], tars, lambda uid: (fold_of(uid, folds),), where)
+    return index
 
 
-def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], batch_size: int,
+def train_fold_models(folder: Path, config: ScoreConfig, shards: list[list[Path]], batch_size: int,
                       progress: bool, training_rows: int) -> list[Path]:
     """Model k trained on every fold but k (about ``training_rows`` rows), each as a Ray task on Ray (a GPU each
     when the score stage asks for GPUs), else one after the other here; returns their checkpoint folders."""
@@ -71,7 +88,8 @@ def train_fold_models(folder: Path, config: ScoreConfig, shards: list[Path], bat
     boot = config.bootstrap
     steps = boot.steps_for(training_rows, batch_size)
     trainings = [TrainConfig(
-        model=boot.architecture, objectives=["clip"], data=[str(s) for i, s in enumerate(shards) if i != k],
+        model=boot.architecture, objectives=["clip"],
+        data=[str(tar) for i, tars in enumerate(shards) if i != k for tar in tars],
         output=str(folder / f"model_{k}"), steps=steps, batch_size=batch_size,
         lr=boot.lr, warmup_steps=min(20, steps // 10), seed=boot.seed + k, log_every=max(1, steps // 5),
         drop_noisiest=boot.drop_noisiest, checkpoint_every=steps, keep_checkpoints=1,
@@ -148,19 +166,30 @@ def trusted_rows(scores: pa.Table, keep_top: float) -> set[str]:
     return set(uids[~removed].tolist())
 
 
-def _round_scores(out: Path, worker: StageWorker, folder: Path) -> pa.Table:
-    """uid, clip_score, clip_model of every live row under one round's models (kept in the round's folder)."""
+def _round_scores(out: Path, scorers: FoldScorers, folder: Path) -> pa.Table:
+    """uid, clip_score, clip_model of every live row under one round's models (kept in the round's folder); the
+    parts are scored in groups, as tasks on Ray."""
     path = folder / "scores.parquet"
     if not path.exists():
-        pieces = []
-        for part in part_store.part_files(out):
-            table = pq.read_table(part)
-            scored = worker(table.filter(pc.equal(table.column("status"), OK)))
-            pieces.append(scored.filter(pc.equal(scored.column("status"), OK)).select(
-                ["uid", "clip_score", "clip_model"]))
+        parts = [str(p) for p in part_store.part_files(out)]
+        count = task_count(len(parts))
+        groups = [parts[i::count] for i in range(count) if parts[i::count]]
+        config = scorers.config
+        pieces = fan_out(_live_scores, scorers, groups, cpus_per_task=config.resources.cpus,
+                         gpus_per_task=config.resources.gpus)
         with atomic_file(path) as handle:
             pq.write_table(pa.concat_tables(pieces), handle)
     return pq.read_table(path)
+
+
+def _live_scores(scorers: FoldScorers, paths: list[str]) -> pa.Table:
+    """uid, clip_score, clip_model of the live rows of these parts (a task on Ray)."""
+    worker, pieces = scorers.worker(), []
+    for path in paths:
+        table = pq.read_table(path)
+        scored = worker(table.filter(pc.equal(table.column("status"), OK)))
+        pieces.append(scored.filter(pc.equal(scored.column("status"), OK)).select(["uid", "clip_score", "clip_model"]))
+    return pa.concat_tables(pieces)
 
 
 @dataclass(frozen=True)
@@ -216,7 +245,7 @@ def bootstrap_scores(out: Path, stage: ScoreStage, progress: bool = True) -> Non
                                    training_rows)
         scorers = FoldScorers(config, [str(model) for model in models])
         if round_ < boot.rounds:
-            trusted = trusted_rows(_round_scores(out, scorers.worker(), folder), boot.keep_top)
+            trusted = trusted_rows(_round_scores(out, scorers, folder), boot.keep_top)
     pending = [str(p) for p in parts if not _scored(p)]
     count = task_count(len(pending))
     groups = [pending[i::count] for i in range(count) if pending[i::count]]
