@@ -12,6 +12,7 @@ import platform
 import time
 from collections import Counter
 from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -198,16 +199,66 @@ def decide_and_write(
         decisions, would_reject = run_global_stages(parts, global_stages, stages)
     decide_seconds = time.perf_counter() - decide_start
 
+    written = write_outputs(out, parts, decisions, decision_columns(global_stages), config, local)
+    ledger, stopped_by, seconds = written.ledger, written.stopped_by, written.seconds
+    entries, write_seconds = written.entries, written.seconds_taken
+
+    stats = stage_stats([*stages, *global_stages], input_rows, stopped_by,
+                        {**{s.name: decide_seconds for s in global_stages}, **seconds})
+    alive = stats[-1].rows_out if stats else input_rows
+    kept = ledger.by_status.get(KEPT, 0)
+    stats.append(StageStats(name="write", rows_in=alive, rows_out=kept, wall_seconds=round(write_seconds, 3)))
+    resolved = config.resolved()
+    manifest = Manifest(
+        pipeline=config.name,
+        created=created,
+        output_format=config.output.format,
+        input_rows=input_rows,
+        shards=entries,
+        embeddings=written.embeddings,
+        totals_by_status={s: ledger.by_status.get(s, 0) for s in ("kept", "filtered", "failed")},
+        totals_by_reason=dict(sorted(ledger.by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        would_reject=would_reject,
+        stages=stats,
+        elapsed_seconds=round(time.monotonic() - started, 3),
+        config=resolved,
+        versions=package_versions(),
+    )
+    if ledger.rows != input_rows:
+        raise RuntimeError(f"ledger has {ledger.rows} rows for {input_rows} input rows; refusing to publish")
+    if kept != sum(e.samples for e in entries):
+        raise RuntimeError(f"ledger keeps {kept} rows, shards hold {sum(e.samples for e in entries)}; "
+                           "refusing to publish")
+    write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
+    return manifest
+
+
+@dataclass
+class Written:
+    """What writing the outputs produced and counted: the shards, the ledger's totals, the embedding files, the rows
+    each stage stopped and the per-sample stages' busy seconds."""
+
+    entries: list[ShardEntry]
+    ledger: LedgerWriter
+    embeddings: list[str]
+    stopped_by: Counter[str]
+    seconds: Counter[str]
+    seconds_taken: float
+
+
+def write_outputs(out: Path, parts: list[Path], decisions: dict[str, Decision], columns: dict[str, pa.DataType],
+                  config: PipelineConfig, local: bool) -> Written:
+    """One pass over the stored parts in input order: the decisions applied, the embeddings, the ledger, and the
+    kept rows planned into shards that the output format's sink writes."""
     per_shard = config.output.samples_per_shard
     width = key_width(per_shard)
     writers = ShardWriters(out, local, config.ray, config.output.format)
-    columns = decision_columns(global_stages)
     ledger = LedgerWriter(out, columns)
     embeddings = EmbeddingWriter(out)
     seconds: Counter[str] = Counter()
     stopped_by: Counter[str] = Counter()
     plan = ShardPlan(index=0, suffix=writers.sink.suffix)
-    write_start = time.perf_counter()
+    start = time.perf_counter()
     try:
         for part in parts:
             names = [c for c in pq.ParquetFile(part).schema_arrow.names if c != "image"]
@@ -231,36 +282,7 @@ def decide_and_write(
     _remove_stale_shards(out, keep=len(entries), suffix=writers.sink.suffix)
     embeddings.close()
     ledger.close()
-    write_seconds = time.perf_counter() - write_start
-
-    stats = stage_stats([*stages, *global_stages], input_rows, stopped_by,
-                        {**{s.name: decide_seconds for s in global_stages}, **seconds})
-    alive = stats[-1].rows_out if stats else input_rows
-    kept = ledger.by_status.get(KEPT, 0)
-    stats.append(StageStats(name="write", rows_in=alive, rows_out=kept, wall_seconds=round(write_seconds, 3)))
-    resolved = config.resolved()
-    manifest = Manifest(
-        pipeline=config.name,
-        created=created,
-        output_format=config.output.format,
-        input_rows=input_rows,
-        shards=entries,
-        embeddings=embeddings.files,
-        totals_by_status={s: ledger.by_status.get(s, 0) for s in ("kept", "filtered", "failed")},
-        totals_by_reason=dict(sorted(ledger.by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
-        would_reject=would_reject,
-        stages=stats,
-        elapsed_seconds=round(time.monotonic() - started, 3),
-        config=resolved,
-        versions=package_versions(),
-    )
-    if ledger.rows != input_rows:
-        raise RuntimeError(f"ledger has {ledger.rows} rows for {input_rows} input rows; refusing to publish")
-    if kept != sum(e.samples for e in entries):
-        raise RuntimeError(f"ledger keeps {kept} rows, shards hold {sum(e.samples for e in entries)}; "
-                           "refusing to publish")
-    write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
-    return manifest
+    return Written(entries, ledger, embeddings.files, stopped_by, seconds, time.perf_counter() - start)
 
 
 def _place_in_shards(table: pa.Table, part: str, plan: ShardPlan, writers: ShardWriters, per_shard: int,
