@@ -11,9 +11,7 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import pyarrow as pa
 
@@ -26,33 +24,14 @@ from curate.stages.download.imaging import ImageRejected, decode_and_resize, lim
 from curate.stages.download.politeness import HostLimiter
 from curate.inputs.shards import read_member
 from curate.stages.download.robots import RobotsCache, RobotsUnavailable, x_robots_opts_out
-from curate.core.stage import FAILED, FILTERED, RowOutcomes, Stage
+from curate.core.stage import FILTERED, RowOutcomes, Stage
+from curate.stages.download.urls import (
+    DEFAULT_PORTS, REDIRECT_STATUSES, FetchError, check_url, host_of, parse_retry_after,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FetchError(Exception):
-    reason: str
-    retryable: bool = False
-    retry_after: float | None = None
-    status: str = FAILED  # FILTERED for a publisher's opt-out
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-DEFAULT_PORTS = {"http": 80, "https": 443}
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # The body of a redirect or an error answer is read and dropped, so that its keep-alive connection can serve the next
 # request, only when it is this short and arrives this fast; otherwise the connection is closed unread.
 DISCARD_MAX_BYTES = 64 * 1024
@@ -63,28 +42,6 @@ RETRYABLE_REASONS = frozenset({
     "download:timeout", "download:connection_error", "download:incomplete", "download:dns_unavailable",
     "download:robots_unavailable", "download:error",
 })
-
-
-def _host_of(url: str | None) -> str:
-    try:
-        return (urlsplit(url).hostname or "") if url else ""
-    except ValueError:
-        return ""
-
-
-def check_url(url: str | None) -> None:
-    """Raise FetchError unless ``url`` is an http(s) URL with a host and a valid port."""
-    if not url:
-        raise FetchError("download:invalid_url")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:  # e.g. an unbalanced IPv6 bracket
-        raise FetchError("download:invalid_url") from None
-    if parts.scheme and parts.scheme not in DEFAULT_PORTS and parts.netloc:
-        raise FetchError("download:unsupported_scheme")
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise FetchError("download:invalid_url")
 
 
 class DownloadStage(Stage[DownloadConfig]):
@@ -190,7 +147,7 @@ class DownloadStage(Stage[DownloadConfig]):
 
     def _fetch_with_retries(self, url: str | None) -> bytes:
         cfg: DownloadConfig = self.config
-        host = _host_of(url)
+        host = host_of(url)
         for attempt in range(cfg.retries + 1):
             try:
                 with self._hosts.slot(host):
@@ -222,45 +179,13 @@ class DownloadStage(Stage[DownloadConfig]):
             if deadline - time.monotonic() <= 0:
                 raise FetchError("download:timeout", retryable=True)
             parts = urlsplit(url)
-            try:
-                # every hop is resolved and checked again (before its robots.txt is asked for: that is a request
-                # too); the connection goes to the checked address
-                pool, verdict = self._pools.pool(parts.scheme, parts.hostname,
-                                                 parts.port or DEFAULT_PORTS[parts.scheme])
-            except BlockedAddress:
-                raise FetchError("download:blocked_address") from None
-            except ResolveError as err:
-                reason = "download:dns_unavailable" if err.retryable else "download:dns_error"
-                raise FetchError(reason, retryable=err.retryable) from None
+            pool, verdict = self._checked_pool(parts)
             if verdict == ALLOWLISTED and came_from_public:  # a stranger's server choosing what we fetch inside
                 raise FetchError("download:blocked_redirect")
             came_from_public = came_from_public or verdict == PUBLIC
             if obey_opt_outs and cfg.respect_robots_txt:
                 self._check_robots(parts.scheme, parts.netloc.rsplit("@", 1)[-1], url)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise FetchError("download:timeout", retryable=True)
-            timeout = self._urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=remaining)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            host_header = parts.netloc.rsplit("@", 1)[-1]
-            try:
-                response = pool.urlopen(
-                    "GET", target, redirect=False, retries=False, preload_content=False, timeout=timeout,
-                    assert_same_host=False, headers={"Host": host_header, "User-Agent": cfg.user_agent},
-                )
-            except exc.NewConnectionError:  # refused, unreachable, DNS failure (a subclass of the timeout error)
-                raise FetchError("download:connection_error", retryable=True) from None
-            except (exc.TimeoutError, exc.MaxRetryError) as err:
-                reason = getattr(err, "reason", err)
-                if isinstance(reason, exc.NewConnectionError):
-                    raise FetchError("download:connection_error", retryable=True) from None
-                if isinstance(reason, exc.TimeoutError) or isinstance(err, exc.TimeoutError):
-                    raise FetchError("download:timeout", retryable=True) from None
-                raise FetchError("download:connection_error", retryable=True) from None
-            except (exc.LocationValueError, exc.LocationParseError, ValueError):
-                raise FetchError("download:invalid_url") from None
-            except (exc.HTTPError, OSError):
-                raise FetchError("download:connection_error", retryable=True) from None
+            response = self._request(pool, parts, deadline)
             reusable = False  # only a connection whose response was read to the end may serve another request
             try:
                 status = response.status
@@ -282,7 +207,7 @@ class DownloadStage(Stage[DownloadConfig]):
                 if status != 200:
                     reusable = self._discard_body(response, deadline)
                     retryable = status in (429, 500, 502, 503, 504)
-                    retry_after = _retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
+                    retry_after = parse_retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
                     raise FetchError(f"download:http_{status}", retryable=retryable, retry_after=retry_after)
                 if obey_opt_outs and cfg.respect_x_robots_tag and x_robots_opts_out(
                         response.headers.getlist("X-Robots-Tag"), cfg.user_agent_token):
@@ -297,6 +222,48 @@ class DownloadStage(Stage[DownloadConfig]):
                 else:
                     response.close()
         raise FetchError("download:too_many_redirects")
+
+    def _checked_pool(self, parts: SplitResult):
+        """The connection pool for this hop's host, and the address policy's verdict on it. Every hop is resolved
+        and checked again (before its robots.txt is asked for: that is a request too); the connection goes to the
+        checked address."""
+        try:
+            return self._pools.pool(parts.scheme, parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme])
+        except BlockedAddress:
+            raise FetchError("download:blocked_address") from None
+        except ResolveError as err:
+            reason = "download:dns_unavailable" if err.retryable else "download:dns_error"
+            raise FetchError(reason, retryable=err.retryable) from None
+
+    def _request(self, pool, parts: SplitResult, deadline: float):
+        """GET this hop (no redirects followed, the body unread) within what is left of the deadline; a failure is
+        a FetchError with its reason."""
+        cfg: DownloadConfig = self.config
+        exc = self._urllib3.exceptions
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("download:timeout", retryable=True)
+        timeout = self._urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=remaining)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        try:
+            return pool.urlopen(
+                "GET", target, redirect=False, retries=False, preload_content=False, timeout=timeout,
+                assert_same_host=False, headers={"Host": host_header, "User-Agent": cfg.user_agent},
+            )
+        except exc.NewConnectionError:  # refused, unreachable, DNS failure (a subclass of the timeout error)
+            raise FetchError("download:connection_error", retryable=True) from None
+        except (exc.TimeoutError, exc.MaxRetryError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, exc.NewConnectionError):
+                raise FetchError("download:connection_error", retryable=True) from None
+            if isinstance(reason, exc.TimeoutError) or isinstance(err, exc.TimeoutError):
+                raise FetchError("download:timeout", retryable=True) from None
+            raise FetchError("download:connection_error", retryable=True) from None
+        except (exc.LocationValueError, exc.LocationParseError, ValueError):
+            raise FetchError("download:invalid_url") from None
+        except (exc.HTTPError, OSError):
+            raise FetchError("download:connection_error", retryable=True) from None
 
     def _read_source(self, path: str, offset: int | None, size: int | None) -> bytes:
         """An image already downloaded, inside an input shard: read by range, no network."""
