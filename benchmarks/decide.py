@@ -12,8 +12,14 @@ Each mode runs in its own subprocess, so its peak memory is its own:
 
 Prints rows, seconds, the driver's peak RSS, and passes over the parts (in_process) per size. Figures only.
 
+``--from-run OUT --pipeline P`` decides a finished run's stored parts (the demo's, say) with P's global stages
+instead. ``--reference TREE`` runs the same measurement with the curate of another checkout too (a git worktree of
+an earlier commit, in the layout before or after the folders moved) and prints the ratios against it.
+
     .venv/bin/python benchmarks/decide.py                      # 10k and 100k rows, both modes
     .venv/bin/python benchmarks/decide.py --sizes 100000 --modes ray
+    git worktree add /tmp/before 20955b2 && .venv/bin/python benchmarks/decide.py --reference /tmp/before
+    .venv/bin/python benchmarks/decide.py --from-run curate-demo/run --pipeline pipelines/demo_curate.yaml
 """
 
 from __future__ import annotations
@@ -29,7 +35,18 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after PYTHONPATH: a --reference run imports the other checkout's curate
+
+
+def _module(new: str, old: str):
+    """A module of the curate on the path: ``new`` in the layout with curate/core/, else ``old`` (before the
+    folders moved). Chosen by layout, not by trying: the editable install would serve the new names from this
+    checkout to a reference run."""
+    import importlib
+
+    import curate
+
+    return importlib.import_module(new if (Path(curate.__file__).parent / "core").is_dir() else old)
 
 
 def write_run(folder: Path, n: int, part_rows: int, seed: int = 0) -> list[Path]:
@@ -37,7 +54,9 @@ def write_run(folder: Path, n: int, part_rows: int, seed: int = 0) -> list[Path]
     import pyarrow as pa
 
     from benchmarks.dedup import planted_codes
-    from curate.core.parts import part_files, write_part
+
+    part_files, write_part = (getattr(_module("curate.core.parts", "curate.parts"), name)
+                              for name in ("part_files", "write_part"))
 
     rng = np.random.default_rng(seed)
     codes = planted_codes(n, seed)
@@ -65,20 +84,37 @@ def write_run(folder: Path, n: int, part_rows: int, seed: int = 0) -> list[Path]
     return part_files(folder)
 
 
-def decide(n: int, mode: str, part_rows: int) -> dict:
-    import pyarrow.parquet as pq
-
-    from curate.core.decide import run_global_stages
-    from curate.core.fan_out import in_process
+def synthetic_stages() -> list:
     from curate.stages.alignment import AlignmentConfig, AlignmentFilter
     from curate.stages.dedup_exact import DedupExact, DedupExactConfig
     from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
     from curate.stages.dedup_semantic import DedupSemantic, DedupSemanticConfig
 
+    return [DedupExact(DedupExactConfig()), DedupPhash(DedupPhashConfig(content=False)),
+            DedupSemantic(DedupSemanticConfig(threshold=0.99)), AlignmentFilter(AlignmentConfig(keep_top=0.7))]
+
+
+def pipeline_stages(pipeline: str) -> tuple[list, list]:
+    """The pipeline's per-sample and global stages, built by this curate."""
+    load_pipeline = _module("curate.core.pipeline", "curate.config").load_pipeline
+    build_stages = _module("curate.core.runner", "curate.runner").build_stages
+    return build_stages(load_pipeline(pipeline))
+
+
+def decide(n: int, mode: str, part_rows: int, from_run: str | None = None, pipeline: str | None = None) -> dict:
+    import pyarrow.parquet as pq
+
+    run_global_stages = _module("curate.core.decide", "curate.decide").run_global_stages
+    in_process = _module("curate.core.fan_out", "curate.fan_out").in_process
+
     with tempfile.TemporaryDirectory() as tmp:
-        parts = write_run(Path(tmp), n, part_rows)
-        stages = [DedupExact(DedupExactConfig()), DedupPhash(DedupPhashConfig(content=False)),
-                  DedupSemantic(DedupSemanticConfig(threshold=0.99)), AlignmentFilter(AlignmentConfig(keep_top=0.7))]
+        if from_run:
+            parts = _module("curate.core.parts", "curate.parts").part_files(Path(from_run))
+            per_sample, stages = pipeline_stages(pipeline)
+            n = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+        else:
+            parts = write_run(Path(tmp), n, part_rows)
+            per_sample, stages = [], synthetic_stages()
         reads: Counter[str] = Counter()
         embedding_reads: Counter[str] = Counter()
         real_read = pq.read_table
@@ -98,22 +134,24 @@ def decide(n: int, mode: str, part_rows: int) -> dict:
             stage.decide_pool = counted_stage
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if mode == "ray":
-            from curate.cluster.ray_env import ensure_ray
             from curate.config import RayConfig
 
-            ensure_ray(RayConfig())
+            _module("curate.cluster.ray_env", "curate.ray_env").ensure_ray(RayConfig())
             start = time.perf_counter()
-            decisions, _ = run_global_stages(parts, stages)
+            decisions, _ = run_global_stages(parts, stages, per_sample)
         else:
             pq.read_table = counted
             start = time.perf_counter()
             with in_process():
-                decisions, _ = run_global_stages(parts, stages)
+                decisions, _ = run_global_stages(parts, stages, per_sample)
             pq.read_table = real_read
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         passes = sum(reads[str(p)] for p in parts) / len(parts) if mode != "ray" else None
+        import curate
+
         return {"rows": n, "mode": mode, "parts": len(parts), "seconds": round(seconds, 2),
+                "curate": str(Path(curate.__file__).parents[1]),
                 "driver_peak_rss_mib": round(peak, 1), "rss_before_decide_mib": round(before, 1),
                 "passes_over_parts": passes, "removed": len(decisions),
                 "embedding_passes": sum(embedding_reads.values()) / len(parts) if mode != "ray" else None,
@@ -121,27 +159,122 @@ def decide(n: int, mode: str, part_rows: int) -> dict:
                 "removed_by": dict(Counter(d[2] for d in decisions.values()))}
 
 
+def demo_run(n: int) -> dict:
+    """The demo's curation (pipelines/demo_curate.yaml over a drawn pool of ``n`` rows served on loopback, bootstrap
+    scoring included) on an embedded Ray, end to end. The driver's peak RSS over the whole run, and the reads of
+    stored parts the driver itself made while bootstrapping and while deciding (a pass = one read per part)."""
+    import pyarrow.parquet as pq
+
+    from curate.demo.pool import make_pool, write_url_list
+    from curate.demo.run import demo_pipeline_path
+    from curate.demo.server import FaultServer
+
+    runner = _module("curate.core.runner", "curate.runner")
+    decide_module = _module("curate.core.decide", "curate.decide")
+    bootstrap = _module("curate.train.bootstrap", "curate.bootstrap")
+    load_pipeline = _module("curate.core.pipeline", "curate.config").load_pipeline
+    reads: Counter[str] = Counter()
+    phase = {"now": "per_sample"}
+    real_read = pq.read_table
+
+    def counted(source, *args, **kwargs):
+        reads[phase["now"]] += 1
+        return real_read(source, *args, **kwargs)
+
+    def in_phase(name, fn):
+        def wrapped(*args, **kwargs):
+            phase["now"] = name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phase["now"] = "write"
+        return wrapped
+
+    decide_module.run_global_stages = in_phase("decide", decide_module.run_global_stages)
+    bootstrap.bootstrap_scores = in_phase("bootstrap", bootstrap.bootstrap_scores)
+    pq.read_table = counted
+    with tempfile.TemporaryDirectory() as tmp:
+        items = make_pool(Path(tmp) / "pool", n=n, seed=0)
+        start = time.perf_counter()
+        with FaultServer(Path(tmp) / "pool" / "files") as server:
+            urls = write_url_list(items, server.base_url, Path(tmp) / "urls.parquet")
+            result = runner.run_pipeline(load_pipeline(demo_pipeline_path()), input_path=str(urls),
+                                         output=Path(tmp) / "run", progress=False)
+        parts = len(list((Path(tmp) / "run" / "parts").glob("*.parquet")))
+        import curate
+
+        return {"rows": n, "mode": "demo on ray", "seconds": round(time.perf_counter() - start, 1),
+                "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "parts": parts, "kept": result.manifest.totals_by_status["kept"],
+                "driver_passes": {k: round(v / parts, 1) for k, v in reads.items() if k in ("bootstrap", "decide")},
+                "curate": str(Path(curate.__file__).parents[1])}
+
+
+def measure(n: int, mode: str, args: argparse.Namespace, tree: str | None) -> dict:
+    """One measurement in its own process, importing curate (and Ray's workers) from ``tree`` when given."""
+    import os
+
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), str(REPO), env.get("PYTHONPATH", "")])
+    command = [sys.executable, __file__, "--one", str(n), mode, "--part-rows", str(args.part_rows)]
+    if mode == "demo":
+        command = [sys.executable, __file__, "--demo-one", str(n)]
+    if args.from_run:
+        command += ["--from-run", str(Path(args.from_run).resolve()), "--pipeline", str(Path(args.pipeline).resolve())]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tree or REPO)
+    if done.returncode:
+        raise SystemExit(f"benchmark run failed ({tree or REPO}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--modes", nargs="+", default=["in_process", "ray"], choices=["in_process", "ray"])
     parser.add_argument("--part-rows", type=int, default=5_000)
+    parser.add_argument("--from-run", help="decide this finished run's stored parts instead of a synthetic run")
+    parser.add_argument("--pipeline", help="with --from-run: the pipeline whose global stages decide")
+    parser.add_argument("--reference", help="a checkout of an earlier curate, measured the same way for ratios")
+    parser.add_argument("--demo", type=int, metavar="ROWS",
+                        help="instead: the demo's curation on Ray end to end (driver peak RSS, driver passes)")
     parser.add_argument("--one", nargs=2, metavar=("ROWS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--demo-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.from_run and not args.pipeline:
+        parser.error("--from-run needs --pipeline")
     if args.one:
-        print(json.dumps(decide(int(args.one[0]), args.one[1], args.part_rows)))
+        print(json.dumps(decide(int(args.one[0]), args.one[1], args.part_rows, args.from_run, args.pipeline)))
         return
-    for n in args.sizes:
+    if args.demo_one:
+        print(json.dumps(demo_run(args.demo_one)))
+        return
+    if args.demo:
+        for label, tree in [("this", None)] + ([("reference", args.reference)] if args.reference else []):
+            result = measure(args.demo, "demo", args, tree)
+            print(f"{label:<9} demo {result['rows']} rows on Ray: {result['seconds']} s, driver peak RSS "
+                  f"{result['driver_peak_rss_mib']} MiB, passes over the {result['parts']} parts in the driver "
+                  f"{result['driver_passes']}, kept {result['kept']}  [{result['curate']}]")
+        return
+    for n in [0] if args.from_run else args.sizes:
         for mode in args.modes:
-            done = subprocess.run([sys.executable, __file__, "--one", str(n), mode, "--part-rows",
-                                   str(args.part_rows)], capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            passes = result["passes_over_parts"]
-            print(f"{n:>8} rows  {mode:<10}  {result['seconds']:7.2f} s  driver peak RSS "
-                  f"{result['driver_peak_rss_mib']:7.1f} MiB (before deciding {result['rss_before_decide_mib']:.1f})"
-                  + (f"  passes over the parts {passes:.1f} {result['passes_by_stage']}, of them reading the "
-                     f"embeddings {result['embedding_passes']:.1f}" if passes is not None else "")
-                  + f"  removed {result['removed']} {result['removed_by']}")
+            results = [("this", measure(n, mode, args, None))]
+            if args.reference:
+                results.append(("reference", measure(n, mode, args, args.reference)))
+            for label, result in results:
+                passes = result["passes_over_parts"]
+                print(f"{label:<9} {result['rows']:>8} rows  {mode:<10}  {result['seconds']:7.2f} s  driver peak RSS "
+                      f"{result['driver_peak_rss_mib']:7.1f} MiB (before deciding {result['rss_before_decide_mib']:.1f})"
+                      + (f"  passes over the parts {passes:.1f} {result['passes_by_stage']}, of them reading the "
+                         f"embeddings {result['embedding_passes']:.1f}" if passes is not None else "")
+                      + f"  removed {result['removed']} {result['removed_by']}  [{result['curate']}]")
+            if args.reference:
+                this, reference = results[0][1], results[1][1]
+                ratios = [f"seconds {this['seconds'] / max(reference['seconds'], 1e-9):.2f}x",
+                          f"driver peak {this['driver_peak_rss_mib'] / reference['driver_peak_rss_mib']:.2f}x"]
+                if this["passes_over_parts"] is not None:
+                    ratios.append(f"passes {this['passes_over_parts']:.1f} vs {reference['passes_over_parts']:.1f}")
+                print(f"{'':<9} this / reference: {', '.join(ratios)}")
 
 
 if __name__ == "__main__":
