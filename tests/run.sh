@@ -9,7 +9,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e '.[test]'
+# --no-compile: byte-compiling every file of torch and Ray costs a fresh machine a minute; imports compile lazily
+"$VENV/bin/python" -m pip install --quiet --no-compile -e '.[test]'
 
 # The HTML report is checked in a real browser: headless Chromium from Debian's packages.
 if ! command -v chromium > /dev/null; then
