@@ -166,6 +166,29 @@ def apply_gradients(total: Any, optimizer: Any, scaler: Any, grad_clip: float | 
         optimizer.step()
 
 
+def log_step(log, step: int, last: dict[str, float], rate: float, position: dict[str, int], config: TrainConfig,
+             progress: bool) -> None:
+    """One line of log.jsonl (and of progress on stderr): the step's loss terms, rate and position."""
+    record = {"step": step, **last, "loss": sum(last.values()), "lr": learning_rate(step - 1, config),
+              "samples_per_second": round(rate, 1), "samples_seen": position["samples_seen"],
+              "skipped": position["skipped"]}
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    if progress:
+        terms_text = " ".join(f"{k}={v:.4f}" for k, v in last.items())
+        print(f"[train] step {step}/{config.steps} {terms_text} {rate:.0f} samples/s", file=sys.stderr)
+
+
+def resume_state(config: TrainConfig, cuda_device: str | None, scaler) -> dict:
+    """What a checkpoint keeps beyond weights and optimizer so that a resumed run continues exactly: the
+    objectives, torch's RNG (the ITM head samples negatives from it), CUDA's, and the fp16 loss scaler."""
+    import torch
+
+    return {"objectives": list(config.objectives), "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(torch.device(cuda_device))} if cuda_device else {}),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+
+
 def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None = None) -> TrainResult:
     """Train ``config`` here, or on Ray Train workers when ``config.distributed.workers`` is set."""
     import torch
@@ -178,7 +201,6 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
         return train_on_ray(config, progress)
     workers = workers or Workers()
 
-    # set up: output, data, device, model (fresh or resumed), optimizer, losses
     if not config.output:
         raise CurateError("output: no folder for checkpoints (set output: in the config or pass --output)")
     out = Path(config.output).expanduser().resolve()
@@ -215,7 +237,6 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
     saved = resume
     run_start, samples_before = time.perf_counter(), position["samples_seen"]
 
-    # the loop
     model.train()
     last: dict[str, float] = {}
     nonfinite, window_start, window_samples = 0, time.perf_counter(), 0
@@ -253,22 +274,12 @@ def train(config: TrainConfig, *, progress: bool = True, workers: Workers | None
 
             if workers.main and (step % config.log_every == 0 or step == config.steps):
                 rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
-                record = {"step": step, **last, "loss": sum(last.values()), "lr": learning_rate(step - 1, config),
-                          "samples_per_second": round(rate, 1), "samples_seen": position["samples_seen"],
-                          "skipped": position["skipped"]}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                if progress:
-                    terms_text = " ".join(f"{k}={v:.4f}" for k, v in last.items())
-                    print(f"[train] step {step}/{config.steps} {terms_text} {rate:.0f} samples/s", file=sys.stderr)
+                log_step(log, step, last, rate, position, config, progress)
                 window_start, window_samples = time.perf_counter(), 0
             if workers.main and (step % config.checkpoint_every == 0 or step == config.steps):
-                state = {"objectives": list(config.objectives), "rng": torch.get_rng_state(),
-                         **({"cuda_rng": torch.cuda.get_rng_state(torch.device(device))} if gpu else {}),
-                         **({"scaler": scaler.state_dict()} if scaler is not None else {})}
                 saved = checkpoint.save(out, step, model, model_cfg, optimizer, position,
                                         config.model_dump(mode="json"), config.keep_checkpoints, head, tokenizer,
-                                        state)
+                                        resume_state(config, device if gpu else None, scaler))
     return TrainResult(out=out, step=step, samples_seen=position["samples_seen"], skipped=position["skipped"],
                        checkpoint=saved, losses=last,
                        samples_per_second=(position["samples_seen"] - samples_before) /
