@@ -179,7 +179,8 @@ def generated_schemas() -> dict[str, dict[str, Any]]:
         "ledger.schema.json": {
             "title": "ledger",
             "description": "ledger.parquet: exactly one row per input row; after these columns, any other decision "
-                           "column the pipeline's global stages declare (decontaminate: eval_match)",
+                           "column the pipeline's global stages declare (decontaminate: eval_match; balance: "
+                           "balance_entries)",
             "columns": _columns_doc(dict(zip(LEDGER_SCHEMA.names, LEDGER_SCHEMA.types)), LEDGER_DESCRIPTIONS),
         },
         "manifest.schema.json": Manifest.model_json_schema(),

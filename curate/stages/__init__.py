@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from curate.core.stage import GlobalStage, Stage
 from curate.stages.alignment import AlignmentFilter
+from curate.stages.balance import BalanceFilter
 from curate.stages.caption import CaptionStage
 from curate.stages.concepts import ConceptFilter
 from curate.stages.decontaminate import Decontaminate
@@ -16,5 +17,6 @@ from curate.stages.rules import RuleFilter
 from curate.stages.score import ScoreStage
 
 PER_SAMPLE = (DownloadStage, HashStage, ScoreStage, CaptionStage)
-GLOBAL = (RuleFilter, AlignmentFilter, ConceptFilter, DedupExact, DedupPhash, DedupSemantic, Decontaminate)
+GLOBAL = (RuleFilter, AlignmentFilter, ConceptFilter, BalanceFilter, DedupExact, DedupPhash, DedupSemantic,
+          Decontaminate)
 STAGES: dict[str, type[Stage] | type[GlobalStage]] = {stage.name: stage for stage in (*PER_SAMPLE, *GLOBAL)}
