@@ -66,9 +66,9 @@ def parts(tmp_path: Path) -> list[Path]:
 
 def test_removals_reach_the_decisions_with_their_declared_column_and_counts(parts: list[Path]) -> None:
     decisions, would_reject = run_global_stages(parts, [EveryOther(EveryOtherConfig())])
-    assert decisions == {"u1": ("filtered", "rule:every_other", "every_other", {"duplicate_of": "u0"}),
-                         "u3": ("filtered", "rule:every_other", "every_other", {"duplicate_of": "u2"}),
-                         "u5": ("filtered", "rule:every_other", "every_other", {"duplicate_of": "u4"})}
+    assert decisions == {"u1": ("filtered", "rule:every_other", "every_other", "u0"),
+                         "u3": ("filtered", "rule:every_other", "every_other", "u2"),
+                         "u5": ("filtered", "rule:every_other", "every_other", "u4")}
     assert would_reject == {"rule:every_other": 3}
 
 

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass
-from typing import NamedTuple
+from operator import itemgetter
 
 import numpy as np
 import pyarrow as pa
@@ -46,14 +46,20 @@ def package_versions() -> dict[str, str]:
 DECISION_BASE = ("uid", "row", "status", "reason")
 
 
-class Decision(NamedTuple):
-    """What became of a removed row: its status and reason, the stage that removed it, and that stage's declared
-    decision columns (``duplicate_of`` and any other), which the ledger stores."""
+class Decision(tuple):
+    """What became of a removed row: ``(status, reason, stage, duplicate_of)``, and in ``columns`` the stage's other
+    declared decision columns; the ledger stores them all."""
 
-    status: str
-    reason: str
-    stage: str
-    columns: dict[str, object] | None = None
+    def __new__(cls, status: str, reason: str, stage: str, duplicate_of: str | None = None,
+                columns: dict[str, object] | None = None) -> Decision:
+        decision = super().__new__(cls, (status, reason, stage, duplicate_of))
+        decision.columns = columns or {}
+        return decision
+
+    status = property(itemgetter(0))
+    reason = property(itemgetter(1))
+    stage = property(itemgetter(2))
+    duplicate_of = property(itemgetter(3))
 
 
 def decision_columns(global_stages: list[GlobalStage]) -> dict[str, pa.DataType]:
@@ -104,8 +110,8 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
                                    "expected filtered or failed with a reason")
             if uid in decisions:
                 raise RuntimeError(f"global stage {stage.name} removed uid {uid!r}, which is not a live row")
-            columns = {name: column[i] for name, column in zip(extra, values)} if extra else None
-            decisions[uid] = Decision(status, reason, stage.name, columns)
+            columns = {name: column[i] for name, column in zip(extra, values)} if extra else {}
+            decisions[uid] = Decision(status, reason, stage.name, columns.pop("duplicate_of", None), columns)
         if removed.num_rows:
             live = live.without(removed.column("row").to_numpy())
     return decisions, dict(sorted(would_reject.items()))
@@ -169,7 +175,8 @@ def apply_decisions(table: pa.Table, decisions: dict[str, Decision], columns: di
             new = [hit[index] if hit else value for hit, value in zip(hits, old)]
             table = table.set_column(table.column_names.index(column), column, pa.array(new, pa.string()))
     for name, dtype in columns.items():
-        values = pa.array([hit.columns.get(name) if hit and hit.columns else None for hit in hits], dtype)
+        values = pa.array([None if hit is None else hit.duplicate_of if name == "duplicate_of" else
+                           hit.columns.get(name) for hit in hits], dtype)
         if name in table.column_names:
             table = table.set_column(table.column_names.index(name), name, values)
         else:
