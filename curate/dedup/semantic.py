@@ -142,33 +142,52 @@ def _pairs_in_clusters(job: ClusterJob, partition: int, pieces: list[list[np.nda
     return np.concatenate(left), np.concatenate(right)
 
 
+def embedding_samples(pool: Pool, fit_sample: int, seed: int) -> tuple[Counter[str], dict[str, pa.Table]]:
+    """Embedded rows per scoring model, and per model a sample of about ``fit_sample`` of them (uid, row,
+    clip_model, image_embedding), chosen by a seeded hash of the uid: two passes over the parts."""
+    counts: Counter[str] = sum(pool.map(_count_models, None, ["clip_model"]), Counter())
+    if not counts:
+        return counts, {}
+    rates = {model: min(1.0, 1.2 * fit_sample / count) for model, count in counts.items()}
+    sampled = [t for t in pool.map(_sample, (rates, seed), COLUMNS) if t.num_rows]
+    sample = pa.concat_tables(sampled, promote_options="permissive")
+    samples = {}
+    for model in sorted(counts):
+        rows = sample.filter(pc.equal(sample.column("clip_model"), model))
+        rows = rows.take(pc.sort_indices(rows, [("priority", "ascending"), ("uid", "ascending")]))[:fit_sample]
+        if rows.num_rows:  # about 1.2 × fit_sample rows are expected: none only if the model has none left
+            samples[model] = rows
+    return counts, samples
+
+
+def cluster_count(clusters: int | None, rows: int, sampled: int) -> int:
+    """``clusters`` if given, else one per 1000 rows but at most one per 40 sample rows (what faiss wants to fit
+    a centroid); never more than half the sample."""
+    k = clusters or min(rows // 1000, sampled // 40)
+    return max(1, min(k, sampled // 2 or 1))
+
+
+def spherical_centroids(rows: pa.Table, k: int, seed: int) -> np.ndarray:
+    """``k`` spherical k-means (faiss) centroids of the sampled rows' unit embeddings; one zero centroid for k 1."""
+    import faiss
+
+    x = unit_rows(rows.column("image_embedding"))
+    if k < 2:
+        return np.zeros((1, x.shape[1]), np.float32)
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
+    kmeans.train(x)
+    return kmeans.centroids
+
+
 def semantic_pair_rows(pool: Pool, threshold: float, clusters: int | None = None, fit_sample: int = 100_000,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of rows (smaller row first) of one model whose image embeddings have cosine ≥ ``threshold``, as a
     forest: rows linked through others may come as (first member, row) rather than as every pair."""
-    import faiss
-
-    counts: Counter[str] = sum(pool.map(_count_models, None, ["clip_model"]), Counter())
-    if not counts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rates = {model: min(1.0, 1.2 * fit_sample / count) for model, count in counts.items()}
-    sampled = [t for t in pool.map(_sample, (rates, seed), COLUMNS) if t.num_rows]
-    sample = pa.concat_tables(sampled, promote_options="permissive")
+    counts, samples = embedding_samples(pool, fit_sample, seed)
     left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for model in sorted(counts):  # each model its own space: its own k-means and its own shuffle
-        rows = sample.filter(pc.equal(sample.column("clip_model"), model))
-        rows = rows.take(pc.sort_indices(rows, [("priority", "ascending"), ("uid", "ascending")]))[:fit_sample]
-        if not rows.num_rows:  # about 1.2 × fit_sample rows are expected: none only if the model has none left
-            continue
-        x = unit_rows(rows.column("image_embedding"))
-        dim = x.shape[1]
-        k = clusters or min(counts[model] // 1000, len(x) // 40)  # faiss wants ~40 sample rows a centroid
-        k = max(1, min(k, len(x) // 2 or 1))
-        centroids = np.zeros((1, dim), np.float32)
-        if k > 1:
-            kmeans = faiss.Kmeans(dim, k, niter=20, seed=seed, spherical=True, verbose=False)
-            kmeans.train(x)
-            centroids = kmeans.centroids
+    for model, rows in samples.items():  # each model its own space: its own k-means and its own shuffle
+        centroids = spherical_centroids(rows, cluster_count(clusters, counts[model], rows.num_rows), seed)
+        dim = centroids.shape[1]
         itemsize = embedding_matrix(rows.column("image_embedding")[:1]).dtype.itemsize  # as stored: float16
         emitted = (itemsize * dim + 16) * counts[model] / max(1, pool.rows)  # a vector, its row and cluster
         partitions = pool.partitions(counts[model] * 4 * dim, BYTES_PER_TASK)  # float32 while they work

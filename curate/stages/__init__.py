@@ -15,8 +15,9 @@ from curate.stages.download.stage import DownloadStage
 from curate.stages.hash import HashStage
 from curate.stages.rules import RuleFilter
 from curate.stages.score import ScoreStage
+from curate.stages.target import TargetFilter
 
 PER_SAMPLE = (DownloadStage, HashStage, ScoreStage, CaptionStage)
-GLOBAL = (RuleFilter, AlignmentFilter, ConceptFilter, BalanceFilter, DedupExact, DedupPhash, DedupSemantic,
-          Decontaminate)
+GLOBAL = (RuleFilter, AlignmentFilter, ConceptFilter, BalanceFilter, TargetFilter, DedupExact, DedupPhash,
+          DedupSemantic, Decontaminate)
 STAGES: dict[str, type[Stage] | type[GlobalStage]] = {stage.name: stage for stage in (*PER_SAMPLE, *GLOBAL)}

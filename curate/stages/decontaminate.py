@@ -10,7 +10,6 @@ cosine at or above ``semantic_threshold``. ``duplicate_of`` names the eval item 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -19,15 +18,14 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.dedup.bands import DEFAULT_RADIUS, MAX_RADIUS, phash_pair_rows
+from curate.inputs.image_sets import image_set_rows
 from curate.dedup.groups import color_differences
-from curate.errors import CurateError
 from curate.core.pool import Pool
 from curate.dedup.semantic import unit_rows
-from curate.core.stage import OK, GlobalStage, Removals
+from curate.core.stage import GlobalStage, Removals
 from curate.config import StageConfig
 
 REASON = "dedup:eval_contamination"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class DecontaminateConfig(StageConfig):
@@ -41,46 +39,8 @@ class DecontaminateConfig(StageConfig):
 
 
 def eval_rows(spec: str) -> pa.Table:
-    """The eval set as input rows whose image the download stage reads from a local file (offset, size)."""
-    import glob
-
-    path = Path(spec).expanduser()
-    rows: list[dict] = []
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if "image_path" not in table.column_names:
-            raise CurateError(f"decontaminate.eval {spec}: the parquet needs an image_path column")
-        files = [path.parent / p for p in table.column("image_path").to_pylist()]
-    elif path.is_dir() and not any(path.glob("*.tar")):
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        from curate.inputs.shards import iter_shard_rows
-
-        tars = sorted(glob.glob(str(path / "*.tar"))) if path.is_dir() else sorted(glob.glob(str(path)))
-        for tar in tars:
-            with open(tar, "rb") as handle:
-                for batch in iter_shard_rows(tar, handle):
-                    rows += [{"name": f"{Path(tar).name}/{r['source_key']}", "file": tar,
-                              "offset": r["source_offset"], "size": r["source_size"]} for r in batch
-                             if r["source_offset"] is not None]
-        files = []
-    for file in files:
-        if not file.exists():
-            raise CurateError(f"decontaminate.eval {spec}: {file} does not exist")
-        rows.append({"name": str(file.relative_to(path.parent if path.suffix == ".parquet" else path)),
-                     "file": str(file), "offset": 0, "size": file.stat().st_size})
-    if not rows:
-        raise CurateError(f"decontaminate.eval {spec}: no eval images found")
-    n = len(rows)
-    return pa.table({"uid": [f"eval:{r['name']}" for r in rows], "row": pa.array(range(n), pa.int64()),
-                     "url": [None] * n, "caption": [""] * n, "status": [OK] * n,
-                     "reason": pa.nulls(n, pa.string()), "decided_by": pa.nulls(n, pa.string()),
-                     "source_file": [r["file"] for r in rows], "source_offset": pa.array([r["offset"] for r in rows],
-                                                                                          pa.int64()),
-                     "source_size": pa.array([r["size"] for r in rows], pa.int64()),
-                     "source_key": [r["name"] for r in rows]})
+    """The eval set as input rows whose image the download stage reads from a local file."""
+    return image_set_rows(spec, "eval", "decontaminate.eval")
 
 
 class Decontaminate(GlobalStage[DecontaminateConfig]):

@@ -1,7 +1,8 @@
 """Metadata entries for concept balancing (MetaCLIP), and the matcher that finds them in captions.
 
 Entries come from a text file (one per line), from WordNet's noun lemmas (Debian's ``wordnet-base`` installs
-``/usr/share/wordnet/index.noun``; nothing is downloaded at run time), or both. Matching is MetaCLIP's substring
+``/usr/share/wordnet/index.noun``; nothing is downloaded at run time), or both, less single characters and
+English function words. Matching is MetaCLIP's substring
 matching with an Aho-Corasick automaton (pyahocorasick) over the lowercased caption, kept to whole words: an entry
 must start and end at a word boundary (an English plural ending allowed), so ``cat`` is found in ``two cats`` but
 not in ``category``.
@@ -15,6 +16,12 @@ from curate.errors import CurateError
 
 WORDNET_NOUNS = "index.noun"
 MAX_ENTRY_CHARS = 200
+# WordNet lists these as nouns too (the letter a, indium, the Roman 1): as entries they would match nearly every
+# caption, so single characters and English function words are never entries
+FUNCTION_WORDS = frozenset(
+    "a an the in on at of for to from by with and or but not no is are was were be been it its this that these "
+    "those he she they we you i me my our your his her their as up down out over under into onto off about per "
+    "vs via de la le el".split())
 
 
 def read_entries(file: str | None, wordnet: str | None) -> list[str]:
@@ -28,7 +35,7 @@ def read_entries(file: str | None, wordnet: str | None) -> list[str]:
             entries.update(_normal(line) for line in handle)
     if wordnet:
         entries.update(wordnet_nouns(wordnet))
-    entries.discard("")
+    entries = {e for e in entries if len(e) > 1 and e not in FUNCTION_WORDS}
     if not entries:
         raise CurateError("balance: no metadata entries (give entries: a file, wordnet: a folder, or both)")
     return sorted(entries)

@@ -22,7 +22,7 @@ from curate.stages.metadata_entries import build_matcher, matched_entries, read_
 @pytest.fixture
 def entries_file(tmp_path: Path) -> Path:
     path = tmp_path / "entries.txt"
-    path.write_text("Dog\ncat\nbird\n\n  ice   cream \n")
+    path.write_text("Dog\ncat\nbird\n\n  ice   cream \nThe\nx\n")  # a function word and a letter: never entries
     return path
 
 
