@@ -149,7 +149,15 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     except ValidationError as err:
         first = err.errors()[0]
         raise CurateError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    print_comparison(run_experiment(Path(args.output), config, progress=not args.quiet))
+    if args.compare:
+        from curate.train.experiment import compared_arms, print_table
+
+        out = Path(args.output).resolve()
+        results = run_experiment(out, config, progress=not args.quiet,
+                                 extra_arms=compared_arms(out, [Path(p) for p in args.compare]))
+        print_table(results)
+    else:
+        print_comparison(run_experiment(Path(args.output), config, progress=not args.quiet))
     print(f"curves: {Path(args.output).resolve() / 'experiment' / 'curves.png'}")
     return 0
 
@@ -297,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, help="share of kept rows held out when --eval is not given (default 0.1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, help="data loader workers per arm")
+    p.add_argument("--compare", nargs="+", metavar="OUT", help="other finished runs of the same input: one more arm "
+                   "each (its kept rows), all at equal samples seen on the same eval set, in one table")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_experiment)
 

@@ -234,6 +234,46 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def compared_arms(out: Path, others: list[Path]) -> dict[str, set[str]]:
+    """One arm per other finished run of the same pool: the rows it kept, named by its pipeline (its folder's name
+    when two share one). A run of another pool shares no row with ``out``: one clear error."""
+    from curate.core.ledger import read_manifest
+
+    ours = set(read_ledger(out).column("uid").to_pylist())
+    arms: dict[str, set[str]] = {}
+    for other in others:
+        other = Path(other).resolve()
+        manifest = read_manifest(other)
+        if manifest is None:
+            raise CurateError(f"--compare {other}: not a finished run (no manifest.json)")
+        ledger = read_ledger(other).select(["uid", "status"])
+        if not ours & set(ledger.column("uid").to_pylist()):
+            raise CurateError(f"--compare {other}: shares no row with {out}; compare runs of the same input")
+        name = manifest.pipeline if manifest.pipeline not in (*arms, *ARMS, "heldout") else other.name
+        if name in (*arms, *ARMS, "heldout"):
+            raise CurateError(f"--compare {other}: an arm is already named {name!r}; rename the folder")
+        arms[name] = set(ledger.filter(pc.equal(ledger.column("status"), "kept")).column("uid").to_pylist())
+    return arms
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """Every arm side by side, DataComp-style: rows, epochs, each retrieval metric, and the gain over raw."""
+    arms = results["arms"]
+    names = list(arms)
+    raw = arms["raw"]["final"][MEAN_RECALL]
+    width = max(12, *(len(n) + 2 for n in names))
+    print(f"\nexperiment: {results['samples_seen']} samples seen by each arm; eval on {results['eval']['pairs']} "
+          f"held-out pairs ({results['eval']['source']})")
+    print(f"{'':22}" + "".join(f"{n:>{width}}" for n in names))
+    print(f"{'training rows':22}" + "".join(f"{arms[n]['rows']:>{width}}" for n in names))
+    print(f"{'epochs':22}" + "".join(f"{arms[n]['epochs']:>{width}}" for n in names))
+    for key in [k for k in arms["raw"]["final"] if "R@" in k] + [MEAN_RECALL]:
+        label = key.replace("image_to_text_", "image->text ").replace("text_to_image_", "text->image ")
+        print(f"{label:22}" + "".join(f"{arms[n]['final'][key]:>{width}.3f}" for n in names))
+    print(f"{'gain over raw':22}" + "".join(
+        f"{(arms[n]['final'][MEAN_RECALL] - raw) / max(raw, 1e-9):>+{width}.1%}" for n in names))
+
+
 def print_comparison(results: dict[str, Any]) -> str:
     """Prints the side-by-side table; returns the winning arm."""
     raw, curated = (results["arms"][arm] for arm in ARMS)

@@ -90,3 +90,28 @@ def test_refuses_what_cannot_be_compared(scored_run, tmp_path) -> None:
         run_experiment(tmp_path, _settings(), progress=False)
     with pytest.raises(CurateError, match="fewer than batch_size=4096"):
         run_experiment(scored_run, _settings(batch_size=4096), progress=False)
+
+
+def test_compare_trains_one_arm_per_run_at_equal_samples_seen(scored_run, make_pipeline, tiny_clip, tmp_path,
+                                                              capsys) -> None:
+    """A second decision over the same stored rows (a stricter cut) is one more arm, in the same table."""
+    from curate.cli import main
+    from curate.core.redecide import redecide
+
+    stricter = make_pipeline(score=ScoreConfig(model=str(tiny_clip)))
+    stricter.name = "stricter"
+    stricter.stages.append(AlignmentConfig(keep_top=0.3))
+    other = tmp_path / "stricter"
+    redecide(stricter, scored_run, other, local=True)
+    assert main(["experiment", str(scored_run), "--compare", str(other), "--steps", "6", "--batch-size", "8",
+                 "--eval-every", "3", "--holdout", "0.2", "--device", "cpu", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "stricter" in shown and "gain over raw" in shown
+    results = json.loads((scored_run / "experiment" / "results.json").read_text())
+    assert list(results["arms"]) == ["raw", "curated", "stricter"]
+    assert {arm["log"][-1]["samples_seen"] for arm in results["arms"].values()} == {6 * 8}
+    kept = read_ledger(other).filter(pc.equal(read_ledger(other).column("status"), "kept")).num_rows
+    assert results["arms"]["stricter"]["rows"] <= kept and \
+        results["arms"]["stricter"]["rows"] < results["arms"]["curated"]["rows"]  # top 30%, not top half
+    assert main(["experiment", str(scored_run), "--compare", str(tmp_path), "--quiet"]) == 2
+    assert "not a finished run" in capsys.readouterr().err
