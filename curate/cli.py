@@ -127,6 +127,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from curate.models.clip import ClipSpec
     from curate.train.eval import evaluate, print_table
 
+    if bool(args.data) == bool(args.suite):
+        raise CurateError("eval: give --data (one eval set) or --suite (a folder of sets), not both or neither")
+    if args.suite:
+        from curate.train.eval_suite import evaluate_suite, print_suite
+
+        results = evaluate_suite(ClipSpec(args.model, args.pretrained, args.architecture_file, args.family),
+                                 args.suite)
+        print_suite(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
     results = evaluate(ClipSpec(args.model, args.pretrained, args.architecture_file, args.family), args.data,
                        classnames=classes, templates=args.template or ["a photo of a {}."], label_key=args.label_key)
@@ -286,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="auto", help="model family: open_clip, transformers, or auto (default)")
     p.add_argument("--pretrained", help="tag or weights file, for an architecture name")
     p.add_argument("--architecture-file", help="model-config JSON of a custom architecture")
-    p.add_argument("--data", required=True, help="eval shards (folder/glob) or a parquet of image_path, caption")
+    p.add_argument("--data", help="eval shards (folder/glob) or a parquet of image_path, caption")
+    p.add_argument("--suite", help="a folder of eval sets in clip_benchmark's WebDataset layout (<set>/test/*.tar, "
+                   "classnames.txt, zeroshot_classification_templates.txt, dataset_type.txt): each set and the mean")
     p.add_argument("--classes", help="comma-separated class names: adds zero-shot accuracy over the samples' labels")
     p.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
     p.add_argument("--label-key", default="label", help="the label's key in each sample's .json or parquet column")
