@@ -9,8 +9,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-# --no-compile: byte-compiling every file of torch and Ray costs a fresh machine a minute; imports compile lazily
-"$VENV/bin/python" -m pip install --quiet --no-compile -e '.[test]'
+# byte-compiled at install (pip's default): where PYTHONDONTWRITEBYTECODE is set, nothing is compiled later, and
+# every Ray worker and subprocess would compile torch and Ray from source again (it doubled the suite's time)
+"$VENV/bin/python" -m pip install --quiet -e '.[test]'
 
 # The HTML report is checked in a real browser: headless Chromium from Debian's packages.
 if ! command -v chromium > /dev/null; then
