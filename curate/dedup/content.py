@@ -90,20 +90,24 @@ def verified_links(max_difference: float, max_color_difference: float, centre: n
     """The ``links`` of decide_groups for content candidates: a candidate is an edge when the thumbnails, registered,
     differ by at most ``max_difference`` in every block and the colour grids by at most ``max_color_difference``.
     ``centre`` and ``mirrored`` are aligned with the candidates' pairs."""
-    from curate.dedup.fingerprints import COLOR_GRID, THUMBNAIL, thumbnails, verify
+    from curate.dedup.fingerprints import COLOR_GRID, coarse, content_thumbnails, thumbnails, verify
 
     def links(info: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        grey = thumbnails(info.column("content_thumbnail").to_pylist(), THUMBNAIL)
+        grey, old = content_thumbnails(info.column("content_thumbnail").to_pylist())
         colors = thumbnails(info.column("content_colors").to_pylist(), COLOR_GRID, 3)
         accepted = np.zeros(len(left), dtype=bool)
         for start in range(0, len(left), VERIFY_CHUNK):
             part = slice(start, start + VERIFY_CHUNK)
             a, b = left[part], right[part]
-            difference, colour = verify(grey[a], grey[b], colors[a], colors[b], centre[part], mirrored[part])
+            grey_a, grey_b = grey[a], grey[b]
+            mixed = old[a] | old[b]  # a side stored at 16 px: both compared at that detail
+            if mixed.any():
+                grey_a[mixed], grey_b[mixed] = coarse(grey_a[mixed]), coarse(grey_b[mixed])
+            difference, colour = verify(grey_a, grey_b, colors[a], colors[b], centre[part], mirrored[part])
             accepted[part] = (difference <= max_difference) & (colour <= max_color_difference)
         return left[accepted], right[accepted]
     return links
 
 
-VERIFY_CHUNK = 20_000  # candidate pairs registered at once: each of the 49 window tries samples 20k × 16 × 16
-# floats (20 MB) and a few temporaries of that size
+VERIFY_CHUNK = 5_000  # candidate pairs registered at once: each of the 49 window tries samples 5k × 32 × 32
+# floats (40 MB) and a few temporaries of that size

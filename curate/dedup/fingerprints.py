@@ -12,9 +12,13 @@ inside it), alternately, up to four times. Then it stores:
   roughly symmetric drawing are near zero and flip under a re-encode (a thin-lined bicycle moved 26 bits under JPEG
   q75); the cells' ink does not. A view with no contrast left (the white inside of an outlined square) has no
   hash: it would match every other blank view.
-- ``content_thumbnail`` (16 × 16 grey, strokes thickened first) and ``content_colors`` (8 × 8 RGB) of the box
-  stretched to a square: the second check, independent of the hash, that two rows must pass before they are
-  linked (``verify`` below).
+- ``content_thumbnail`` (32 × 32 grey, strokes thickened) and ``content_colors`` (8 × 8 RGB) of the box stretched to a
+  square: the second check, independent of the hash, that two rows must pass before they are linked (``verify``
+  below). 32 px compared in 4 × 4 pixel blocks sees details that tell look-alike designs apart (a ring of small
+  stars from four large ones) which 16 px blurred away. Strokes are thickened (a 3-pixel minimum filter) after the
+  box is stretched to 128 px, so by the same share of the drawing at any stored size (the 16 px thumbnail
+  thickened them at the stored size, which made a half-size copy darker than its original). Thumbnails stored at
+  16 × 16 by earlier runs are still read, upsampled.
 - ``content_fraction``: the share of the image's pixels that differ from its background colour: near zero for a
   transparent PNG flattened to white, one flat colour or a speck on a page (the rules stage's low-information rule).
 """
@@ -30,7 +34,9 @@ CENTRE = {"box": 1.0, "centre_90": 0.9, "centre_80": 0.8, "mirror": 1.0, "box_me
 TOLERANCE = 32  # a channel this far from the background colour is content (JPEG noise and ringing stay below it)
 FRAME_EDGE = 2  # pixels stepped over inside a stripped frame: resizing and JPEG blend its inner edge
 MIN_VIEW_STD = 8.0  # grey standard deviation of a view below which it is blank and gets no hash
-THUMBNAIL, COLOR_GRID = 16, 8
+THUMBNAIL, COLOR_GRID = 32, 8
+OLD_THUMBNAIL = 16  # the side runs stored before the 32 px thumbnails used
+WORKING_SIDE = 128  # the content box is stretched to this square before its strokes are thickened
 
 
 @dataclass(frozen=True)
@@ -122,17 +128,30 @@ def content_print(rgb: object) -> ContentPrint:
     pixels = np.asarray(rgb)
     box = rgb.crop(content_box(pixels))  # type: ignore[attr-defined]
     codes: list[int | None] = []
-    # strokes thickened first: a 1-pixel line keeps its ink at 16 × 16 instead of fading into noise
     grey_box = box.convert("L")
+    # strokes thickened at one working scale, whatever the stored size: a thin line keeps its ink at 32 px, and a
+    # half-size copy is thickened exactly as much as its original
+    working = grey_box.resize((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BILINEAR)
+    # only dark strokes on light are thickened: where the drawing's own edge is dark the minimum would erase light
+    # details (the stars on a flag)
+    if _edge_grey(np.asarray(working)) >= 128:
+        working = working.filter(ImageFilter.MinFilter(3))
+    thumbnail = working.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    # the mean hash keeps its 16 px cells of strokes thickened at the stored scale (the search's codes unchanged)
     inked = grey_box.filter(ImageFilter.MinFilter(3)) if min(box.size) >= 12 else grey_box
-    thumbnail = inked.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    cells = inked.resize((OLD_THUMBNAIL, OLD_THUMBNAIL), Image.Resampling.BOX)
     for view in VIEWS[:4]:
         part = ImageOps.mirror(grey_box) if view == "mirror" else _centre(grey_box, CENTRE[view])
         grey = np.asarray(_square(part).resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
         codes.append(dct_hash(grey) if grey.std() >= MIN_VIEW_STD else None)
-    codes.append(mean_hash(np.asarray(thumbnail, dtype=np.float32)))
+    codes.append(mean_hash(np.asarray(cells, dtype=np.float32)))
     colors = box.resize((COLOR_GRID, COLOR_GRID), Image.Resampling.BOX).tobytes()
     return ContentPrint(codes, thumbnail.tobytes(), colors, content_fraction(pixels))
+
+
+def _edge_grey(grey: np.ndarray) -> float:
+    """The median of a grey image's outer ring: white between the strokes of line art, the field of a flag."""
+    return float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
 
 
 def mean_hash(grey: np.ndarray) -> int | None:
@@ -150,8 +169,8 @@ def mean_hash(grey: np.ndarray) -> int | None:
 # matched (its centre 100%, 90% or 80%), a little larger or smaller and shifted, so a copy cropped unevenly or
 # trimmed a pixel differently still lines up; the largest mean difference of any block of the best window is what a
 # local change (a different mouth, a clock's hands, a flag's emblem) shows and a re-encode does not.
-BLOCKS = 4  # the thumbnails' 16 × 16 pixels are compared in 4 × 4 blocks of 4 × 4
-BLUR = 0.7  # pixels of Gaussian blur on the normalised thumbnails before they are compared
+BLOCKS = 8  # the thumbnails' 32 × 32 pixels are compared in 8 × 8 blocks of 4 × 4
+BLUR = 1.4  # pixels of Gaussian blur on the normalised thumbnails before they are compared
 
 
 def _sample(images: np.ndarray, windows: np.ndarray, out: int) -> np.ndarray:
@@ -195,6 +214,28 @@ def _normalised(grey: np.ndarray) -> np.ndarray:
 def thumbnails(blobs: list[bytes], size: int, channels: int = 1) -> np.ndarray:
     shape = (len(blobs), size, size) if channels == 1 else (len(blobs), size, size, channels)
     return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(shape).astype(np.float32)
+
+
+def content_thumbnails(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The stored grey content thumbnails at THUMBNAIL² (n, side, side), and which of them were stored at 16 × 16 by
+    a run before the 32 px thumbnails (kept on resume): those are upsampled by repeating pixels."""
+    old = np.array([len(blob) == OLD_THUMBNAIL ** 2 for blob in blobs], dtype=bool)
+    if not old.any():
+        return thumbnails(blobs, THUMBNAIL), old
+    out = np.empty((len(blobs), THUMBNAIL, THUMBNAIL), dtype=np.float32)
+    if (~old).any():
+        out[~old] = thumbnails([b for b, o in zip(blobs, old) if not o], THUMBNAIL)
+    out[old] = coarse(thumbnails([b for b, o in zip(blobs, old) if o], OLD_THUMBNAIL))
+    return out, old
+
+
+def coarse(thumbs: np.ndarray) -> np.ndarray:
+    """Thumbnails at the detail of 16 × 16 ones, at THUMBNAIL²: a pair with an old 16 px side is compared so."""
+    factor = THUMBNAIL // OLD_THUMBNAIL
+    if thumbs.shape[1] == THUMBNAIL:
+        n = len(thumbs)
+        thumbs = thumbs.reshape(n, OLD_THUMBNAIL, factor, OLD_THUMBNAIL, factor).mean(axis=(2, 4))
+    return thumbs.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
 def _block_worst(difference: np.ndarray) -> np.ndarray:

@@ -41,12 +41,14 @@ class DedupPhashConfig(StageConfig):
                         "candidates' 64-bit pHashes (8 finds re-encodes, resizes, borders and most 5-10% crops on the "
                         "development pool; 10 adds a few crops and costs more tables; above 12 the banding search "
                         "needs thousands of tables)")
-    max_difference: float = Field(7.5, ge=0, le=255, description="largest mean difference of any 4 × 4 block of "
-                                  "two candidates' registered 16 × 16 content thumbnails (contrast-normalised, 0-255 "
-                                  "scale). On the development pool 7.5 leaves 82% of duplicate groups with one "
-                                  "survivor while 5.7% of removals point at a different picture (the issue's "
-                                  "5-copy protocol: 87% and 3.1%); 6 gives 76% and 4.1%, 10 gives 82.5% and 7.6% "
-                                  "(benchmarks/efficacy.py)")
+    max_difference: float = Field(11.0, ge=0, le=255, description="largest mean difference of any 4 × 4 pixel "
+                                  "block of two candidates' registered 32 × 32 content thumbnails (contrast-"
+                                  "normalised, 0-255 scale). On the development pool 11 leaves 83% of duplicate "
+                                  "groups with one survivor while 4.7% of removals point at a different picture (the "
+                                  "issue's 5-copy protocol: 90% and 2.2%); 13 gives 83% and 6.0% (93% and 3.1%), 15 "
+                                  "83% and 7.2% (94% and 4.1%). What is still merged is near-identical designs (skin-"
+                                  "tone and gender variants of one emoji, flags that differ by a shade); what is still "
+                                  "missed is mostly mirrored copies (benchmarks/efficacy.py)")
     content: bool = Field(True, description="use the content fingerprints when the pool stores them; false: "
                           "whole-image pHashes and colour grids only, as before them (for comparison)")
     mirror: bool = Field(False, description="also link mirrored copies. Off by default: on drawings and symbols "

@@ -341,3 +341,59 @@ def test_parts_hashed_before_the_content_fingerprints_take_the_whole_image_path(
         decided = DedupPhash(DedupPhashConfig()).decide_pool(pool).table
     groups = [{u, d} for u, d in zip(decided.column("uid").to_pylist(), decided.column("duplicate_of").to_pylist())]
     assert sorted(map(sorted, groups)) == [["o0", "o0_as_png"], ["o1", "o1_jpeg_q40"]]
+
+
+def _flag(stars: str, size: tuple[int, int] = (480, 320)) -> Image.Image:
+    """A flag with a crossed canton and, on the fly, either a ring of twelve small stars or four large ones: two
+    designs as alike as the development pool's look-alike flags (New Zealand and the Cook Islands)."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", size, (20, 40, 140))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.line((0, 0, w // 2, h // 2), fill="white", width=14)
+    draw.line((0, h // 2, w // 2, 0), fill="white", width=14)
+    draw.line((w // 4, 0, w // 4, h // 2), fill=(200, 20, 40), width=12)
+    draw.line((0, h // 4, w // 2, h // 4), fill=(200, 20, 40), width=12)
+    cx, cy = 3 * w // 4, h // 2
+    if stars == "ring":
+        for k in range(12):
+            x, y = cx + 70 * np.cos(2 * np.pi * k / 12), cy + 70 * np.sin(2 * np.pi * k / 12)
+            draw.ellipse((x - 8, y - 8, x + 8, y + 8), fill="white")
+    else:
+        for x, y in ((cx, cy - 70), (cx - 60, cy), (cx + 60, cy - 10), (cx, cy + 70)):
+            draw.ellipse((x - 14, y - 14, x + 14, y + 14), fill=(220, 30, 40), outline="white", width=4)
+    return image
+
+
+def test_look_alike_designs_stay_apart_while_their_half_size_copies_join_them() -> None:
+    """Two flags that differ only in the stars on the fly: at 16 px the second check saw one flag and merged all six
+    rows; the 32 px thumbnail, compared in 4 × 4 pixel blocks, keeps the designs apart and still joins each one's
+    half-size and JPEG q40 copies to it."""
+    images = {}
+    for kind in ("ring", "four"):
+        flag = _flag(kind)
+        w, h = flag.size
+        images[kind] = _encode(flag, "PNG")
+        images[f"{kind}_half"] = _encode(flag.resize((w // 2, h // 2), Image.Resampling.BILINEAR), quality=90)
+        images[f"{kind}_q40"] = _encode(flag, quality=40)
+    table = _hashed(_as_stored(images))
+    removed = _removed(DedupPhash(DedupPhashConfig()), table)
+    assert removed == {"ring_half": "ring", "ring_q40": "ring", "four_half": "four", "four_q40": "four"}
+
+
+def test_thumbnails_stored_at_16_px_by_earlier_runs_are_still_compared() -> None:
+    """A resumed run may hold parts hashed when thumbnails were 16 × 16: they are read next to the 32 px ones
+    at that detail, so a copy in an old part still joins its original in a new one."""
+    from curate.dedup.fingerprints import THUMBNAIL, content_thumbnails
+
+    table = _hashed(_as_stored({"ring": _encode(_flag("ring"), "PNG"), "copy": _encode(_flag("ring"), quality=60)}))
+    new = table.column("content_thumbnail").to_pylist()
+    assert {len(blob) for blob in new} == {THUMBNAIL ** 2}
+    small = Image.frombytes("L", (THUMBNAIL, THUMBNAIL), new[1]).resize((16, 16), Image.Resampling.BOX).tobytes()
+    mixed, old = content_thumbnails([new[0], small])
+    assert mixed.shape == (2, THUMBNAIL, THUMBNAIL) and old.tolist() == [False, True]
+    old = table.set_column(table.column_names.index("content_thumbnail"), "content_thumbnail",
+                           pa.array([new[0], small], pa.binary()))
+    assert _removed(DedupPhash(DedupPhashConfig()), table) == {"ring": "copy"}  # the smaller uid survives
+    assert _removed(DedupPhash(DedupPhashConfig()), old) == {"ring": "copy"}
