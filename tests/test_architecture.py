@@ -48,8 +48,9 @@ FORBIDDEN = [
 ]
 ALLOWED_ONLY = [
     ("curate.report", ("curate.report", "curate.errors", "curate.core.ledger", "curate.core.schema",
-                       "curate.core.parts", "curate.core.atomic"),
-     "the report reads a run's outputs (manifest, ledger, parts, shards), not the stage classes"),
+                       "curate.core.parts", "curate.core.atomic", "curate.stages.metadata_entries"),
+     "the report reads a run's outputs (manifest, ledger, parts, shards), not the stage classes (it may match "
+     "captions against a run's balance entries as the stage did)"),
     ("curate.models", ("curate.models", "curate.errors", "curate.core.atomic"),
      "models know nothing of pipelines, stages or training"),
     ("curate.config", ("curate.errors",), "config is data: binding stage names to classes is curate.core.pipeline's"),

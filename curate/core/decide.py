@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from curate.core import fan_out
 from curate.core import parts as part_store
 from curate.config import PipelineConfig, RayConfig
+from curate.core.atomic import atomic_file
 from curate.core.embeddings import EmbeddingWriter
-from curate.core.ledger import MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
+from curate.core.ledger import DECISION_TABLES, MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
 from curate.core.pool import Pool
 from curate.core.schema import LEDGER_SCHEMA
 from curate.core.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
@@ -205,6 +206,7 @@ def decide_and_write(
     with fan_out.in_process(not fan):
         decisions, would_reject = run_global_stages(parts, global_stages, stages)
     decide_seconds = time.perf_counter() - decide_start
+    write_decision_tables(out, global_stages)
 
     written = write_outputs(out, parts, decisions, decision_columns(global_stages), config, local)
     ledger, stopped_by, seconds = written.ledger, written.stopped_by, written.seconds
@@ -238,6 +240,22 @@ def decide_and_write(
                            "refusing to publish")
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def write_decision_tables(out: Path, global_stages: list[GlobalStage]) -> None:
+    """Each stage's ``tables()`` as OUT/decisions/NAME.parquet; a table an earlier decision wrote and this one did
+    not is removed, so what is there describes this run."""
+    folder = out / DECISION_TABLES
+    written = set()
+    for stage in global_stages:
+        for name, table in stage.tables().items():
+            folder.mkdir(exist_ok=True)
+            with atomic_file(folder / f"{name}.parquet") as handle:
+                pq.write_table(table, handle)
+            written.add(f"{name}.parquet")
+    for stale in folder.glob("*.parquet") if folder.exists() else []:
+        if stale.name not in written:
+            stale.unlink()
 
 
 @dataclass

@@ -19,6 +19,7 @@ from curate.core.stage import FINAL_STATUSES, KEPT
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.parquet"
+DECISION_TABLES = "decisions"  # OUT/decisions/NAME.parquet: what a global stage saw (curate.core.stage.GlobalStage.tables)
 
 
 class ShardEntry(BaseModel):

@@ -218,6 +218,11 @@ class GlobalStage(ABC, Generic[ConfigT]):
         """Extra ledger columns this stage fills (e.g. the uid a duplicate points to)."""
         return {}
 
+    def tables(self) -> dict[str, pa.Table]:
+        """After deciding: small tables of what the decision saw, by name, that the run stores as
+        OUT/decisions/NAME.parquet for the report and `curate why` (balance: each entry's rows before and after)."""
+        return {}
+
     def decide(self, metadata: pa.Table) -> Removals:
         """Given the live rows (``status == "ok"``) with the columns of ``inputs()`` (and of ``optional_inputs()``
         the pipeline stores), return the rows this stage removes, each with its reason and ``outputs()`` columns.

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from curate.core import parts as part_store
 from curate.core.atomic import write_text_atomic
 from curate.errors import CurateError
-from curate.core.ledger import Manifest, read_ledger, read_manifest
+from curate.core.ledger import DECISION_TABLES, Manifest, read_ledger, read_manifest
 
 PER_GALLERY = 16  # thumbnails per reason
 NEAR = 8  # rows each side of a threshold
@@ -146,6 +146,36 @@ def _histograms(stored: pa.Table, ledger_status: dict[str, str], cuts: dict[str,
     return "".join(charts), effective
 
 
+def _balance_section(out: Path, manifest: Manifest) -> str:
+    """Concept balancing: every entry's live rows before and rows kept after, by rank (log-log), the cap t drawn
+    in; and the head entries' counts. Empty when the run has no balance stage."""
+    path = out / DECISION_TABLES / "balance_entries.parquet"
+    config = next((s for s in manifest.config.get("stages", []) if s.get("stage") == "balance"), None)
+    if config is None or not path.exists():
+        return ""
+    import matplotlib.pyplot as plt
+
+    table = pq.read_table(path)
+    before = np.sort(table.column("rows").to_numpy())[::-1]
+    after = np.sort(table.column("kept").to_numpy())[::-1]
+    t = config.get("max_per_entry")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ranks = np.arange(1, len(before) + 1)
+    ax.loglog(ranks, before, label="live rows before", color="#d98b5f")
+    ax.loglog(ranks, np.maximum(after, 0.8), label="rows kept after", color="#4a7bb7")  # 0 kept drawn at the axis
+    if t:
+        ax.axhline(t, color="black", linestyle="--", linewidth=1, label=f"t = {t}")
+    ax.set_xlabel("entry rank")
+    ax.set_ylabel("rows holding the entry")
+    ax.set_title(f"{len(before)} entries held by some caption")
+    ax.legend(fontsize=8)
+    head = table.take(pc.sort_indices(table, [("rows", "descending"), ("entry", "ascending")])).slice(0, 15)
+    lines = "".join(f"<tr><td>{html.escape(r['entry'])}</td><td>{r['rows']}</td><td>{r['kept']}</td></tr>"
+                    for r in head.to_pylist())
+    return (f"<h2 id='balance'>Concept balance</h2>{_png(fig)}<table class='counts'><tr><th>entry</th>"
+            f"<th>rows before</th><th>kept</th></tr>{lines}</table>")
+
+
 def write_report(out: Path, path: Path) -> Path:
     out = Path(out)
     manifest = read_manifest(out)
@@ -190,6 +220,9 @@ def write_report(out: Path, path: Path) -> Path:
     sections = [f"<h2 id='funnel'>Funnel</h2>{_funnel_chart(manifest)}", _counts(manifest)]
     if histograms:
         sections.append(f"<h2 id='scores'>Scores</h2>{histograms}")
+    balance = _balance_section(out, manifest)
+    if balance:
+        sections.append(balance)
     sections.append("<h2 id='reasons'>By reason</h2>")
     for reason, uids in gallery.items():
         cards = "".join(_card(by_uid[u], images.get(u), html.escape((by_uid[u].get("url") or "")[-48:]))
@@ -267,7 +300,8 @@ table {{ border-collapse: collapse; }} td, th {{ border-bottom: 1px solid #ddd; 
 .chart {{ max-width: 100%; }}
 </style></head><body>
 <h1>{title}</h1>
-<nav><a href="#funnel">funnel</a> · <a href="#scores">scores</a> · <a href="#reasons">by reason</a> ·
+<nav><a href="#funnel">funnel</a> · <a href="#scores">scores</a> · <a href="#balance">balance</a> ·
+<a href="#reasons">by reason</a> ·
 <a href="#near">near the threshold</a> · <a href="#duplicates">duplicates</a> · <a href="#captions">captions</a> ·
 <a href="#ledger">ledger</a></nav>
 {body}

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from curate.core import parts as part_store
 from curate.errors import CurateError
-from curate.core.ledger import Manifest, read_ledger, read_manifest
+from curate.core.ledger import DECISION_TABLES, Manifest, read_ledger, read_manifest
 from curate.report.terminal import printable
 from curate.core.schema import BASE_COLUMNS, is_embedding_column
 
@@ -58,6 +58,19 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def balance_entries_of(out: Path, manifest: Manifest, caption: str | None) -> list[tuple[str, int, int]]:
+    """The balance entries ``caption`` holds, as the run's balance stage matched them, each with the live rows
+    that held it and the rows kept after balancing (OUT/decisions/balance_entries.parquet); [] without one."""
+    path = out / DECISION_TABLES / "balance_entries.parquet"
+    if not caption or not path.exists() or not any(s.name == "balance" for s in manifest.stages):
+        return []
+    from curate.stages.metadata_entries import build_matcher, matched_entries
+
+    table = pq.read_table(path).to_pylist()
+    found = matched_entries(build_matcher([r["entry"] for r in table]), caption)
+    return [(table[i]["entry"], table[i]["rows"], table[i]["kept"]) for i in found]
+
+
 def print_why(out: Path, key: str) -> int:
     out = Path(out)
     manifest = read_manifest(out)
@@ -79,6 +92,10 @@ def print_why(out: Path, key: str) -> int:
         embedded = [c for c in stored if is_embedding_column(c) and stored[c] is not None]
         if embedded:
             print(f"  [embeddings] {', '.join(embedded)} (in {out / 'embeddings'})")
+        entries = balance_entries_of(out, manifest, stored.get("caption", row["caption"]))
+        if entries:
+            print("  [balance] entries: " + ", ".join(f"{printable(e)} ({rows} rows, {kept} kept)"
+                                                     for e, rows, kept in entries))
         decided = row.get("decided_by") or stored.get("decided_by")
         print(f"  decision: {row['status']}" + (f" — {row['reason']}" if row["reason"] else "")
               + (f" (by {decided})" if decided else ""))

@@ -10,6 +10,7 @@ not in ``category``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from curate.errors import CurateError
@@ -24,9 +25,10 @@ FUNCTION_WORDS = frozenset(
     "vs via de la le el".split())
 
 
-def read_entries(file: str | None, wordnet: str | None) -> list[str]:
-    """The distinct entries, lowercased and sorted, from ``file`` and the WordNet folder ``wordnet``."""
-    entries: set[str] = set()
+def read_entries(file: str | None, wordnet: str | None, more: Iterable[str] = ()) -> list[str]:
+    """The distinct entries, lowercased and sorted, from ``file``, the WordNet folder ``wordnet`` and ``more``
+    (the pool's n-grams)."""
+    entries: set[str] = {_normal(entry) for entry in more}
     if file:
         path = Path(file).expanduser()
         if not path.is_file():
@@ -37,7 +39,8 @@ def read_entries(file: str | None, wordnet: str | None) -> list[str]:
         entries.update(wordnet_nouns(wordnet))
     entries = {e for e in entries if len(e) > 1 and e not in FUNCTION_WORDS}
     if not entries:
-        raise CurateError("balance: no metadata entries (give entries: a file, wordnet: a folder, or both)")
+        raise CurateError("balance: no metadata entries (give entries: a file, wordnet: a folder, pool_ngrams: "
+                          "the pool's n-grams with a lower min_rows, or several)")
     return sorted(entries)
 
 
