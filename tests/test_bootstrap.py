@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.demo.pool import make_pool, write_url_list
+from curate.demo.pool import make_pool
 from curate.demo.server import FaultServer
 from curate.core.embeddings import read_embeddings
 from curate.errors import CurateError
@@ -107,10 +107,11 @@ def test_a_pool_with_nothing_to_train_on_still_finishes(make_pipeline, url_list,
 def test_on_ray_the_driver_neither_trains_nor_scores(shuffled_pool, make_pipeline, ray_session, tmp_path,
                                                      monkeypatch) -> None:
     """Fold tars, fold trainings and the scoring of the stored parts (round 1's, to pick what round 2 trains on,
-    and the last round's) run as Ray tasks: in the driver all are made to fail (Ray workers import their own,
+    and the last round's), and the bootstrapped captioners' trainings and captioning, run as Ray tasks: in the driver all are made to fail (Ray workers import their own,
     untouched modules), and the run still scores every row."""
     import curate.train.bootstrap
     import curate.train.loop
+    from curate.stages.caption import CaptionConfig, CaptionStage
     from curate.stages.score import ScoreStage
 
     def not_here(*args, **kwargs):
@@ -119,15 +120,100 @@ def test_on_ray_the_driver_neither_trains_nor_scores(shuffled_pool, make_pipelin
     monkeypatch.setattr(curate.train.loop, "train", not_here)
     monkeypatch.setattr(curate.train.bootstrap, "write_pair_tars", not_here)
     monkeypatch.setattr(ScoreStage, "setup", not_here)
+    monkeypatch.setattr(CaptionStage, "setup", not_here)
     urls, _ = shuffled_pool
     score = ScoreConfig(model="bootstrap", bootstrap={"folds": 2, "steps": 10, "batch_size": 32, "rounds": 2})
+    pipeline = make_pipeline("input.rows_per_chunk=100", score=score)
+    pipeline.stages.append(CaptionConfig(model="bootstrap", bootstrap={"steps": 4, "batch_size": 16},
+                                         generation={"max_new_tokens": 4, "num_beams": 1}))
     out = tmp_path / "run"
-    run_pipeline(make_pipeline("input.rows_per_chunk=100", score=score), input_path=str(urls), output=out,
-                 progress=False)
+    run_pipeline(pipeline, input_path=str(urls), output=out, progress=False)
     assert check_run(out) == []
     index = pa.concat_tables([pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))])
     assert index.num_rows > 0 and index.column("clip_score").null_count == 0
+    # the captioners trained and captioned in tasks too: the rows outside each fold's top 70% have a new caption
+    assert index.column("caption_source").null_count == 0
+    synthetic = index.column("synthetic_caption")
+    assert 0.2 * index.num_rows < len(synthetic) - synthetic.null_count
+    assert (out / "bootstrap" / "captioners" / "model_1").exists()
     models = set(index.column("clip_model").to_pylist())
     # one per fold, of the last round
     assert len(models) == 2 and all(f"{out / 'bootstrap' / 'round_2'}/model_" in m for m in models)
     assert (out / "bootstrap" / "scores.parquet").exists()  # round 1 scored the pool to pick round 2's rows
+
+
+def test_bootstrapped_captioners_rescue_rows_below_their_folds_cut(shuffled_pool, make_pipeline, tmp_path) -> None:
+    """caption.model: bootstrap after a bootstrapped score: CoCas trained on each fold's most trusted rows caption
+    the rows outside their fold's top share, each row by the captioner and scorer of its own fold (never one that
+    trained on it), and a row keeps the caption that scores higher."""
+    from curate.stages.alignment import AlignmentConfig
+    from curate.stages.caption import CaptionConfig
+    from curate.train.bootstrap import fold_of
+
+    urls, _ = shuffled_pool
+    score = ScoreConfig(model="bootstrap", bootstrap={"folds": 3, "steps": 30, "batch_size": 32})
+    caption = CaptionConfig(model="bootstrap", rescue_outside_top=0.7,
+                            bootstrap={"steps": 12, "batch_size": 16, "trust_top": 0.5},
+                            generation={"max_new_tokens": 6, "num_beams": 1})
+    assert caption.mode == "rescue"  # CapFilt's default use
+
+    def config():
+        pipeline = make_pipeline("input.rows_per_chunk=100", score=score)
+        pipeline.stages += [caption, AlignmentConfig(keep_top=0.7)]
+        return pipeline
+
+    out = tmp_path / "run"
+    run_pipeline(config(), input_path=str(urls), output=out, local=True, progress=False)
+    assert check_run(out) == []
+    columns = ["uid", "caption", "original_caption", "synthetic_caption", "caption_source", "caption_model",
+               "clip_score", "raw_clip_score", "synthetic_clip_score", "clip_model"]
+    stored = pa.concat_tables([pq.read_table(p, columns=columns) for p in sorted((out / "parts").glob("*.parquet"))])
+    rows = [r for r in stored.to_pylist() if r["raw_clip_score"] is not None]
+    assert len(rows) > 100
+    # the captioners trained on each fold's top half by score: tars hold only trusted rows, of their own fold
+    for tar in sorted((out / "bootstrap" / "captioners").glob("fold_*.tar")):
+        fold = int(tar.name.split("_")[1].split("-")[0])
+        with tarfile.open(tar) as t:
+            assert {fold_of(m.name.split(".")[0], 3) for m in t if m.name.endswith(".txt")} <= {fold}
+    by_model: dict[str, list[float]] = {}
+    for r in rows:
+        by_model.setdefault(r["clip_model"], []).append(r["raw_clip_score"])
+    for r in rows:
+        fold_scores = np.sort(by_model[r["clip_model"]])[::-1]
+        cut = fold_scores[max(0, int(np.ceil(0.7 * len(fold_scores))) - 1)]
+        rescued = r["synthetic_caption"] is not None
+        assert rescued == (r["raw_clip_score"] < cut - 1e-6) or abs(r["raw_clip_score"] - cut) < 1e-4, r
+        if rescued:  # by its own fold's captioner, scored by its own fold's scorer
+            assert f"captioners/model_{fold_of(r['uid'], 3)}" in r["caption_model"], r["caption_model"]
+            assert r["synthetic_clip_score"] is not None
+            synthetic_won = r["synthetic_clip_score"] > r["raw_clip_score"]
+            assert r["caption_source"] == ("synthetic" if synthetic_won else "raw")
+            assert r["clip_score"] == pytest.approx(max(r["synthetic_clip_score"], r["raw_clip_score"]), abs=1e-6)
+            assert r["caption"] == (r["synthetic_caption"] if synthetic_won else r["original_caption"])
+    assert sum(r["synthetic_caption"] is not None for r in rows) >= 0.2 * len(rows)
+    # a rerun trains and captions nothing again
+    before = {p: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")}
+    run_pipeline(config(), input_path=str(urls), output=out, local=True, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")} == before
+
+
+def test_bootstrapped_captioners_need_a_bootstrapped_score_and_a_coca() -> None:
+    from curate.core.pipeline import validate_pipeline
+
+    def pipeline(*stages: dict) -> dict:
+        return {"name": "p", "input": {"path": "x.parquet"}, "output": {"path": "out"},
+                "stages": [{"stage": "download"}, *stages]}
+
+    with pytest.raises(CurateError, match="put a score stage with model: bootstrap before caption"):
+        validate_pipeline(pipeline({"stage": "score", "model": "ViT-B-32"},
+                                   {"stage": "caption", "model": "bootstrap"}), "p.yaml")
+    with pytest.raises(CurateError, match="curate-tiny is not a CoCa"):
+        validate_pipeline(pipeline({"stage": "score", "model": "bootstrap"},
+                                   {"stage": "caption", "model": "bootstrap",
+                                    "bootstrap": {"architecture": "curate-tiny"}}), "p.yaml")
+    with pytest.raises(CurateError, match="rescue_outside_top ranks rows by their fold's scores"):
+        validate_pipeline(pipeline({"stage": "score"}, {"stage": "caption", "model": "m", "mode": "rescue",
+                                                        "rescue_outside_top": 0.7}), "p.yaml")
+    config = validate_pipeline(pipeline({"stage": "score", "model": "bootstrap"},
+                                        {"stage": "caption", "model": "bootstrap"}), "p.yaml")
+    assert (config.stages[2].mode, config.stages[2].rescue_outside_top) == ("rescue", 0.7)

@@ -334,8 +334,8 @@ def run_pipeline(
 
     streaming = [s for s in stages if not s.deferred]
     if streaming and any(s.deferred for s in stages[: stages.index(streaming[-1])]):
-        raise CurateError("stages: a bootstrapped score stage scores the stored pool after the per-sample stream; "
-                          "put it after every other per-sample stage")
+        raise CurateError("stages: bootstrapped stages (score or caption with model: bootstrap) work on the stored "
+                          "pool after the per-sample stream; put them after every other per-sample stage")
     inputs = pending_inputs(out, chunks, config.input.rows_per_chunk)
     pending_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
     bar = Progress("samples", pending_rows, progress)
@@ -352,12 +352,7 @@ def run_pipeline(
                 bar.update(pc.sum(summary.column("rows")).as_py() or 0, summary)
     shutil.rmtree(out / "pending", ignore_errors=True)
     check_all_stored(out, chunks, config.input.rows_per_chunk)
-    for stage in stages:
-        if stage.deferred:  # scorers trained on the stored pool itself (score.model: bootstrap)
-            from curate.train.bootstrap import bootstrap_scores
-
-            with in_process(local):  # on Ray: fold trainings and part scoring as tasks, not in this driver
-                bootstrap_scores(out, stage, progress)
+    run_deferred_stages(out, stages, local=local, progress=progress)
     run_outside_rows(out, config, stages, global_stages, local=local, progress=progress)
 
     manifest = decide_and_write(
@@ -365,6 +360,28 @@ def run_pipeline(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), started=started,
     )
     return RunResult(out=out, manifest=manifest)
+
+
+def run_deferred_stages(out: Path, stages: list[Stage], *, local: bool, progress: bool) -> None:
+    """The stages that train on the stored pool itself, in pipeline order: bootstrapped scorers, then bootstrapped
+    captioners (which train on what the scores trust and rescore with the fold scorers). On Ray their trainings
+    and their passes over the stored parts run as tasks, not in this driver."""
+    score = None
+    for stage in stages:
+        if not stage.deferred:
+            continue
+        with in_process(local):
+            if stage.name == "score":
+                from curate.train.bootstrap import bootstrap_scores
+
+                bootstrap_scores(out, stage, progress)
+                score = stage.config
+            elif stage.name == "caption":
+                from curate.train.bootstrap_captions import bootstrap_captions
+
+                bootstrap_captions(out, stage, score, progress)
+            else:
+                raise RuntimeError(f"stage {stage.name} is deferred but the runner has no pass for it")
 
 
 def check_all_stored(out: Path, chunks: InputChunks, rows_per_chunk: int) -> None:

@@ -14,10 +14,17 @@ Modes (Nguyen et al. 2023 mixed synthetic and raw captions; CapsFusion refines t
   cost of captioning everything.
 Every processed row records ``original_caption``, ``caption_source`` (raw or synthetic), ``caption_model``,
 ``caption_prompt`` and, where scored, ``raw_clip_score`` and ``synthetic_clip_score`` (in the sample's .json).
+
+``model: bootstrap`` (BLIP's CapFilt without pretrained weights): after a bootstrapped score stage has scored the
+stored pool, small CoCas are trained on the pairs its scores trust most, cross-fitted on the scorer's folds, so a
+row is never captioned by a model that trained on it; each fold's rows are captioned by their CoCa and rescored by
+their fold's scorer (curate.train.bootstrap_captions). Its default mode is ``rescue``: the rows outside the top
+``rescue_outside_top`` of their fold's scores (the alignment filter's ``keep_top``) get a synthetic caption.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -30,6 +37,30 @@ from curate.core.decoded import stored_rgb
 
 RAW, SYNTHETIC = "raw", "synthetic"
 SCORED_MODES = ("best", "rescue")
+BOOTSTRAP = "bootstrap"
+
+
+class CaptionBootstrap(BaseModel):
+    """How ``caption.model: bootstrap`` trains its cross-fitted CoCas (on the bootstrapped score stage's folds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: str = Field("curate-tiny-coca", description="the captioners' CoCa architecture (a model config "
+                              "with multimodal_cfg; a small one trains on CPUs)")
+    trust_top: float = Field(0.5, gt=0, le=1, description="share of each fold, by its bootstrapped scores, that the "
+                             "captioners train on: the pairs the scores trust most")
+    steps: int | None = Field(None, ge=1, description="training steps per captioner; null: `epochs` passes over "
+                              "its training rows")
+    epochs: float = Field(10.0, gt=0, description="passes over a captioner's training rows when `steps` is null")
+    max_steps: int = Field(20_000, ge=1, description="at most this many steps per captioner, whatever the pool")
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+    def steps_for(self, training_rows: int, batch_size: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, min(self.max_steps, math.ceil(self.epochs * training_rows / max(1, batch_size))))
 
 
 class ScorerSpec(BaseModel):
@@ -51,8 +82,9 @@ class ScorerSpec(BaseModel):
 class CaptionConfig(StageConfig):
     stage: Literal["caption"] = "caption"
     resources: Resources = Field(default_factory=lambda: Resources(cpus=1.0, batch_size=32))
-    model: str = Field(description="transformers image-to-text model (hub id or folder), or an open_clip CoCa "
-                       "(architecture name with `pretrained`, or a checkpoint folder)")
+    model: str = Field(description="transformers image-to-text model (hub id or folder), an open_clip CoCa "
+                       "(architecture name with `pretrained`, or a checkpoint folder), or 'bootstrap': small CoCas "
+                       "cross-fitted on the pool after a bootstrapped score stage")
     backend: Literal["auto", "transformers", "open_clip"] = Field(
         "auto", description="auto: open_clip when the model is a CoCa architecture or checkpoint, else transformers")
     pretrained: str | None = Field(None, description="open_clip CoCa: pretrained tag or weights file")
@@ -64,22 +96,57 @@ class CaptionConfig(StageConfig):
     mode: Literal["replace", "add", "best", "rescue"] = "best"
     rescue_below: float | None = Field(None, ge=-1, le=1, description="rescue: caption rows whose clip_score is "
                                        "below this (the alignment filter's min_score)")
+    rescue_outside_top: float | None = Field(None, gt=0, le=1, description="model bootstrap, mode rescue: caption "
+                                             "the rows outside the top share of their fold's scores (set it to the "
+                                             "alignment filter's keep_top; default 0.7), instead of rescue_below")
     scorer: ScorerSpec | None = Field(None, description="best/rescue: the CLIP that scores both captions; default: "
                                       "the pipeline's score stage")
+    bootstrap: CaptionBootstrap = Field(default_factory=CaptionBootstrap, description="used by model: bootstrap")
 
     @model_validator(mode="after")
     def _mode_needs(self) -> CaptionConfig:
-        if self.mode == "rescue" and self.rescue_below is None:
+        if self.model == BOOTSTRAP:
+            if "mode" not in self.model_fields_set:
+                self.mode = "rescue"  # CapFilt's use: new captions for the pairs the filter would drop
+            if "generation" not in self.model_fields_set:
+                self.generation = {"max_new_tokens": 20, "num_beams": 1}  # open_clip's beam search needs more
+            if self.mode == "rescue" and self.rescue_below is None and self.rescue_outside_top is None:
+                self.rescue_outside_top = 0.7
+            if self.scorer is not None:
+                raise ValueError("model bootstrap: each fold's rows are scored by their fold's bootstrapped scorer; "
+                                 "leave scorer unset")
+            from curate.models.clip import ClipSpec, architecture_config, check_spec
+
+            spec = ClipSpec(self.bootstrap.architecture, family="open_clip")
+            check_spec(spec)
+            if "multimodal_cfg" not in (architecture_config(spec) or {"multimodal_cfg": None}):
+                raise ValueError(f"bootstrap.architecture: {spec.model} is not a CoCa (its model config has no "
+                                 "multimodal_cfg); use curate-tiny-coca or coca_ViT-B-32")
+        elif self.rescue_outside_top is not None:
+            raise ValueError("rescue_outside_top ranks rows by their fold's scores: it needs model bootstrap; use "
+                             "rescue_below")
+        if self.rescue_below is not None and self.rescue_outside_top is not None:
+            raise ValueError("mode rescue: set rescue_below or rescue_outside_top, not both")
+        if self.mode == "rescue" and self.rescue_below is None and self.rescue_outside_top is None:
             raise ValueError("mode rescue: set rescue_below, the clip_score under which rows are re-captioned")
-        if self.mode != "rescue" and self.rescue_below is not None:
-            raise ValueError(f"rescue_below only applies to mode rescue, not {self.mode}")
+        if self.mode != "rescue" and (self.rescue_below is not None or self.rescue_outside_top is not None):
+            raise ValueError(f"rescue_below and rescue_outside_top only apply to mode rescue, not {self.mode}")
         return self
 
     def resolve_with(self, earlier: list[StageConfig]) -> None:
-        """best/rescue score with the pipeline's (last earlier) score stage unless a scorer is given."""
+        """best/rescue score with the pipeline's (last earlier) score stage unless a scorer is given; bootstrapped
+        captioners need a bootstrapped score stage, whose folds they share."""
+        score = next((s for s in reversed(earlier) if s.stage == "score"), None)
+        if self.model == BOOTSTRAP:
+            if score is None or getattr(score, "model", None) != BOOTSTRAP:
+                raise ValueError("model bootstrap: the captioners are cross-fitted on the folds of a bootstrapped "
+                                 "score stage; put a score stage with model: bootstrap before caption")
+            if self.mode in SCORED_MODES and not getattr(score, "store_embeddings", True):
+                raise ValueError(f"mode {self.mode}: synthetic captions are scored against the stored image "
+                                 "embeddings; set the score stage's store_embeddings: true")
+            return
         if self.mode not in SCORED_MODES or self.scorer is not None:
             return
-        score = next((s for s in reversed(earlier) if s.stage == "score"), None)
         if score is None:
             raise ValueError(f"mode {self.mode} compares CLIP scores: put a score stage before caption")
         if getattr(score, "model", None) == "bootstrap":
@@ -126,8 +193,19 @@ class CaptionStage(Stage[CaptionConfig]):
                         "synthetic_clip_score": pa.float32()}
         return columns
 
+    @property
+    def deferred(self) -> bool:
+        """Bootstrapped captioners train on the stored pool's scores: the runner captions after bootstrap scoring."""
+        return self.config.model == BOOTSTRAP
+
     def preflight(self) -> None:
         config: CaptionConfig = self.config
+        if self.deferred:
+            from curate.models.clip import ClipSpec
+            from curate.models.scorer import preflight_model
+
+            preflight_model(ClipSpec(config.bootstrap.architecture))
+            return
         if config.scorer is not None:
             from curate.models.scorer import preflight_model
 

@@ -96,11 +96,11 @@ def train_fold_models(folder: Path, config: ScoreConfig, shards: list[list[Path]
         device="cuda" if config.resources.gpus else "cpu") for k in range(len(shards))]
     if progress:
         print(f"[bootstrap] training {len(shards)} scorers, each on the other folds ({folder.name})", file=sys.stderr)
-    return [Path(p) for p in fan_out(_train_one, progress, trainings, cpus_per_task=config.resources.cpus,
+    return [Path(p) for p in fan_out(train_in_task, progress, trainings, cpus_per_task=config.resources.cpus,
                                      gpus_per_task=config.resources.gpus)]
 
 
-def _train_one(progress: bool, config: TrainConfig) -> str:
+def train_in_task(progress: bool, config: TrainConfig) -> str:
     """One fold's scorer (a task on Ray): its checkpoint folder. A GPU when asked for and present (a driver
     without one, in a run off Ray, trains on its CPUs)."""
     import torch
