@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from collections import Counter
@@ -86,7 +87,7 @@ def rows_with_truth(pool: Path, run: Path) -> dict[str, np.ndarray]:
     truth = pq.read_table(pool / "truth.parquet")
     by_name = {name: i for i, name in enumerate(truth.column("name").to_pylist())}
     order = np.array([by_name[url.rsplit("/", 1)[1]] for url in ledger.column("url").to_pylist()])
-    wanted = ["uid", "clip_score", "clip_model", "image"]
+    wanted = ["uid", "clip_score", "clip_model", "image", *CAPTION_COLUMNS]
     stored = []
     for part in part_store.part_files(run):
         names = pq.ParquetFile(part).schema_arrow.names
@@ -108,8 +109,9 @@ def rows_with_truth(pool: Path, run: Path) -> dict[str, np.ndarray]:
             for name in ("uid", "status", "reason", "decided_by", "duplicate_of")}
     for name in ("kind", "picture", "source", "caption_ok", "variant"):
         rows[name] = column(truth, name, order)
-    for name in ("clip_score", "clip_model", "has_image"):
+    for name in ("clip_score", "clip_model", "has_image", *CAPTION_COLUMNS):
         rows[name] = column(scores, name, index)
+    rows["true_caption"] = column(truth, "true_caption", order)
     rows["relative_score"] = np.full(len(index), None, dtype=object)
     if any(s is not None for s in rows["clip_score"]) and "image_embedding" in pq.ParquetFile(
             part_store.part_files(run)[0]).schema_arrow.names:
@@ -221,8 +223,53 @@ def cheap_figures(rows: dict[str, np.ndarray], order: list[str]) -> dict:
         figures["singletons"] = len(single)
         figures["singletons_removed_by_dedup"] = int(removed_by_dedup[single].sum())
         figures["near_blank_removed_by_dedup"] = int((removed_by_dedup & (kind == "near_blank")).sum())
+    if any(c is not None for c in rows["caption_source"]):
+        figures["captions"] = caption_figures(rows, kept, shuffled)
     figures["reasons"] = dict(Counter(r for r in reason if r).most_common())
     return figures
+
+
+CAPTION_COLUMNS = ("original_caption", "synthetic_caption", "caption_source")
+
+
+def _words(text: str | None) -> set[str]:
+    from curate.stages.metadata_entries import FUNCTION_WORDS
+
+    return {w for w in re.findall(r"[^\W_]+", (text or "").lower()) if len(w) > 2 and w not in FUNCTION_WORDS}
+
+
+def _overlap(text: str | None, truth: str | None) -> float:
+    """Share of the true caption's content words that ``text`` holds: a caption that describes the picture names
+    what its own description names (a crude judge, but one that needs no model)."""
+    want = _words(truth)
+    return len(_words(text) & want) / len(want) if want else 0.0
+
+
+def caption_figures(rows: dict[str, np.ndarray], kept: np.ndarray, shuffled: np.ndarray) -> dict:
+    """What re-captioning did: rows given a synthetic caption, rows that took it, and whether it describes the
+    picture better than the raw caption (by content words shared with the picture's true description)."""
+    synthetic = np.array([c is not None for c in rows["synthetic_caption"]])
+    took = rows["caption_source"] == "synthetic"
+    better = np.array([_overlap(rows["synthetic_caption"][i], rows["true_caption"][i])
+                       > _overlap(rows["original_caption"][i], rows["true_caption"][i]) if synthetic[i] else False
+                       for i in range(len(synthetic))])
+    words = np.array([_overlap(rows["synthetic_caption"][i], rows["true_caption"][i]) if synthetic[i] else np.nan
+                      for i in range(len(synthetic))])
+
+    def share(mask: np.ndarray, of: np.ndarray) -> float:
+        return float((mask & of).sum() / max(1, of.sum()))
+
+    return {"captioned": int(synthetic.sum()), "took_synthetic": int(took.sum()),
+            "captioned_shuffled": int((synthetic & shuffled).sum()),
+            "took_synthetic_shuffled": int((took & shuffled).sum()),
+            "better_than_raw_among_captioned": share(better, synthetic),
+            "better_than_raw_among_captioned_shuffled": share(better, synthetic & shuffled),
+            "better_than_raw_among_taken": share(better, took),
+            "true_words_named_by_synthetic_mean": float(np.nanmean(words)) if synthetic.any() else float("nan"),
+            "kept_taking_synthetic": int((kept & took).sum()),
+            "kept_shuffled_still_raw_share": float((kept & shuffled & ~took).sum() / max(1, kept.sum())),
+            "examples": [(rows["original_caption"][i], rows["synthetic_caption"][i], rows["true_caption"][i])
+                         for i in np.flatnonzero(took)[:8]]}
 
 
 def _survivors(uids: np.ndarray, duplicate_of: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -422,6 +469,10 @@ def print_figures(figures: dict) -> None:
     print(f"  removals pointing at another picture, by source: {cheap.get('wrong_removals_by_source')}, "
           f"by stage: {cheap.get('wrong_removals_by_stage')}")
     print(f"  kept by planted kind: {cheap['kept_by_kind']}")
+    if "captions" in cheap:
+        print(f"  captions: {json.dumps({k: v for k, v in cheap['captions'].items() if k != 'examples'})}")
+        for raw, synthetic, true in cheap["captions"]["examples"]:
+            print(f"    raw {raw!r} -> synthetic {synthetic!r} (true {true!r})")
     if "variants" in figures:
         v = figures["variants"]
         print(f"\nissue protocol: {v['pictures']} pictures × 5 copies among {v['rows']} stored images: "

@@ -217,3 +217,24 @@ def test_bootstrapped_captioners_need_a_bootstrapped_score_and_a_coca() -> None:
     config = validate_pipeline(pipeline({"stage": "score", "model": "bootstrap"},
                                         {"stage": "caption", "model": "bootstrap"}), "p.yaml")
     assert (config.stages[2].mode, config.stages[2].rescue_outside_top) == ("rescue", 0.7)
+
+
+def test_a_resumed_captioning_ranks_on_the_raw_captions_scores(tmp_path) -> None:
+    """A part captioned before a crash holds the better of two scores in clip_score: the cut is still taken from
+    the raw captions' scores, as the first attempt took it."""
+    from curate.core.parts import write_part
+    from curate.train.bootstrap_captions import fold_cuts, live_scores
+
+    def part(rows, clip, raw=None):
+        n = len(rows)
+        table = pa.table({"uid": [f"{i:032x}" for i in rows], "row": pa.array(rows, pa.int64()),
+                          "status": ["ok"] * n, "clip_score": pa.array(clip, pa.float32()),
+                          "clip_model": ["m0"] * n})
+        return table.append_column("raw_clip_score", pa.array(raw, pa.float32())) if raw is not None else table
+
+    write_part(part([0, 1], [0.9, 0.8], raw=[0.1, 0.8]), str(tmp_path / "parts"))  # row 0 rescued: 0.1 -> 0.9
+    write_part(part([2, 3], [0.5, 0.3]), str(tmp_path / "parts"))
+    scores = live_scores(tmp_path)
+    assert dict(zip(scores.column("uid").to_pylist(), scores.column("clip_score").to_pylist())) == pytest.approx(
+        {f"{0:032x}": 0.1, f"{1:032x}": 0.8, f"{2:032x}": 0.5, f"{3:032x}": 0.3})
+    assert fold_cuts(scores, 0.5) == {"m0": pytest.approx(0.5)}  # the top half: 0.8 and 0.5

@@ -41,10 +41,17 @@ def _captioned(path: Path) -> bool:
 
 
 def live_scores(out: Path) -> pa.Table:
-    """uid, clip_score, clip_model of every stored live row (the bootstrapped scores)."""
+    """uid, clip_score, clip_model of every stored live row: the bootstrapped scores of the raw captions (a part
+    captioned before a resume holds them as raw_clip_score), so a resumed run ranks and cuts as the first did."""
     pieces = []
     for path in part_store.part_files(out):
-        table = pq.read_table(path, columns=["uid", "status", "clip_score", "clip_model"])
+        raw = "raw_clip_score" in pq.ParquetFile(path).schema_arrow.names
+        table = pq.read_table(path, columns=["uid", "status", "clip_score", "clip_model"]
+                              + (["raw_clip_score"] if raw else []))
+        if raw:
+            table = table.set_column(table.column_names.index("clip_score"), "clip_score",
+                                     pc.coalesce(table.column("raw_clip_score"), table.column("clip_score")))
+            table = table.drop_columns(["raw_clip_score"])
         pieces.append(table.filter(pc.and_(pc.equal(table.column("status"), OK),
                                            pc.is_valid(table.column("clip_score")))).drop_columns(["status"]))
     return pa.concat_tables(pieces) if pieces else pa.table({"uid": pa.array([], pa.string()),
