@@ -121,6 +121,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_open_clip_train(args: argparse.Namespace) -> int:
+    from curate.train.open_clip_bridge import run_open_clip_train
+
+    return run_open_clip_train(args.args[1:] if args.args[:1] == ["--"] else args.args)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -290,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. steps=2000 or objectives=[clip,siglip]")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("open-clip-train", help="open_clip's own trainer (open_clip_train.main) on curate's shards, "
+                       "with its webdataset reading fixed and curate's architectures registered")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="open_clip_train's arguments, e.g. --train-data "
+                   "'OUT/shards/{00000..00009}.tar' --train-num-samples 10000 --dataset-type webdataset --model "
+                   "ViT-B-32")
+    p.set_defaults(func=_cmd_open_clip_train)
 
     p = sub.add_parser("eval", help="retrieval recall@K and zero-shot accuracy of a model on an eval set")
     p.add_argument("--model", required=True, help="checkpoint folder, architecture name, hf-hub:org/repo, or a "
