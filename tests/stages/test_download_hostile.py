@@ -234,3 +234,53 @@ def test_an_empty_robots_txt_allows_everything(download_outcomes):
         assert server.requests["/robots.txt"] == 1
     finally:
         server.close()
+
+
+HANG_SECONDS = 120.0  # a hanging server holds its connections this long: far past any deadline of the run
+
+
+def silent(server: HostileServer, path: str, conn: socket.socket) -> bool:
+    """Accepts the connection, reads the request, never answers."""
+    server.stop.wait(HANG_SECONDS)
+    return False
+
+
+def stalls_mid_body(server: HostileServer, path: str, conn: socket.socket) -> bool:
+    """A 200 image whose body stops after its first kilobyte, the connection left open."""
+    data = _jpeg() + bytes(40_000)
+    conn.sendall(head("200 OK", "Content-Type: image/jpeg", f"Content-Length: {len(data)}"))
+    server.send_body(path, conn, data[:1024])
+    server.stop.wait(HANG_SECONDS)
+    return False
+
+
+def test_hanging_servers_cannot_hang_a_run_on_the_default_path(ray_session, make_pipeline, tmp_path):
+    """Where img2dataset can wait forever, a run on the embedded Ray ends: a server that never answers and one that
+    stalls mid-body cost each row its deadline, and every row is one ledger row with its reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.core.ledger import check_run, read_ledger
+    from curate.core.runner import run_pipeline
+
+    server = HostileServer({**{f"/image-{i}.jpg": image for i in range(8)}, **{f"/silent-{i}": silent for i in range(6)},
+                            **{f"/stalled-{i}": stalls_mid_body for i in range(6)}})
+    try:
+        urls = [server.url(f"/silent-{i}") for i in range(6)] + [server.url(f"/stalled-{i}") for i in range(6)] \
+            + [server.url(f"/image-{i}.jpg") for i in range(8)]
+        listing = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": [f"row {i}" for i in range(len(urls))]}), listing)
+        out = tmp_path / "run"
+        start = time.monotonic()
+        run_pipeline(make_pipeline("download.timeout=2", "download.retries=0", "download.min_image_size=16"),
+                     input_path=str(listing), output=out, progress=False)
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    assert elapsed < HANG_SECONDS / 3, f"the run took {elapsed:.0f} s"
+    assert check_run(out, len(urls)) == []
+    outcome = {r["url"]: (r["status"], r["reason"]) for r in read_ledger(out).to_pylist()}
+    assert all(outcome[u] == ("failed", "download:timeout") for u in urls[:6]), outcome
+    assert all(outcome[u][0] == "failed" and outcome[u][1] in ("download:timeout", "download:incomplete")
+               for u in urls[6:12]), outcome
+    assert all(outcome[u] == ("kept", None) for u in urls[12:]), outcome
