@@ -144,16 +144,21 @@ class _ScoreByFold(Stage[ScoreConfig]):
             for i in range(batch.num_rows):
                 outcomes.fail(i, "score:pool_too_small")
             return outcomes.apply(batch)
-        folds = pa.array([fold_of(uid, len(self.scorers)) for uid in batch.column("uid").to_pylist()])
-        pieces, order = [], []
-        for k, scorer in enumerate(self.scorers):
-            picked = pc.equal(folds, k)
-            indices = pc.indices_nonzero(picked)
-            if len(indices):
-                pieces.append(scorer.process(batch.filter(picked)))
-                order.append(indices)
-        merged = pa.concat_tables(pieces, promote_options="permissive")
-        return merged.take(pc.sort_indices(pa.concat_arrays(order)))
+        return process_by_fold(batch, self.scorers)
+
+
+def process_by_fold(batch: pa.Table, stages: list[Stage]) -> pa.Table:
+    """Each row of ``batch`` through ``stages[k]``, k its fold (one stage per fold), back in the batch's order."""
+    folds = pa.array([fold_of(uid, len(stages)) for uid in batch.column("uid").to_pylist()])
+    pieces, order = [], []
+    for k, stage in enumerate(stages):
+        picked = pc.equal(folds, k)
+        indices = pc.indices_nonzero(picked)
+        if len(indices):
+            pieces.append(stage.process(batch.filter(picked)))
+            order.append(indices)
+    merged = pa.concat_tables(pieces, promote_options="permissive")
+    return merged.take(pc.sort_indices(pa.concat_arrays(order)))
 
 
 def trusted_rows(scores: pa.Table, keep_top: float) -> set[str]:

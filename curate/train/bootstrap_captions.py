@@ -30,8 +30,8 @@ from curate.core.stage import OK, RowOutcomes, Stage
 from curate.core.worker import StageWorker
 from curate.stages.caption import RAW, SCORED_MODES, CaptionConfig, CaptionStage, ScorerSpec
 from curate.stages.score import ScoreConfig
-from curate.train.bootstrap import (FOLDER, MIN_TRAINING_ROWS, fold_of, train_in_task, trusted_rows,
-                                    write_fold_shards)
+from curate.train.bootstrap import (FOLDER, MIN_TRAINING_ROWS, fold_of, process_by_fold, train_in_task,
+                                    trusted_rows, write_fold_shards)
 
 CAPTIONERS = "captioners"  # OUT/bootstrap/captioners: the fold tars and CoCa checkpoints
 
@@ -121,16 +121,7 @@ class _CaptionByFold(Stage[CaptionConfig]):
     def process(self, batch: pa.Table) -> pa.Table:
         if not self.stages:
             return self._raw(batch)
-        folds = pa.array([fold_of(uid, self.captioners.folds) for uid in batch.column("uid").to_pylist()])
-        pieces, order = [], []
-        for k, stage in enumerate(self.stages):
-            picked = pc.equal(folds, k)
-            indices = pc.indices_nonzero(picked)
-            if len(indices):
-                pieces.append(stage.process(batch.filter(picked)))
-                order.append(indices)
-        merged = pa.concat_tables(pieces, promote_options="permissive")
-        return merged.take(pc.sort_indices(pa.concat_arrays(order)))
+        return process_by_fold(batch, self.stages)  # one stage per fold of the score stage
 
     def _raw(self, batch: pa.Table) -> pa.Table:
         outcomes = RowOutcomes(batch.num_rows, self.outputs())
