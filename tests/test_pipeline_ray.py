@@ -42,3 +42,37 @@ def test_a_stage_asking_for_every_cpu_still_leaves_room_to_read_and_write(ray_se
     run_pipeline(make_pipeline("download.resources.cpus=2", "download.resources.concurrency=null"),
                  input_path=str(url_list), output=out, progress=False)
     assert check_run(out) == []
+
+
+def test_stages_in_one_worker_or_in_two_store_what_one_process_stores(ray_session, url_list, make_pipeline,
+                                                                       tmp_path, fault_server):
+    """download and hash with the same resources run as one segment (rows passed in memory); with different ones,
+    as two actor pools with the rows in between in Ray's object store. Both store what a local run stores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.core.parts import part_files
+    from curate.core.runner import build_stages
+    from curate.core.worker import segments
+    from curate.stages.hash import HashConfig
+
+    def with_hash(cpus: float):
+        config = make_pipeline("download.resources.cpus=0.5")
+        config.stages.append(HashConfig(resources={"cpus": cpus, "batch_size": 16}))
+        return config
+
+    def stored(out) -> pa.Table:
+        table = pa.concat_tables([pq.read_table(p, columns=["uid", "status", "reason", "sha256", "phash"])
+                                  for p in part_files(out)])
+        return table.sort_by("uid")
+
+    fused, split = with_hash(0.5), with_hash(0.25)
+    assert [len(s) for s in segments(build_stages(fused)[0])] == [2]
+    assert [len(s) for s in segments(build_stages(split)[0])] == [1, 1]
+    run_pipeline(fused, input_path=str(url_list), output=tmp_path / "fused", progress=False)
+    run_pipeline(split, input_path=str(url_list), output=tmp_path / "split", progress=False)
+    run_pipeline(with_hash(0.5), input_path=str(url_list), output=tmp_path / "local", local=True, progress=False)
+    for name in ("fused", "split"):
+        assert check_run(tmp_path / name) == []
+        assert stored(tmp_path / name).equals(stored(tmp_path / "local")), name
+    assert stored(tmp_path / "local").column("phash").null_count < len(stored(tmp_path / "local"))

@@ -145,3 +145,57 @@ def test_undeclared_columns_fail_the_rows_not_the_job():
     rows = StageWorker(Undeclared(StageConfig(stage="undeclared")))(_batch(4, dead={0})).to_pylist()
     assert [r["reason"] for r in rows] == ["download:http_404"] + ["undeclared:crashed"] * 3
     assert "surprise" not in rows[0]
+
+
+class BatchSizes(CaptionLength):
+    """Records the size of each batch it is handed."""
+
+    name = "batch_sizes"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        self.sizes = getattr(self, "sizes", []) + [batch.num_rows]
+        return super().process(batch)
+
+
+def _stage(cls=CaptionLength, **resources) -> Stage:
+    from curate.config import Resources
+
+    return cls(StageConfig(stage=cls.name, resources=Resources(**resources)))
+
+
+def test_consecutive_stages_asking_for_the_same_resources_share_a_segment():
+    from curate.core.worker import segments
+
+    a, b = _stage(cpus=0.5), _stage(cpus=0.5, batch_size=7)  # batch size is the stage's own business
+    c = _stage(cpus=1.0)
+    gpu, gpu_too = _stage(gpus=0.5), _stage(gpus=0.5)
+    pinned, node = _stage(cpus=0.5, concurrency=2), _stage(cpus=0.5, custom={"download_node": 1})
+    assert segments([a, b, c, gpu, gpu_too, b]) == [[a, b], [c], [gpu, gpu_too], [b]]
+    assert segments([a, pinned, node, a]) == [[a], [pinned], [node], [a]]
+    assert segments([]) == []
+
+
+def test_a_segment_reads_its_units_runs_each_stage_at_its_batch_size_and_stores_one_part(tmp_path):
+    import pyarrow.parquet as pq
+
+    from curate.core.parts import part_files
+    from curate.core.runner import work_units
+    from curate.core.worker import SegmentWorker, segment_class
+
+    chunk = tmp_path / "input" / "00000.parquet"
+    chunk.parent.mkdir()
+    pq.write_table(_batch(9, dead={1, 4}), chunk)
+    units = work_units([chunk], 5)
+    assert units == [{"path": str(chunk), "offset": 0, "rows": 5}, {"path": str(chunk), "offset": 5, "rows": 4}]
+    first, second = _stage(BatchSizes, batch_size=2), _stage(NumpyLength, batch_size=3)
+    worker = SegmentWorker([first, second], reads_units=True, parts_folder=str(tmp_path / "parts"))
+    summaries = [worker(pa.Table.from_pylist([unit])).to_pylist() for unit in units]
+    assert [s[0]["rows"] for s in summaries] == [5, 4]
+    assert first.sizes == [1, 2, 2, 2]  # alive rows of each slice of 2: rows 0-1 (1 dead), 2-3, 5-6, 7-8 (4 dead)
+    stored = pa.concat_tables([pq.read_table(p) for p in part_files(tmp_path)])
+    assert stored.column("row").to_pylist() == list(range(9))
+    assert {"batch_sizes_seconds", "numpy_length_seconds", "caption_words"} <= set(stored.column_names)
+    # for a Ray actor: built without arguments, named after its stages
+    bound = cloudpickle.loads(cloudpickle.dumps(segment_class([first, second], reads_units=False, parts_folder=None)))
+    assert bound.__name__ == "BatchSizes+NumpyLengthWorker"
+    assert bound()(_batch(4)).column("row").to_pylist() == [0, 1, 2, 3]

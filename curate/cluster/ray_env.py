@@ -10,7 +10,7 @@ from curate.config import RayConfig
 from curate.errors import CurateError
 from curate.config import Resources
 
-# CPUs left free for Ray Data's read and part-writing tasks, so a pool of actors cannot starve them.
+# CPUs left free for the driver (Ray Data's scheduler) and any light tasks, so a pool of actors cannot starve them.
 RESERVED_CPUS = 0.5
 
 
@@ -80,27 +80,9 @@ def check_cluster_address(address: str) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"  # Ray sends the token only in token mode; the cluster checks it
 
 
-# On one node, one part reader and one part writer keep up with about this many CPUs of per-sample work.
-CPUS_PER_LIGHT_TASK = 16
-
-
-def light_task_concurrency() -> int | None:
-    """Concurrent read or part-write tasks: on a single node, one per 16 CPUs (at least one); on a multi-node
-    cluster, None (Ray Data scales them with the cluster as it grows).
-
-    Each task that runs at once needs its own worker process, and starting one costs about 1.5 CPU-seconds of
-    imports; unbounded, Ray Data starts one per 0.25 CPU, which on a 2-core machine spent as much CPU as the
-    downloads themselves (benchmarks/download.py: 26 s -> 21 s for 3000 images once bounded)."""
-    import ray
-
-    if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
-        return None
-    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // CPUS_PER_LIGHT_TASK))
-
-
 def worker_cpus(resources: Resources) -> float:
-    """CPUs to reserve per worker: as asked, but never so many that one worker leaves no room for the read and
-    write tasks on the largest node (a pipeline written for a big cluster still runs on a laptop)."""
+    """CPUs to reserve per worker: as asked, but never so many that one worker leaves no room for the driver and
+    light tasks on the largest node (a pipeline written for a big cluster still runs on a laptop)."""
     import ray
 
     largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=1.0)

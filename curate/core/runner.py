@@ -37,13 +37,16 @@ from curate.core.stage import FAILED, OK, GlobalStage, Stage
 from curate.stages import STAGES
 from curate.inputs.chunks import InputChunks, stage_input, staged_chunks
 from curate.inputs.formats import validate_input
-from curate.core.worker import StageWorker, worker_class
+from curate.core.worker import SegmentWorker, segment_class, segments
 
 CONFIG_FILE = "config.yaml"
 OUTSIDE = "outside"  # outside/<global stage>/: rows from outside the pool (eval images) through the per-sample stages
 # Most rows per stored part file (and at most one input chunk): big enough to keep file counts sane, small enough
 # to lose little work to a kill.
 PART_ROWS = 1024
+# Work units on Ray: at least this many per worker while the pending rows allow, and never fewer rows than this.
+UNITS_PER_WORKER = 4
+MIN_UNIT_ROWS = 64
 
 
 @dataclass
@@ -178,63 +181,75 @@ class Progress:
         return text
 
 
-def run_samples_local(stages: list[Stage], inputs: list[Path], out: Path, progress: Progress, part_rows: int) -> None:
-    """The per-sample phase in this process, with the same stage wrapper and part writer as on Ray."""
-    workers = [StageWorker(stage) for stage in stages]
-    folder = str(out / part_store.PARTS)
-    step = min((s.resources().batch_size for s in stages), default=PART_ROWS)
+def work_units(inputs: list[Path], unit_rows: int) -> list[dict]:
+    """The pending input cut into units of at most ``unit_rows`` rows, none across two files: (path, offset, rows).
+    A unit is what one worker reads, runs through its stages and stores as one part."""
+    units = []
     for path in inputs:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=part_rows):
-            table = pa.Table.from_batches([batch])
-            pieces = []
-            for offset in range(0, table.num_rows, step):
-                piece = table.slice(offset, step)
-                for worker in workers:
-                    piece = worker(piece)
-                pieces.append(piece)
-            progress.update(table.num_rows, part_store.write_part(pa.concat_tables(pieces), folder))
+        rows = pq.ParquetFile(path).metadata.num_rows
+        units.extend({"path": str(path), "offset": offset, "rows": min(unit_rows, rows - offset)}
+                     for offset in range(0, rows, unit_rows))
+    return units
 
 
-def _read_chunks(batch: pa.Table) -> pa.Table:
-    return pa.concat_tables([pq.read_table(path) for path in batch.column("path").to_pylist()])
+def run_samples_local(stages: list[Stage], inputs: list[Path], out: Path, progress: Progress, part_rows: int) -> None:
+    """The per-sample phase in this process: every stage in one worker, the same wrapper and part writer as on Ray."""
+    worker = SegmentWorker(stages, reads_units=True, parts_folder=str(out / part_store.PARTS))
+    for unit in work_units(inputs, part_rows):
+        summary = worker(pa.Table.from_pylist([unit]))
+        progress.update(unit["rows"], summary)
+
+
+def unit_rows_for(total_rows: int, workers: int, part_rows: int) -> int:
+    """Rows per work unit on Ray: a part's worth, or fewer when the pending rows are few, so that every worker
+    gets several units (a short run is not left to one worker's last unit) and none gets a sliver."""
+    return max(1, min(part_rows, max(MIN_UNIT_ROWS, -(-total_rows // (UNITS_PER_WORKER * workers)))))
 
 
 def _iter_ray_samples(stages: list[Stage], inputs: list[Path], out: Path, part_rows: int) -> Iterator[pa.Table]:
+    """Stream the pending rows through the stages on Ray: consecutive stages that ask for the same resources run
+    as one segment in one worker (see ``segments``); the first segment reads its work units itself and the last
+    stores its rows as parts, so that only the summaries of stored parts come back to this driver."""
     import ray
 
-    from curate.cluster.ray_env import light_task_concurrency, pool_size, worker_cpus
+    from curate.cluster.ray_env import pool_size, worker_cpus
 
-    # Reading the chunks in our own light tasks (instead of read_parquet, whose file listing reserves a whole CPU)
-    # keeps a pool of actors from starving the read on a small machine.
-    light = ray.data.TaskPoolStrategy(size=light_task_concurrency())
-    ds = ray.data.from_items([{"path": str(p)} for p in inputs], override_num_blocks=len(inputs)).map_batches(
-        _read_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False, compute=light,
-    )
-    for stage in stages:
-        res = stage.resources()
+    plan = segments(stages) or [[]]  # no per-sample stage: the input rows are stored as they are
+    first = plan[0][0].resources() if plan[0] else None
+    workers = (first.concurrency or pool_size(first)) if first else 1
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
+    units = work_units(inputs, unit_rows_for(total, workers, part_rows))
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    parts = str(out / part_store.PARTS)
+    for number, segment in enumerate(plan):
+        reads, last = number == 0, number == len(plan) - 1
+        # the first segment is handed one unit per call; a later one a part's worth of rows (or, before another
+        # segment, its largest stage's batch)
+        batch_size = 1 if reads else part_rows if last else max(s.resources().batch_size for s in segment)
+        bound = dict(reads_units=reads, parts_folder=parts if last else None)
+        res = segment[0].resources() if segment else None
+        if res is None:
+            ds = ds.map_batches(SegmentWorker([], **bound), batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                                zero_copy_batch=False)
+            continue
         remote_args = {"num_cpus": worker_cpus(res), "num_gpus": res.gpus or None}
         if res.custom:
             remote_args["resources"] = res.custom
         remote_args = {k: v for k, v in remote_args.items() if v is not None}
-        if stage.has_setup() or res.gpus:
-            fits = pool_size(res, stage.name)  # also refuses GPUs or custom resources the cluster lacks, before any work
+        if any(s.has_setup() for s in segment) or res.gpus:
+            name = "+".join(s.name for s in segment)
+            fits = pool_size(res, name)  # also refuses GPUs or custom resources the cluster lacks, before any work
             # a pinned concurrency starts as many actors at once as fit now (growing from one costs seconds of a
-            # short run) and may grow to the pin as nodes join; otherwise the pool grows as other stages leave room
+            # short run) and may grow to the pin as nodes join; otherwise the pool grows as other stages leave room.
+            # Two units in flight per actor: one running, the next already there, and no long queue on one actor
+            # while another goes idle at the end of a run.
             pool = ray.data.ActorPoolStrategy(min_size=min(res.concurrency, fits) if res.concurrency else 1,
-                                              max_size=res.concurrency or fits)
-            ds = ds.map_batches(
-                worker_class(stage), batch_size=res.batch_size, batch_format="pyarrow", compute=pool,
-                zero_copy_batch=False, **remote_args,
-            )
+                                              max_size=res.concurrency or fits, max_tasks_in_flight_per_actor=2)
+            ds = ds.map_batches(segment_class(segment, **bound), batch_size=batch_size, batch_format="pyarrow",
+                                compute=pool, zero_copy_batch=False, **remote_args)
         else:
-            ds = ds.map_batches(
-                StageWorker(stage), batch_size=res.batch_size, batch_format="pyarrow", zero_copy_batch=False,
-                **remote_args,
-            )
-    ds = ds.map_batches(
-        part_store.write_part, fn_kwargs={"folder": str(out / part_store.PARTS)}, batch_size=part_rows,
-        batch_format="pyarrow", num_cpus=0.25, zero_copy_batch=False, compute=light,
-    )
+            ds = ds.map_batches(SegmentWorker(segment, **bound), batch_size=batch_size, batch_format="pyarrow",
+                                zero_copy_batch=False, **remote_args)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 

@@ -124,3 +124,70 @@ def _set(table: pa.Table, column: str, array) -> pa.Table:
     if column in table.column_names:
         return table.set_column(table.column_names.index(column), column, array)
     return table.append_column(column, array)
+
+
+def run_chain(workers: list[StageWorker], table: pa.Table) -> pa.Table:
+    """``table`` through each stage in turn, in slices of that stage's own batch size, all in this process."""
+    for worker in workers:
+        step = worker.stage.resources().batch_size
+        if table.num_rows <= step:
+            table = worker(table)
+        else:
+            table = pa.concat_tables([worker(table.slice(offset, step)) for offset in range(0, table.num_rows, step)])
+    return table
+
+
+def fusable(a: Stage, b: Stage) -> bool:
+    """Two consecutive stages run in one worker when they ask for the same resources: same CPUs, GPUs, custom
+    resources and pool size. Rows then pass from one to the next in memory, without a copy into Ray's object store
+    or a process of their own (on a small machine Ray's processes cost as much CPU as the downloads)."""
+    ra, rb = a.resources(), b.resources()
+    return (ra.cpus, ra.gpus, ra.custom, ra.concurrency) == (rb.cpus, rb.gpus, rb.custom, rb.concurrency)
+
+
+def segments(stages: list[Stage]) -> list[list[Stage]]:
+    """The per-sample stages cut where consecutive stages cannot share a worker (see ``fusable``)."""
+    result: list[list[Stage]] = []
+    for stage in stages:
+        if result and fusable(result[-1][-1], stage):
+            result[-1].append(stage)
+        else:
+            result.append([stage])
+    return result
+
+
+def read_units(batch: pa.Table) -> pa.Table:
+    """The input rows that work units name: each unit is (path, offset, rows) of a staged input chunk."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(path).slice(offset, rows) for path, offset, rows in zip(
+        batch.column("path").to_pylist(), batch.column("offset").to_pylist(), batch.column("rows").to_pylist())]
+    return pa.concat_tables(tables)
+
+
+class SegmentWorker:
+    """The stages of one segment over a batch: reading its rows first when it is handed work units (the first
+    segment), storing them as a part and returning only the part's summary when it is the last."""
+
+    def __init__(self, stages: list[Stage], *, reads_units: bool, parts_folder: str | None) -> None:
+        self.workers = [StageWorker(stage) for stage in stages]
+        self.reads_units = reads_units
+        self.parts_folder = parts_folder
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from curate.core.parts import write_part
+
+        table = run_chain(self.workers, read_units(batch) if self.reads_units else batch)
+        return write_part(table, self.parts_folder) if self.parts_folder else table
+
+
+def segment_class(stages: list[Stage], *, reads_units: bool, parts_folder: str | None) -> type:
+    """A SegmentWorker subclass bound to its stages, constructible without arguments (as ``worker_class``), named
+    after them (DownloadStageWorker, DownloadStage+HashStageWorker) so that its actors are easy to find."""
+
+    class BoundSegment(SegmentWorker):
+        def __init__(self) -> None:
+            super().__init__(stages, reads_units=reads_units, parts_folder=parts_folder)
+
+    BoundSegment.__name__ = BoundSegment.__qualname__ = "+".join(type(s).__name__ for s in stages) + "Worker"
+    return BoundSegment
