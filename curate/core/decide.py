@@ -48,8 +48,8 @@ DECISION_BASE = ("uid", "row", "status", "reason")
 
 
 class Decision(tuple):
-    """What became of a removed row: ``(status, reason, stage, duplicate_of)``, and in ``columns`` the stage's other
-    declared decision columns; the ledger stores them all."""
+    """What became of one removed row: ``(status, reason, stage, duplicate_of)``, and in ``columns`` the stage's other
+    declared decision columns (a view for people and tests; a run keeps its decisions as ``Decisions`` arrays)."""
 
     def __new__(cls, status: str, reason: str, stage: str, duplicate_of: str | None = None,
                 columns: dict[str, object] | None = None) -> Decision:
@@ -61,6 +61,80 @@ class Decision(tuple):
     reason = property(itemgetter(1))
     stage = property(itemgetter(2))
     duplicate_of = property(itemgetter(3))
+
+
+class Decisions:
+    """What the global stages removed, as columns sorted by pool row: ``row``, ``status``, ``reason``,
+    ``decided_by`` (the last three dictionary-encoded) and each declared decision column (``duplicate_of``, ...).
+
+    Arrays, not an object per removed row: about 20 bytes a row plus its columns' values (a duplicate's survivor
+    uid), where a dict of tuples by uid cost ~300 (at 1B rows with LAION's duplicate rate, 90 GB of driver memory)."""
+
+    CODED = ("status", "reason", "decided_by")
+
+    def __init__(self, table: pa.Table | None = None) -> None:
+        if table is None:
+            table = pa.table({"row": pa.array([], pa.int64()),
+                              **{c: pa.array([], pa.string()).dictionary_encode() for c in self.CODED}})
+        self.table = table
+        self.rows = table.column("row").to_numpy()
+        self._arrays = {name: table.column(name).combine_chunks() for name in table.column_names}
+
+    @classmethod
+    def of(cls, removed: list[pa.Table], columns: dict[str, pa.DataType]) -> Decisions:
+        """From each stage's removals (``row``, ``status``, ``reason``, ``decided_by`` and declared columns)."""
+        if not removed:
+            return cls()
+        table = pa.concat_tables([t.select([c for c in ("row", *cls.CODED, *columns) if c in t.column_names])
+                                  for t in removed], promote_options="default")
+        for name, dtype in columns.items():
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, dtype))
+        table = table.take(pc.sort_indices(table.column("row")))
+        for name in cls.CODED:
+            table = table.set_column(table.column_names.index(name), name,
+                                     pc.dictionary_encode(table.column(name).combine_chunks()))
+        return cls(table.combine_chunks())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decisions):
+            return NotImplemented
+        every = np.arange(len(self))
+        return (self.table.column_names == other.table.column_names and len(self) == len(other)
+                and all(self.column(c, every).equals(other.column(c, every)) for c in self.table.column_names))
+
+    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each of ``rows``: whether a stage removed it, and where its decision is (0 where none)."""
+        where = np.searchsorted(self.rows, rows)
+        where = np.minimum(where, max(len(self.rows) - 1, 0))
+        hit = (self.rows[where] == rows) if len(self.rows) else np.zeros(len(rows), dtype=bool)
+        return hit, np.where(hit, where, 0)
+
+    def column(self, name: str, at: np.ndarray) -> pa.Array:
+        """Column ``name`` of the decisions at positions ``at``, as plain (decoded) values."""
+        values = self._arrays[name].take(pa.array(at, pa.int64()))
+        return values.dictionary_decode() if pa.types.is_dictionary(values.type) else values
+
+    def count_by(self, name: str) -> Counter[str]:
+        """Removed rows by the value of ``name`` (reason, decided_by)."""
+        counts = pc.value_counts(self.column(name, np.arange(len(self))))
+        return Counter({v["values"]: v["counts"] for v in counts.to_pylist()})
+
+    def by_uid(self, parts: list[Path]) -> dict[str, Decision]:
+        """uid → Decision, the uids read from the stored ``parts`` (to look at a small run's decisions)."""
+        result: dict[str, Decision] = {}
+        extra = [c for c in self.table.column_names if c not in ("row", *self.CODED, "duplicate_of")]
+        for part in parts:
+            table = pq.read_table(part, columns=["uid", "row"])
+            hit, at = self.lookup(table.column("row").to_numpy())
+            for uid, i in zip(np.asarray(table.column("uid").to_pylist(), dtype=object)[hit], at[hit]):
+                row = {c: self.table.column(c)[int(i)].as_py() for c in self.table.column_names}
+                result[uid] = Decision(row["status"], row["reason"], row["decided_by"], row.get("duplicate_of"),
+                                       {c: row[c] for c in extra})
+        return result
 
 
 def decision_columns(global_stages: list[GlobalStage]) -> dict[str, pa.DataType]:
@@ -77,17 +151,18 @@ def decision_columns(global_stages: list[GlobalStage]) -> dict[str, pa.DataType]
 
 
 def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
-                      stages: list[Stage] | None = None) -> tuple[dict[str, Decision], dict[str, int]]:
-    """uid → Decision for every row a global stage removes; and, per filter reason, the live rows that filter would
-    reject on its own (whatever ran before it).
+                      stages: list[Stage] | None = None) -> tuple[Decisions, dict[str, int]]:
+    """The rows every global stage removes, as ``Decisions`` by row; and, per filter reason, the live rows that
+    filter would reject on its own (whatever ran before it).
 
     Each stage reads the pool of stored parts itself (curate.core.pool): the driver holds the decisions, the rows
     removed so far and what a stage gathers, not the pool's metadata."""
-    decisions: dict[str, Decision] = {}
     would_reject: Counter[str] = Counter()
     if not global_stages:
-        return decisions, {}
-    decision_columns(global_stages)  # a clash is found before any stage runs
+        return Decisions(), {}
+    columns = decision_columns(global_stages)  # a clash is found before any stage runs
+    removed_tables: list[pa.Table] = []
+    removed_rows = np.array([], dtype=np.int64)  # sorted
     pool = live = Pool.from_parts(parts)
     for stage in global_stages:
         stage.bind(stages or [])
@@ -103,19 +178,35 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
             raise RuntimeError(f"global stage {stage.name}: columns {sorted(set(extra) - set(stage.outputs()))} "
                                "are not declared outputs; a decision's columns must reach the ledger, so declare "
                                "them in outputs()")
-        values = [removed.column(c).to_pylist() for c in extra]
-        for i, (uid, status, reason) in enumerate(zip(*(removed.column(c).to_pylist()
-                                                        for c in ("uid", "status", "reason")))):
-            if status not in (FILTERED, FAILED) or not reason:
-                raise RuntimeError(f"global stage {stage.name} gave uid {uid} status {status!r} reason {reason!r}; "
-                                   "expected filtered or failed with a reason")
-            if uid in decisions:
-                raise RuntimeError(f"global stage {stage.name} removed uid {uid!r}, which is not a live row")
-            columns = {name: column[i] for name, column in zip(extra, values)} if extra else {}
-            decisions[uid] = Decision(status, reason, stage.name, columns.pop("duplicate_of", None), columns)
+        _check_removals(stage.name, removed, removed_rows)
         if removed.num_rows:
-            live = live.without(removed.column("row").to_numpy())
-    return decisions, dict(sorted(would_reject.items()))
+            rows = removed.column("row").to_numpy()
+            removed_rows = np.sort(np.concatenate([removed_rows, rows]))
+            removed_tables.append(removed.drop_columns(["uid"]).append_column(
+                "decided_by", pa.array(np.full(removed.num_rows, stage.name, dtype=object), pa.string())))
+            live = live.without(rows)
+    return Decisions.of(removed_tables, columns), dict(sorted(would_reject.items()))
+
+
+def _check_removals(stage: str, removed: pa.Table, earlier: np.ndarray) -> None:
+    """Every removal is filtered or failed with a reason, and of a row still live (once)."""
+    status, reason = removed.column("status"), removed.column("reason")
+    wrong = pc.or_kleene(pc.invert(pc.is_in(status, value_set=pa.array([FILTERED, FAILED]))),
+                         pc.or_kleene(pc.is_null(reason), pc.equal(reason, "")))
+    bad = pc.fill_null(wrong, True).to_numpy(zero_copy_only=False)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RuntimeError(f"global stage {stage} gave uid {removed.column('uid')[i].as_py()} status "
+                           f"{status[i].as_py()!r} reason {reason[i].as_py()!r}; expected filtered or failed with a "
+                           "reason")
+    rows = removed.column("row").to_numpy()
+    again = np.isin(rows, earlier) if len(earlier) else np.zeros(len(rows), dtype=bool)
+    unique, first = np.unique(rows, return_index=True)
+    if len(unique) < len(rows):
+        again[np.setdiff1d(np.arange(len(rows)), first)] = True
+    if again.any():
+        uid = removed.column("uid")[int(np.flatnonzero(again)[0])].as_py()
+        raise RuntimeError(f"global stage {stage} removed uid {uid!r}, which is not a live row")
 
 
 class ShardWriters:
@@ -166,18 +257,17 @@ class ShardWriters:
         return [self.entries[i] for i in sorted(self.entries)]
 
 
-def apply_decisions(table: pa.Table, decisions: dict[str, Decision], columns: dict[str, pa.DataType]) -> pa.Table:
+def apply_decisions(table: pa.Table, decisions: Decisions, columns: dict[str, pa.DataType]) -> pa.Table:
     """Status, reason and decided_by of removed rows updated; each decision column set (null where none)."""
-    uids = table.column("uid").to_pylist()
-    hits = [decisions.get(uid) for uid in uids] if decisions else [None] * len(uids)
-    if any(hits):
-        for column, index in (("status", 0), ("reason", 1), ("decided_by", 2)):
-            old = table.column(column).to_pylist()
-            new = [hit[index] if hit else value for hit, value in zip(hits, old)]
-            table = table.set_column(table.column_names.index(column), column, pa.array(new, pa.string()))
+    hit, at = decisions.lookup(table.column("row").to_numpy())
+    mask = pa.array(hit)
+    if hit.any():
+        for column in Decisions.CODED:
+            new = pc.if_else(mask, decisions.column(column, at), table.column(column).combine_chunks().cast(pa.string()))
+            table = table.set_column(table.column_names.index(column), column, new)
     for name, dtype in columns.items():
-        values = pa.array([None if hit is None else hit.duplicate_of if name == "duplicate_of" else
-                           hit.columns.get(name) for hit in hits], dtype)
+        values = pc.if_else(mask, decisions.column(name, at).cast(dtype), pa.nulls(len(hit), dtype)) if hit.any() \
+            else pa.nulls(len(hit), dtype)
         if name in table.column_names:
             table = table.set_column(table.column_names.index(name), name, values)
         else:
@@ -208,7 +298,10 @@ def decide_and_write(
     decide_seconds = time.perf_counter() - decide_start
     write_decision_tables(out, global_stages)
 
-    written = write_outputs(out, parts, decisions, decision_columns(global_stages), config, local)
+    # Below MIN_ROWS the driver writes the shards itself, as it decides: a Ray task's worker costs seconds to start
+    # (benchmarks/download.py, 3,000 rows: 2.5 s of shard writing as tasks on 2 cores, 0.3 s in the driver).
+    written = write_outputs(out, parts, decisions, decision_columns(global_stages), config,
+                            local or input_rows < fan_out.MIN_ROWS)
     ledger, stopped_by, seconds = written.ledger, written.stopped_by, written.seconds
     entries, write_seconds = written.entries, written.seconds_taken
 
@@ -271,7 +364,7 @@ class Written:
     seconds_taken: float
 
 
-def write_outputs(out: Path, parts: list[Path], decisions: dict[str, Decision], columns: dict[str, pa.DataType],
+def write_outputs(out: Path, parts: list[Path], decisions: Decisions, columns: dict[str, pa.DataType],
                   config: PipelineConfig, local: bool) -> Written:
     """One pass over the stored parts in input order: the decisions applied, the embeddings, the ledger, and the
     kept rows planned into shards that the output format's sink writes."""

@@ -20,7 +20,7 @@ import yaml
 
 from curate.core import parts as part_store
 from curate.config import PipelineConfig
-from curate.core.decide import decide_and_write, package_versions, run_global_stages, stage_stats
+from curate.core.decide import apply_decisions, decide_and_write, package_versions, run_global_stages, stage_stats
 from curate.errors import CurateError
 from curate.core.ledger import Manifest, read_manifest
 from curate.core.runner import (CONFIG_FILE, build_stages, first_difference, per_sample_signature,
@@ -57,11 +57,8 @@ def dry_run(config: PipelineConfig, source: Path, local: bool = False) -> Manife
     by_reason: Counter[str] = Counter()
     stopped_by: Counter[str] = Counter()
     for part in parts:
-        table = pq.read_table(part, columns=["uid", "status", "reason", "decided_by"])
-        for uid, status, reason, stage in zip(*(table.column(c).to_pylist()
-                                               for c in ("uid", "status", "reason", "decided_by"))):
-            if status == OK and uid in decisions:
-                status, reason, stage, _ = decisions[uid]
+        table = apply_decisions(pq.read_table(part, columns=["row", "status", "reason", "decided_by"]), decisions, {})
+        for status, reason, stage in zip(*(table.column(c).to_pylist() for c in ("status", "reason", "decided_by"))):
             by_status[KEPT if status == OK else status] += 1
             if reason:
                 by_reason[reason] += 1

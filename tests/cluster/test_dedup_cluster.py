@@ -9,7 +9,6 @@ import sys
 
 DRIVER = r'''
 import json, sys, time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,7 @@ for held, free in (("head", "download"), ("download", "head")):
     ran = [(name, node) for task, (name, node) in tasks.items() if task not in before and not name.startswith("Hold")]
     before = tasks
     runs[free] = {"same": on_cluster == here, "driver_reads": len(reads),
-                  "reasons": Counter(d[1] for d in on_cluster.values()),
+                  "reasons": on_cluster.count_by("reason"),
                   "nodes": sorted({node for _, node in ran}), "names": sorted({name for name, _ in ran})}
 print(json.dumps({"nodes": nodes, "runs": runs}))
 '''

@@ -4,7 +4,6 @@ process, and on Ray the driver reads no part file at all; it receives pairs of r
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -142,9 +141,11 @@ def test_tiers_on_ray_read_parts_in_tasks_and_decide_as_in_one_process(ray_sessi
         here, _ = run_global_stages(parts, stages)
     assert reads and any("phash" in columns for columns in reads)  # the spy sees reads made in this process
     assert on_ray == here
-    reasons = Counter(decision[1] for decision in on_ray.values())
+    reasons = on_ray.count_by("reason")
     assert reasons["dedup:exact"] == 100 and reasons["dedup:phash"] >= 190 and reasons["dedup:semantic"] >= 95
-    assert "u000005" not in on_ray and "u000005" not in {d[3] for d in on_ray.values()}  # a failed row: not live
+    by_uid = on_ray.by_uid(parts)
+    assert len(by_uid) == len(on_ray)
+    assert "u000005" not in by_uid and "u000005" not in {d[3] for d in by_uid.values()}  # a failed row: not live
     order = [stage.name for stage in stages]
-    for _, _, stage, target in on_ray.values():  # each points at a row still live when its stage decided
-        assert target not in on_ray or order.index(on_ray[target][2]) > order.index(stage)
+    for _, _, stage, target in by_uid.values():  # each points at a row still live when its stage decided
+        assert target not in by_uid or order.index(by_uid[target][2]) > order.index(stage)
