@@ -65,13 +65,35 @@ class AlignmentFilter(GlobalStage[AlignmentConfig]):
         return [config.column, "clip_model"] + (["image_embedding", "text_embedding"] if config.relative else [])
 
     def decide_pool(self, pool: Pool) -> Removals:
+        """In tasks over the pool: the driver holds one float per live row while it finds each model's cut (keep_top),
+        then receives only the removed rows and the few tied at a cut; never the live rows' uids."""
         config: AlignmentConfig = self.config
-        if not config.relative:
-            return super().decide_pool(pool)
-        scored = relative_scores(pool, config.reference_rows, config.neighbours)
-        removed = self.decide(scored.rename_columns(["row", "uid", "clip_model", config.column]))
-        return removed.with_rows(dict(zip(scored.column("uid").to_pylist(), scored.column("row").to_pylist())),
-                                 self.name)
+        if config.relative:
+            scored = relative_scores(pool, config.reference_rows, config.neighbours)
+            removed = self.decide(scored.rename_columns(["row", "uid", "clip_model", config.column]))
+            return removed.with_rows(dict(zip(scored.column("uid").to_pylist(), scored.column("row").to_pylist())),
+                                     self.name)
+        columns = [config.column, "clip_model"]
+        if config.min_score is not None:
+            cuts = {None: (config.min_score, 0)}  # below min_score, whatever the model; no rows tied to rank
+            pieces = pool.map(_below_cut, (config.column, cuts, False), columns)
+            return _removals(pieces, [], BELOW_MIN)
+        by_model: dict[str | None, list[np.ndarray]] = {}
+        for scores in pool.map(_scores_by_model, config.column, columns):
+            for model, values in scores.items():
+                by_model.setdefault(model, []).append(values)
+        cuts = {}
+        for model, chunks in by_model.items():
+            scores = np.concatenate(chunks)
+            keep = math.ceil(config.keep_top * len(scores))  # type: ignore[operator]
+            if keep >= len(scores):
+                continue
+            cut = np.partition(scores, len(scores) - keep)[len(scores) - keep] if keep else np.inf
+            cuts[model] = (cut, keep - int((scores > cut).sum()))  # rows at the cut that are still kept
+            del scores
+        pieces = pool.map(_below_cut, (config.column, cuts, True), columns)
+        tied = _rank_ties(pieces, cuts)
+        return _removals(pieces, tied, BELOW_TOP)
 
     def decide(self, metadata: pa.Table) -> Removals:
         config: AlignmentConfig = self.config
@@ -98,6 +120,76 @@ class AlignmentFilter(GlobalStage[AlignmentConfig]):
             order = index[np.lexsort((uids[index], -scores[index]))]
             removed[order[math.ceil(fraction * len(index)):]] = True
         return removed
+
+
+def _scores(table: pa.Table, column: str) -> np.ndarray:
+    scores = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.where(np.isnan(scores), -np.inf, scores)  # a row without a score never ranks above one with it
+
+
+def _models(table: pa.Table) -> tuple[list[str | None], np.ndarray]:
+    """The distinct ``clip_model`` values of a group and each row's index into them."""
+    encoded = table.column("clip_model").combine_chunks().dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    names = encoded.dictionary.to_pylist()
+    if encoded.null_count:
+        names.append(None)
+        codes = np.where(encoded.is_null().to_numpy(zero_copy_only=False), len(names) - 1, codes)
+    return names, codes.astype(np.int64)
+
+
+def _scores_by_model(column: str, table: pa.Table) -> dict[str | None, np.ndarray]:
+    """A map task: the group's scores (no score: -inf), per scoring model; float32 when stored so (exact, and half
+    the driver's memory)."""
+    scores = _scores(table, column)
+    if table.schema.field(column).type == pa.float32():
+        scores = scores.astype(np.float32)
+    names, codes = _models(table)
+    return {name: scores[codes == i] for i, name in enumerate(names)}
+
+
+def _below_cut(job: tuple, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A map task: (rows below their model's cut: uid, row; rows exactly at it: uid, row, clip_model) of a group.
+    ``job``: the score column, model -> (cut, rows at the cut still kept), and whether cuts are per model."""
+    column, cuts, per_model = job
+    scores = _scores(table, column)
+    below, at = np.zeros(len(scores), bool), np.zeros(len(scores), bool)
+    names, codes = _models(table)
+    for i, name in enumerate(names):
+        key = name if per_model else None
+        if key not in cuts:
+            continue
+        cut, _ = cuts[key]
+        mine = codes == i if per_model else np.ones(len(scores), bool)
+        below |= mine & (scores < cut)
+        if per_model:
+            at |= mine & (scores == cut)
+    pick = ["uid", "row"]
+    return (table.select(pick).filter(pa.array(below)),
+            table.select([*pick, "clip_model"]).filter(pa.array(at)))
+
+
+def _rank_ties(pieces: list[tuple[pa.Table, pa.Table]], cuts: dict) -> pa.Table:
+    """Of the rows at a model's cut, all but the first ones by uid (as many as the cut still keeps): removed."""
+    tied = pa.concat_tables([at for _, at in pieces]) if pieces else None
+    if tied is None or not tied.num_rows:
+        return pa.table({"uid": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
+    out = []
+    models = tied.column("clip_model").to_pylist()
+    uids = np.asarray(tied.column("uid").to_pylist(), dtype=object)
+    for model in dict.fromkeys(models):
+        index = np.flatnonzero(np.asarray([m == model for m in models]))
+        order = index[np.argsort(uids[index], kind="stable")]
+        out.append(order[cuts[model][1]:])
+    lose = np.sort(np.concatenate(out)) if out else np.array([], np.int64)
+    return tied.select(["uid", "row"]).take(pa.array(lose, pa.int64()))
+
+
+def _removals(pieces: list[tuple[pa.Table, pa.Table]], tied: pa.Table | list, reason: str) -> Removals:
+    parts = [below for below, _ in pieces] + ([tied] if isinstance(tied, pa.Table) else [])
+    removed = pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()),
+                                                             "row": pa.array([], pa.int64())})
+    return Removals.of(removed.column("uid").to_pylist(), reason, rows=removed.column("row").to_numpy())
 
 
 HUB_WEIGHT = 0.5

@@ -11,6 +11,7 @@ the order below), and the manifest counts, per rule, every row that rule would h
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 from pydantic import Field
 
+from curate.core.pool import Pool
 from curate.core.stage import GlobalStage, Removals
 from curate.config import StageConfig
 
@@ -123,6 +125,7 @@ class RuleFilter(GlobalStage[RulesConfig]):
     name = "rules"
     Config = RulesConfig
     counts_would_reject: ClassVar[bool] = True
+    fans_out: ClassVar[bool] = True  # language detection over a large pool is worth the cluster's CPUs
 
     def inputs(self) -> list[str]:
         config: RulesConfig = self.config
@@ -188,12 +191,42 @@ class RuleFilter(GlobalStage[RulesConfig]):
         return np.fromiter((len(c.strip()) >= config.language_min_chars and langid.classify(c)[0] not in allowed
                             for c in captions), dtype=bool, count=len(captions))
 
-    def decide(self, metadata: pa.Table) -> Removals:
+    def decide_pool(self, pool: Pool) -> Removals:
+        """Each group of parts judged in its own task (the rules are about one row at a time): the driver receives
+        the removed rows and the counts. Boilerplate captions are counted over the whole pool, so with that rule on
+        the columns are gathered instead."""
+        if self.config.boilerplate_captions:
+            return super().decide_pool(pool)
+        pieces = pool.map(_judge_group, self, sorted({"uid", *self.inputs()}))
+        if not pieces:  # an empty pool: every rule that is set, counted zero
+            return super().decide_pool(pool)
+        would_reject: Counter[str] = Counter()
+        for _, counts in pieces:
+            would_reject.update(counts)
+        removed = pa.concat_tables([table for table, _ in pieces])
+        return Removals.of(removed.column("uid").to_pylist(), removed.column("reason").to_pylist(),
+                           rows=removed.column("row").to_numpy(), would_reject=dict(would_reject))
+
+    def judge(self, metadata: pa.Table) -> tuple[np.ndarray, dict[str, int]]:
+        """Each row's reason (None: it passes every rule; else the first rule it fails) and, per rule, the rows it
+        rejects on its own."""
         reasons = np.full(metadata.num_rows, None, dtype=object)
         would_reject = {}
         for reason, rejected in self.rules(metadata):
             would_reject[reason] = int(rejected.sum())
             reasons[rejected & (reasons == None)] = reason  # noqa: E711 (elementwise): the first rule failed wins
+        return reasons, would_reject
+
+    def decide(self, metadata: pa.Table) -> Removals:
+        reasons, would_reject = self.judge(metadata)
         removed = np.flatnonzero(reasons != None)  # noqa: E711
         uids = np.asarray(metadata.column("uid").to_pylist(), dtype=object)
         return Removals.of(uids[removed].tolist(), reasons[removed].tolist(), would_reject=would_reject)
+
+
+def _judge_group(stage: RuleFilter, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """A map task: the group's removed rows (uid, row, reason) and each rule's count of rows it rejects."""
+    reasons, would_reject = stage.judge(table)
+    removed = reasons != None  # noqa: E711
+    picked = table.select(["uid", "row"]).filter(pa.array(removed))
+    return picked.append_column("reason", pa.array(reasons[removed].tolist(), pa.string())), would_reject

@@ -131,3 +131,29 @@ def test_relative_scores_are_the_same_in_chunks(monkeypatch) -> None:
 def test_relative_ranking_refuses_settings_it_cannot_honour(settings, words) -> None:
     with pytest.raises(ValueError, match=words):
         AlignmentConfig(**settings)
+
+
+@pytest.mark.parametrize("config", [AlignmentConfig(keep_top=0.3), AlignmentConfig(keep_top=0.75),
+                                    AlignmentConfig(min_score=0.5)], ids=["top30", "top75", "min"])
+def test_over_the_pool_in_tasks_it_removes_what_the_whole_table_decides(config) -> None:
+    """decide_pool sends the driver one score per row and then only the removed and tied rows; it must cut where
+    decide() cuts over the gathered table: ties at the cut (scores on a coarse grid), rows without a score, rows
+    without a model, three models spread over the pieces."""
+    from curate.core.pool import Pool
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    scores = np.round(rng.random(n), 1).astype(np.float32)  # eleven distinct values: many ties at any cut
+    scores[rng.choice(n, 40, replace=False)] = np.nan
+    models = rng.choice(np.array(["a", "b", "c", None], dtype=object), n, p=[0.5, 0.3, 0.15, 0.05]).tolist()
+    order = rng.permutation(n)
+    table = pa.table({"uid": [f"{i:08x}" for i in order], "clip_score": pa.array(scores[order], pa.float32()),
+                      "clip_model": pa.array([models[i] for i in order], pa.string())})
+    stage = AlignmentFilter(config)
+    whole = stage.decide(table).table
+    pooled = stage.decide_pool(Pool.from_table(table, pieces=7)).table
+    expected = dict(zip(whole.column("uid").to_pylist(), whole.column("reason").to_pylist()))
+    got = dict(zip(pooled.column("uid").to_pylist(), pooled.column("reason").to_pylist()))
+    assert got == expected and 0 < len(got) < n
+    rows_of = dict(zip(table.column("uid").to_pylist(), range(n)))
+    assert pooled.column("row").to_pylist() == [rows_of[u] for u in pooled.column("uid").to_pylist()]

@@ -3,6 +3,7 @@ rule counts every row it would reject on its own."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -140,3 +141,23 @@ def test_one_caption_on_thirty_different_images_is_boilerplate() -> None:
     # without a pixel digest, the bytes' digest tells the pictures apart
     by_bytes = _captioned(captions, pictures).rename_columns(["uid", "caption", "sha256"])
     assert stage.decide(by_bytes).num_rows == 30
+
+
+def test_over_the_pool_in_tasks_it_removes_and_counts_what_the_whole_table_decides() -> None:
+    from curate.core.pool import Pool
+
+    rng = np.random.default_rng(2)
+    words = ["photo", "of", "a", "dog", "IMG_1234.jpg", "click here", "123", "the", "cat"]
+    n = 600
+    captions = [" ".join(rng.choice(words, rng.integers(0, 8))) for _ in range(n)]
+    table = pa.table({"uid": [f"u{i:04d}" for i in range(n)], "caption": captions,
+                      "original_width": pa.array(rng.integers(10, 400, n), pa.int32()),
+                      "original_height": pa.array(rng.integers(10, 400, n), pa.int32())})
+    stage = RuleFilter(RulesConfig(min_words=2, max_words=6, junk_captions=True, min_image_side=50,
+                                   max_aspect_ratio=3))
+    whole = stage.decide(table)
+    pooled = stage.decide_pool(Pool.from_table(table, pieces=5))
+    pick = lambda removals: dict(zip(*(removals.table.column(c).to_pylist() for c in ("uid", "reason"))))  # noqa: E731
+    assert pick(pooled) == pick(whole) and 0 < len(pick(whole)) < n
+    assert pooled.would_reject == whole.would_reject and len(whole.would_reject) == 5
+    assert stage.decide_pool(Pool.from_table(table.slice(0, 0))).would_reject == {r: 0 for r in whole.would_reject}
