@@ -4,7 +4,7 @@ forward alone.
 Generates --n 256 px JPEGs with captions into WebDataset shards (there, on the GPU machine), then measures:
 
 1. forward alone: ViT-B-32 (random weights) encode_image + encode_text on random tensors already on the GPU, bf16
-   autocast, chunks of --chunk-size: the ceiling;
+   autocast, at each --chunk-size in turn until one stops gaining (the chunk that fills the card): the ceiling;
 2. end to end: `curate run` on those shards (read from the tars, decoded and resized by the download stage on CPU
    workers, scored by GPU actors that preprocess with a thread pool), from the first row to the published manifest,
    with GPU utilisation sampled by nvidia-smi every 0.2 s while it runs.
@@ -12,13 +12,14 @@ Generates --n 256 px JPEGs with captions into WebDataset shards (there, on the G
 Prints pairs/s of both, their ratio and mean/median GPU utilisation. Target on an H200: >= 10,000 pairs/s end to end.
 
     .venv/bin/python benchmarks/score_gpu.py --n 100000
-    .venv/bin/python benchmarks/score_gpu.py --device cpu --n 512 --model curate-tiny   # a dry run of the script
+    .venv/bin/python benchmarks/score_gpu.py --device cpu --n 512 --model curate-tiny --chunk-size 64   # dry run
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def _jpeg(seed: int, side: int) -> bytes:
@@ -133,7 +135,7 @@ def end_to_end(shards: Path, out: Path, args: argparse.Namespace) -> tuple[float
         f"score.model={args.model}", "score.pretrained=null", f"score.chunk_size={args.chunk_size}",
         f"score.resources.gpus={args.gpus_per_actor if args.device == 'cuda' else 0}",
         f"score.resources.cpus={args.score_cpus}", f"score.preprocess_threads={max(1, int(args.score_cpus * 2))}",
-        "score.resources.batch_size=2048", f"output.samples_per_shard=10000",
+        "score.resources.batch_size=2048", "output.samples_per_shard=10000",
     ])
     ensure_ray(config.ray)  # started before the clock
     gpus = config.stages[1].resources.gpus
@@ -142,7 +144,9 @@ def end_to_end(shards: Path, out: Path, args: argparse.Namespace) -> tuple[float
         start = time.perf_counter()
         result = run_pipeline(config, input_path=str(shards), output=out, progress=True)
         seconds = time.perf_counter() - start
-    return seconds, result.manifest.totals_by_status.get("kept", 0), gpu.samples
+    # pairs scored: the rows the score stage passed on (the kept ones are fewer: the pipeline dedups and filters)
+    scored = next(stage.rows_out for stage in result.manifest.stages if stage.name == "score")
+    return seconds, scored, gpu.samples
 
 
 def main() -> None:
@@ -150,11 +154,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--side", type=int, default=256)
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[256, 512, 1024, 2048],
+                        help="scoring chunk sizes to try, forward alone; the fastest is used end to end")
     parser.add_argument("--score-cpus", type=float, default=6, help="CPUs per scoring actor (its preprocessing)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.5)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run of this script")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
     temp = None if args.work else tempfile.TemporaryDirectory(prefix="bench-score-gpu-")
@@ -162,17 +168,26 @@ def main() -> None:
     start = time.perf_counter()
     write_shards(work / "shards", args.n, args.side)
     print(f"{args.n} {args.side} px JPEGs in shards in {time.perf_counter() - start:.1f} s", flush=True)
-    ceiling = forward_alone(args.model, args.chunk_size, args.device, 20.0 if args.device == "cuda" else 3.0)
-    print(f"forward alone: {ceiling:.0f} pairs/s", flush=True)
-    seconds, kept, utilisation = end_to_end(work / "shards", work / "out", args)
-    rate = kept / seconds
+    from fill_card import fill_the_card
+
+    seconds = 10.0 if args.device == "cuda" else 2.0
+    args.chunk_size, ceiling = fill_the_card(args.chunk_size, lambda chunk: forward_alone(
+        args.model, chunk, args.device, seconds), "forward alone, pairs", args.device)
+    print(f"forward alone: {ceiling:.0f} pairs/s at chunk {args.chunk_size}", flush=True)
+    seconds, scored, utilisation = end_to_end(work / "shards", work / "out", args)
+    rate = scored / seconds
     print(f"\n{args.model} (random weights) on {args.device}, {args.n} pairs from WebDataset shards")
     print(f"forward alone            {ceiling:10.0f} pairs/s")
-    print(f"end to end (curate run)  {rate:10.0f} pairs/s  ({kept} kept in {seconds:.1f} s)")
+    print(f"end to end (curate run)  {rate:10.0f} pairs/s  ({scored} scored in {seconds:.1f} s)")
     print(f"end to end / forward     {rate / ceiling:10.2f}")
     if utilisation:
         print(f"GPU utilisation          mean {np.mean(utilisation):.0f}%  median {np.median(utilisation):.0f}%  "
               f"({len(utilisation)} samples)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "model": args.model, "device": args.device, "pairs": args.n, "chunk_size": args.chunk_size,
+            "forward_pairs_per_second": round(ceiling, 1), "end_to_end_pairs_per_second": round(rate, 1),
+            "gpu_utilisation_mean": round(float(np.mean(utilisation)), 1) if utilisation else None}))
     if temp is not None:
         temp.cleanup()
 
