@@ -49,7 +49,11 @@ def _module(new: str, old: str):
     return importlib.import_module(new if (Path(curate.__file__).parent / "core").is_dir() else old)
 
 
-def write_run(folder: Path, n: int, part_rows: int, seed: int = 0) -> list[Path]:
+def write_run(folder: Path, n: int, part_rows: int, dim: int = 512, seed: int = 0) -> list[Path]:
+    """A stored run of ``n`` rows, written part by part (memory: the pool's codes and digests, one part's rows):
+    64-bit pHashes with 10% near copies and digests with 5% exact copies across the pool; captions of 1-40 words;
+    CLIP scores; ``dim``-d float16 image embeddings, 5% of them near-identical to another row's of the same part; a
+    one-byte image per row so that the real sinks write real shards."""
     import numpy as np
     import pyarrow as pa
 
@@ -57,30 +61,38 @@ def write_run(folder: Path, n: int, part_rows: int, seed: int = 0) -> list[Path]
 
     part_files, write_part = (getattr(_module("curate.core.parts", "curate.parts"), name)
                               for name in ("part_files", "write_part"))
-
+    done = folder / "stored.json"
+    if done.exists() and json.loads(done.read_text()) == {"rows": n, "part_rows": part_rows, "dim": dim}:
+        return part_files(folder)
     rng = np.random.default_rng(seed)
     codes = planted_codes(n, seed)
     digests = rng.integers(0, 2**62, size=n)
     copies = rng.choice(n, size=n // 20, replace=False)
     digests[copies] = digests[rng.integers(0, n, size=len(copies))]
-    vectors = rng.standard_normal((n, 64)).astype(np.float32)
-    near = rng.choice(n, size=n // 20, replace=False)
-    vectors[near] = vectors[rng.integers(0, n, size=len(near))] + 0.01 * rng.standard_normal((len(near), 64))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    words = np.array("a photo of the red dog cat house tree car on in with small large blue green old new".split())
     for start in range(0, n, part_rows):
         rows = np.arange(start, min(n, start + part_rows))
         k = len(rows)
+        vectors = rng.standard_normal((k, dim)).astype(np.float32)
+        near = rng.choice(k, size=k // 20, replace=False)
+        vectors[near] = vectors[rng.integers(0, k, size=len(near))] + 0.01 * rng.standard_normal((len(near), dim))
+        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+        lengths = rng.integers(1, 41, size=k)
+        captions = [" ".join(words[rng.integers(0, len(words), size=m)]) for m in lengths]
+        embedding = pa.ListArray.from_arrays(pa.array(np.arange(0, k * dim + 1, dim, dtype=np.int32)),
+                                             pa.array(vectors.reshape(-1)))
         write_part(pa.table({
             "uid": [f"{i:032x}" for i in rows], "row": pa.array(rows, pa.int64()),
             "status": ["ok"] * k, "reason": pa.nulls(k, pa.string()), "decided_by": pa.nulls(k, pa.string()),
-            "caption": [f"caption {i}" for i in rows],
+            "caption": captions, "image": [b"\xff"] * k, "image_ext": ["jpg"] * k,
             "phash": pa.array(codes[rows]), "color_signature": [bytes(48)] * k, "sha256": [f"{d:064x}" for d in digests[rows]],
             "pixel_sha256": [f"{d:064x}" for d in digests[rows]],
             "original_width": pa.array(rng.integers(64, 1024, k), pa.int32()),
             "original_height": pa.array(rng.integers(64, 1024, k), pa.int32()),
             "clip_score": pa.array(rng.random(k).astype(np.float32)), "clip_model": ["bench-model"] * k,
-            "image_embedding": pa.array(list(vectors[rows]), pa.list_(pa.float16())),
+            "image_embedding": embedding,
         }), str(folder / "parts"))
+    done.write_text(json.dumps({"rows": n, "part_rows": part_rows, "dim": dim}))
     return part_files(folder)
 
 
@@ -89,9 +101,11 @@ def synthetic_stages() -> list:
     from curate.stages.dedup_exact import DedupExact, DedupExactConfig
     from curate.stages.dedup_phash import DedupPhash, DedupPhashConfig
     from curate.stages.dedup_semantic import DedupSemantic, DedupSemanticConfig
+    from curate.stages.rules import RuleFilter, RulesConfig
 
     return [DedupExact(DedupExactConfig()), DedupPhash(DedupPhashConfig(content=False)),
-            DedupSemantic(DedupSemanticConfig(threshold=0.99)), AlignmentFilter(AlignmentConfig(keep_top=0.7))]
+            DedupSemantic(DedupSemanticConfig(threshold=0.99)), RuleFilter(RulesConfig(min_words=2, max_words=35, junk_captions=True)),
+            AlignmentFilter(AlignmentConfig(keep_top=0.7))]
 
 
 def pipeline_stages(pipeline: str) -> tuple[list, list]:
@@ -101,19 +115,26 @@ def pipeline_stages(pipeline: str) -> tuple[list, list]:
     return build_stages(load_pipeline(pipeline))
 
 
-def decide(n: int, mode: str, part_rows: int, from_run: str | None = None, pipeline: str | None = None) -> dict:
+def stored_run(store: Path, n: int, part_rows: int, dim: int) -> Path:
+    return store / f"rows-{n}-parts-{part_rows}-dim-{dim}"
+
+
+def decide(n: int, mode: str, args: argparse.Namespace) -> dict:
+    """One measurement: the global stages over the stored parts (each stage timed, its part reads counted when in
+    process), then, with ``--write``, the pass that publishes (ledger, embeddings, shards) as a run makes it."""
     import pyarrow.parquet as pq
 
-    run_global_stages = _module("curate.core.decide", "curate.decide").run_global_stages
+    decide_module = _module("curate.core.decide", "curate.decide")
     in_process = _module("curate.core.fan_out", "curate.fan_out").in_process
+    part_files = _module("curate.core.parts", "curate.parts").part_files
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if from_run:
-            parts = _module("curate.core.parts", "curate.parts").part_files(Path(from_run))
-            per_sample, stages = pipeline_stages(pipeline)
+    with tempfile.TemporaryDirectory(dir=args.store) as tmp:
+        if args.from_run:
+            parts = part_files(Path(args.from_run))
+            per_sample, stages = pipeline_stages(args.pipeline)
             n = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
         else:
-            parts = write_run(Path(tmp), n, part_rows)
+            parts = part_files(stored_run(Path(args.store), n, args.part_rows, args.dim))
             per_sample, stages = [], synthetic_stages()
         reads: Counter[str] = Counter()
         embedding_reads: Counter[str] = Counter()
@@ -125,11 +146,13 @@ def decide(n: int, mode: str, part_rows: int, from_run: str | None = None, pipel
             return real_read(source, *args, **kwargs)
 
         by_stage: Counter[str] = Counter()
-        for stage in stages:  # each stage's reads, for the passes it makes
+        stage_seconds: Counter[str] = Counter()
+        for stage in stages:  # each stage's reads, for the passes it makes, and its time
             def counted_stage(pool, decide_pool=stage.decide_pool, name=stage.name):
-                start_reads = sum(reads.values())
+                start_reads, start = sum(reads.values()), time.perf_counter()
                 result = decide_pool(pool)
                 by_stage[name] += sum(reads.values()) - start_reads
+                stage_seconds[name] += time.perf_counter() - start
                 return result
             stage.decide_pool = counted_stage
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -138,25 +161,51 @@ def decide(n: int, mode: str, part_rows: int, from_run: str | None = None, pipel
 
             _module("curate.cluster.ray_env", "curate.ray_env").ensure_ray(RayConfig())
             start = time.perf_counter()
-            decisions, _ = run_global_stages(parts, stages, per_sample)
+            decisions, _ = decide_module.run_global_stages(parts, stages, per_sample)
         else:
             pq.read_table = counted
             start = time.perf_counter()
             with in_process():
-                decisions, _ = run_global_stages(parts, stages, per_sample)
+                decisions, _ = decide_module.run_global_stages(parts, stages, per_sample)
             pq.read_table = real_read
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        write_seconds = write_peak = None
+        if args.write:
+            write_seconds, write_peak = publish(Path(tmp) / "out", parts, decisions, stages, mode == "ray")
         passes = sum(reads[str(p)] for p in parts) / len(parts) if mode != "ray" else None
         import curate
 
+        removed_by = (decisions.count_by("decided_by") if hasattr(decisions, "count_by")  # a reference tree's: a dict
+                      else Counter(d[2] for d in decisions.values()))
         return {"rows": n, "mode": mode, "parts": len(parts), "seconds": round(seconds, 2),
                 "curate": str(Path(curate.__file__).parents[1]),
                 "driver_peak_rss_mib": round(peak, 1), "rss_before_decide_mib": round(before, 1),
+                "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
+                "write_seconds": write_seconds, "write_peak_rss_mib": write_peak,
                 "passes_over_parts": passes, "removed": len(decisions),
                 "embedding_passes": sum(embedding_reads.values()) / len(parts) if mode != "ray" else None,
                 "passes_by_stage": {k: v / len(parts) for k, v in by_stage.items()} if mode != "ray" else None,
-                "removed_by": dict(Counter(d[2] for d in decisions.values()))}
+                "removed_by": dict(removed_by)}
+
+
+def publish(out: Path, parts: list[Path], decisions, stages: list, on_ray: bool) -> tuple[float, float]:
+    """The publishing pass of a run over the stored parts (``write_outputs``: decisions applied, ledger, embeddings,
+    shards planned and written by the webdataset sink), into ``out``; its seconds and the driver's peak RSS after."""
+    decide_module = _module("curate.core.decide", "curate.decide")
+    from curate.config import PipelineConfig
+
+    out.mkdir(parents=True)
+    (out / "parts").symlink_to(parts[0].parent)
+    config = PipelineConfig.model_validate({"name": "decide-bench", "stages": [{"stage": "download"}],
+                                            "output": {"path": str(out), "samples_per_shard": 10_000}})
+    start = time.perf_counter()
+    written = decide_module.write_outputs(out, parts, decisions, decide_module.decision_columns(stages), config,
+                                          not on_ray)
+    decide_module.write_json_atomic(out / "manifest.json", {"rows": written.ledger.rows,
+                                                            "shards": len(written.entries)})
+    return (round(time.perf_counter() - start, 2),
+            round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
 def demo_run(n: int) -> dict:
@@ -211,15 +260,24 @@ def demo_run(n: int) -> dict:
 
 
 def measure(n: int, mode: str, args: argparse.Namespace, tree: str | None) -> dict:
-    """One measurement in its own process, importing curate (and Ray's workers) from ``tree`` when given."""
+    """One measurement in its own process, importing curate (and Ray's workers) from ``tree`` when given; the
+    synthetic run is generated (or reused from --store) by another process first, so that neither its time nor its
+    memory counts."""
     import os
 
     env = dict(os.environ)
     if tree:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), str(REPO), env.get("PYTHONPATH", "")])
-    command = [sys.executable, __file__, "--one", str(n), mode, "--part-rows", str(args.part_rows)]
+    common = ["--part-rows", str(args.part_rows), "--dim", str(args.dim), "--store", str(args.store)]
     if mode == "demo":
         command = [sys.executable, __file__, "--demo-one", str(n)]
+    else:
+        if not args.from_run:
+            made = subprocess.run([sys.executable, __file__, "--generate", str(n), *common], env=env, cwd=tree or REPO,
+                                  capture_output=True, text=True)
+            if made.returncode:
+                raise SystemExit(f"generating {n} rows failed: {made.stderr[-2000:]}")
+        command = [sys.executable, __file__, "--one", str(n), mode, *common] + (["--write"] if args.write else [])
     if args.from_run:
         command += ["--from-run", str(Path(args.from_run).resolve()), "--pipeline", str(Path(args.pipeline).resolve())]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tree or REPO)
@@ -238,13 +296,24 @@ def main() -> None:
     parser.add_argument("--reference", help="a checkout of an earlier curate, measured the same way for ratios")
     parser.add_argument("--demo", type=int, metavar="ROWS",
                         help="instead: the demo's curation on Ray end to end (driver peak RSS, driver passes)")
+    parser.add_argument("--dim", type=int, default=512, help="image embedding width of the synthetic run")
+    parser.add_argument("--store", default=tempfile.gettempdir(),
+                        help="folder for the synthetic runs (kept and reused by the next call with the same sizes) "
+                             "and the published outputs (removed after each measurement)")
+    parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the publishing pass (ledger, embeddings, shards) after the decisions")
     parser.add_argument("--one", nargs=2, metavar=("ROWS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--demo-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.from_run and not args.pipeline:
         parser.error("--from-run needs --pipeline")
     if args.one:
-        print(json.dumps(decide(int(args.one[0]), args.one[1], args.part_rows, args.from_run, args.pipeline)))
+        print(json.dumps(decide(int(args.one[0]), args.one[1], args)))
+        return
+    if args.generate:
+        write_run(stored_run(Path(args.store), args.generate, args.part_rows, args.dim), args.generate,
+                  args.part_rows, args.dim)
         return
     if args.demo_one:
         print(json.dumps(demo_run(args.demo_one)))
@@ -256,6 +325,7 @@ def main() -> None:
                   f"{result['driver_peak_rss_mib']} MiB, passes over the {result['parts']} parts in the driver "
                   f"{result['driver_passes']}, kept {result['kept']}  [{result['curate']}]")
         return
+    by_mode: dict[str, list[dict]] = {}
     for n in [0] if args.from_run else args.sizes:
         for mode in args.modes:
             results = [("this", measure(n, mode, args, None))]
@@ -268,6 +338,11 @@ def main() -> None:
                       + (f"  passes over the parts {passes:.1f} {result['passes_by_stage']}, of them reading the "
                          f"embeddings {result['embedding_passes']:.1f}" if passes is not None else "")
                       + f"  removed {result['removed']} {result['removed_by']}  [{result['curate']}]")
+                print(f"{'':<9} seconds by stage {result['stage_seconds']}" + (
+                    f"; publish (ledger, embeddings, shards) {result['write_seconds']} s, driver peak after it "
+                    f"{result['write_peak_rss_mib']} MiB" if result.get("write_seconds") is not None else ""))
+                if label == "this":
+                    by_mode.setdefault(mode, []).append(result)
             if args.reference:
                 this, reference = results[0][1], results[1][1]
                 ratios = [f"seconds {this['seconds'] / max(reference['seconds'], 1e-9):.2f}x",
@@ -275,6 +350,14 @@ def main() -> None:
                 if this["passes_over_parts"] is not None:
                     ratios.append(f"passes {this['passes_over_parts']:.1f} vs {reference['passes_over_parts']:.1f}")
                 print(f"{'':<9} this / reference: {', '.join(ratios)}")
+    for mode, results in by_mode.items():  # growth from the smallest size to each larger one (targets: issue 20)
+        small = results[0]
+        for large in results[1:]:
+            factor = large["rows"] / small["rows"]
+            total = lambda r: r["seconds"] + (r.get("write_seconds") or 0)  # noqa: E731
+            peak = lambda r: max(r["driver_peak_rss_mib"], r.get("write_peak_rss_mib") or 0)  # noqa: E731
+            print(f"{mode}: {factor:.0f}x rows ({small['rows']} -> {large['rows']}): decide + publish "
+                  f"{total(large) / total(small):.1f}x the time, driver peak {peak(large) / peak(small):.2f}x")
 
 
 if __name__ == "__main__":
