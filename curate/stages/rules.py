@@ -197,7 +197,7 @@ class RuleFilter(GlobalStage[RulesConfig]):
         the columns are gathered instead."""
         if self.config.boilerplate_captions:
             return super().decide_pool(pool)
-        pieces = pool.map(_judge_group, self, sorted({"uid", *self.inputs()}))
+        pieces = pool.map(_judge_group, self.config, sorted({"uid", *self.inputs()}))
         if not pieces:  # an empty pool: every rule that is set, counted zero
             return super().decide_pool(pool)
         would_reject: Counter[str] = Counter()
@@ -224,9 +224,10 @@ class RuleFilter(GlobalStage[RulesConfig]):
         return Removals.of(uids[removed].tolist(), reasons[removed].tolist(), would_reject=would_reject)
 
 
-def _judge_group(stage: RuleFilter, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
-    """A map task: the group's removed rows (uid, row, reason) and each rule's count of rows it rejects."""
-    reasons, would_reject = stage.judge(table)
+def _judge_group(config: RulesConfig, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """A map task: the group's removed rows (uid, row, reason) and each rule's count of rows it rejects (the task
+    gets the config, not the stage: nothing else of the driver's travels)."""
+    reasons, would_reject = RuleFilter(config).judge(table)
     removed = reasons != None  # noqa: E711
     picked = table.select(["uid", "row"]).filter(pa.array(removed))
     return picked.append_column("reason", pa.array(reasons[removed].tolist(), pa.string())), would_reject
