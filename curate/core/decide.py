@@ -26,7 +26,7 @@ from curate.config import PipelineConfig, RayConfig
 from curate.core.atomic import atomic_file
 from curate.core.embeddings import EmbeddingWriter
 from curate.core.ledger import DECISION_TABLES, MANIFEST, LedgerWriter, Manifest, ShardEntry, StageStats, write_json_atomic
-from curate.core.pool import Pool
+from curate.core.pool import Pool, ids_in
 from curate.core.schema import LEDGER_SCHEMA
 from curate.core.stage import FAILED, FILTERED, KEPT, OK, GlobalStage, Stage
 from curate.sinks.sink import SHARDS, ShardPlan, key_width, sample_key, sink, write_shard
@@ -90,11 +90,18 @@ class Decisions:
         for name, dtype in columns.items():
             if name not in table.column_names:
                 table = table.append_column(name, pa.nulls(table.num_rows, dtype))
-        table = table.take(pc.sort_indices(table.column("row")))
+        table = table.combine_chunks()  # one dictionary per coded column, unified across the stages
+        return cls(table.take(pc.sort_indices(table.column("row"))))
+
+    @classmethod
+    def coded(cls, removed: pa.Table) -> pa.Table:
+        """One stage's removals with status, reason and decided_by dictionary-encoded as they arrive: a few
+        distinct strings stored once, 4 bytes a row (held until every stage has decided)."""
         for name in cls.CODED:
-            table = table.set_column(table.column_names.index(name), name,
-                                     pc.dictionary_encode(table.column(name).combine_chunks()))
-        return cls(table.combine_chunks())
+            values = removed.column(name).combine_chunks()
+            if not pa.types.is_dictionary(values.type):
+                removed = removed.set_column(removed.column_names.index(name), name, pc.dictionary_encode(values))
+        return removed
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -162,7 +169,6 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
         return Decisions(), {}
     columns = decision_columns(global_stages)  # a clash is found before any stage runs
     removed_tables: list[pa.Table] = []
-    removed_rows = np.array([], dtype=np.int64)  # sorted
     pool = live = Pool.from_parts(parts)
     for stage in global_stages:
         stage.bind(stages or [])
@@ -178,14 +184,19 @@ def run_global_stages(parts: list[Path], global_stages: list[GlobalStage],
             raise RuntimeError(f"global stage {stage.name}: columns {sorted(set(extra) - set(stage.outputs()))} "
                                "are not declared outputs; a decision's columns must reach the ledger, so declare "
                                "them in outputs()")
-        _check_removals(stage.name, removed, removed_rows)
+        _check_removals(stage.name, removed, live.removed)
         if removed.num_rows:
-            rows = removed.column("row").to_numpy()
-            removed_rows = np.sort(np.concatenate([removed_rows, rows]))
-            removed_tables.append(removed.drop_columns(["uid"]).append_column(
-                "decided_by", pa.array(np.full(removed.num_rows, stage.name, dtype=object), pa.string())))
-            live = live.without(rows)
-    return Decisions.of(removed_tables, columns), dict(sorted(would_reject.items()))
+            removed_tables.append(Decisions.coded(removed.drop_columns(["uid"]).append_column(
+                "decided_by", pa.array(np.full(removed.num_rows, stage.name, dtype=object), pa.string()))))
+            live = live.without(removed.column("row").to_numpy())
+        del decided, removed
+        # what a stage gathered and freed goes back to the system before the next one gathers its own: Arrow's
+        # allocator keeps freed memory for reuse, and the driver's peak would be the sum of the stages' peaks
+        pa.default_memory_pool().release_unused()
+    decisions = Decisions.of(removed_tables, columns)
+    del removed_tables
+    pa.default_memory_pool().release_unused()
+    return decisions, dict(sorted(would_reject.items()))
 
 
 def _check_removals(stage: str, removed: pa.Table, earlier: np.ndarray) -> None:
@@ -200,7 +211,7 @@ def _check_removals(stage: str, removed: pa.Table, earlier: np.ndarray) -> None:
                            f"{status[i].as_py()!r} reason {reason[i].as_py()!r}; expected filtered or failed with a "
                            "reason")
     rows = removed.column("row").to_numpy()
-    again = np.isin(rows, earlier) if len(earlier) else np.zeros(len(rows), dtype=bool)
+    again = ids_in(rows, earlier)  # earlier: sorted (the pool's removed rows)
     unique, first = np.unique(rows, return_index=True)
     if len(unique) < len(rows):
         again[np.setdiff1d(np.arange(len(rows)), first)] = True
@@ -390,6 +401,8 @@ def write_outputs(out: Path, parts: list[Path], decisions: Decisions, columns: d
             stopped_by.update(d for d in table.column("decided_by").to_pylist() if d)
             table, plan = _place_in_shards(table, str(part), plan, writers, per_shard, width)
             ledger.write(table)
+            del table
+            pa.default_memory_pool().release_unused()  # one part's columns at a time, not the allocator's high water
         if plan.keys:
             writers.submit(plan)
             plan = plan.following()
