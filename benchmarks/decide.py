@@ -147,10 +147,13 @@ def decide(n: int, mode: str, args: argparse.Namespace) -> dict:
 
         by_stage: Counter[str] = Counter()
         stage_seconds: Counter[str] = Counter()
-        for stage in stages:  # each stage's reads, for the passes it makes, and its time
+        rss = RssByPhase()
+        for stage in stages:  # each stage's reads, for the passes it makes, its time and the driver's RSS meanwhile
             def counted_stage(pool, decide_pool=stage.decide_pool, name=stage.name):
                 start_reads, start = sum(reads.values()), time.perf_counter()
+                rss.phase = name
                 result = decide_pool(pool)
+                rss.phase = "between stages"
                 by_stage[name] += sum(reads.values()) - start_reads
                 stage_seconds[name] += time.perf_counter() - start
                 return result
@@ -172,7 +175,9 @@ def decide(n: int, mode: str, args: argparse.Namespace) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         write_seconds = write_peak = None
         if args.write:
+            rss.phase = "publish"
             write_seconds, write_peak = publish(Path(tmp) / "out", parts, decisions, stages, mode == "ray")
+        rss.stop()
         passes = sum(reads[str(p)] for p in parts) / len(parts) if mode != "ray" else None
         import curate
 
@@ -182,11 +187,36 @@ def decide(n: int, mode: str, args: argparse.Namespace) -> dict:
                 "curate": str(Path(curate.__file__).parents[1]),
                 "driver_peak_rss_mib": round(peak, 1), "rss_before_decide_mib": round(before, 1),
                 "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
+                "rss_mib_by_phase": {k: round(v) for k, v in rss.peaks.items()},
                 "write_seconds": write_seconds, "write_peak_rss_mib": write_peak,
                 "passes_over_parts": passes, "removed": len(decisions),
                 "embedding_passes": sum(embedding_reads.values()) / len(parts) if mode != "ray" else None,
                 "passes_by_stage": {k: v / len(parts) for k, v in by_stage.items()} if mode != "ray" else None,
                 "removed_by": dict(removed_by)}
+
+
+class RssByPhase:
+    """The driver's RSS sampled every 0.1 s by a thread, its highest value kept per phase (the stage deciding, or
+    the publishing pass): which part of the decide phase holds the memory."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.phase, self.peaks = "before", {}
+        self._process, self._done = psutil.Process(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.1):
+            mib = self._process.memory_info().rss / 2**20
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), mib)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def publish(out: Path, parts: list[Path], decisions, stages: list, on_ray: bool) -> tuple[float, float]:
@@ -338,6 +368,7 @@ def main() -> None:
                       + (f"  passes over the parts {passes:.1f} {result['passes_by_stage']}, of them reading the "
                          f"embeddings {result['embedding_passes']:.1f}" if passes is not None else "")
                       + f"  removed {result['removed']} {result['removed_by']}  [{result['curate']}]")
+                print(f"{'':<9} driver RSS peak by phase (MiB) {result.get('rss_mib_by_phase')}")
                 print(f"{'':<9} seconds by stage {result['stage_seconds']}" + (
                     f"; publish (ledger, embeddings, shards) {result['write_seconds']} s, driver peak after it "
                     f"{result['write_peak_rss_mib']} MiB" if result.get("write_seconds") is not None else ""))

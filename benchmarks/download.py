@@ -79,6 +79,22 @@ def make_url_list(root: Path, n: int, base_url: str, pool: str, sides: str) -> t
     return path, len(items)
 
 
+def real_url_list(pool: Path, root: Path, n: int, base_url: str) -> tuple[Path, int]:
+    """The real development pool's first ``n`` rows served as plain images (route ``img``: its download faults
+    left out), as a URL list (url, caption) for both tools."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pool / "pool.parquet")
+    table = table.filter(pc.equal(table.column("route"), "img")).slice(0, n)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"{base_url}/img/{name}" for name in table.column("name").to_pylist()],
+                             "caption": table.column("caption")}), path)
+    return path, table.num_rows
+
+
 def half_url_list(urls: Path) -> Path:
     """The first half of the URL list, for the marginal rate (the fixed costs of both tools cancel out)."""
     import pyarrow.parquet as pq
@@ -252,9 +268,12 @@ def print_table(rows: list[Measured], offered: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000, help="pool rows generated (fetchable ones are served)")
-    parser.add_argument("--pool", choices=["sized", "demo"], default="sized",
+    parser.add_argument("--pool", choices=["sized", "demo", "real"], default="sized",
                         help="sized: web-sized JPEG photos and PNG graphics, 100-2000 px (make_sized_pool); "
-                             "demo: the demo pool's small images (160-640 px), planted faults left out")
+                             "demo: the demo pool's small images (160-640 px), planted faults left out; "
+                             "real: the real development pool built by benchmarks/realpool.py (--real-pool), its "
+                             "fetchable rows (the planted download faults left out)")
+    parser.add_argument("--real-pool", type=Path, help="with --pool real: the folder realpool.py wrote")
     parser.add_argument("--sides", choices=["uniform", "log"], default="uniform",
                         help="sized pool: longer sides uniform in 100-2000 px, or log-uniform (mostly small images)")
     parser.add_argument("--image-size", type=int, default=256)
@@ -276,6 +295,8 @@ def main() -> None:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pool == "real" and not args.real_pool:
+        parser.error("--pool real needs --real-pool DIR (benchmarks/realpool.py --out DIR builds it)")
 
     if args.child:  # inside a measured subprocess
         spec = json.loads(Path(args.spec).read_text())
@@ -293,9 +314,13 @@ def main() -> None:
     work = Path(args.out or temp.name)  # type: ignore[union-attr]
     work.mkdir(parents=True, exist_ok=True)
     try:
-        with FaultServer(work / "pool" / "files") as server:
+        served = args.real_pool / "files" if args.pool == "real" else work / "pool" / "files"
+        with FaultServer(served) as server:
             start = time.perf_counter()
-            urls, offered = make_url_list(work / "pool", args.n, server.base_url, args.pool, args.sides)
+            if args.pool == "real":
+                urls, offered = real_url_list(args.real_pool, work / "pool", args.n, server.base_url)
+            else:
+                urls, offered = make_url_list(work / "pool", args.n, server.base_url, args.pool, args.sides)
             print(f"pool: {args.n} rows, {offered} fetchable, generated in {time.perf_counter() - start:.1f}s")
             rows: list[Measured] = []
             lists = [("", urls)] + ([(" (half)", half_url_list(urls))] if args.marginal else [])
@@ -307,7 +332,8 @@ def main() -> None:
                     for folder in (out, timing_dir):  # both tools resume from what they find: start empty
                         shutil.rmtree(folder, ignore_errors=True)
                     timing_dir.mkdir(parents=True)
-                    settings = vars(args) | {"out": None}  # JSON-able: the child needs only the numbers and names
+                    # JSON-able: the child needs only the numbers and names
+                    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"out": None}
                     spec = {"urls": str(url_list), "out": str(out), "overrides": curate_overrides(args),
                             "args": settings}
                     print(f"running {name} ...", flush=True)
