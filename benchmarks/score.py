@@ -84,7 +84,7 @@ def through_ray(table, args, threads: int) -> tuple[float, float, float]:
     from curate.cluster.ray_env import ensure_ray, worker_cpus
     from curate.config import Resources
     from curate.stages.score import ScoreConfig, ScoreStage
-    from curate.core.worker import worker_class
+    from curate.core.worker import segment_class
 
     start = time.perf_counter()
     ensure_ray(RayConfig())
@@ -94,7 +94,8 @@ def through_ray(table, args, threads: int) -> tuple[float, float, float]:
                                    preprocess_threads=threads, resources=resources))
     stage.preflight()
     ds = ray.data.from_arrow(table).map_batches(
-        worker_class(stage), batch_size=args.batch_size, batch_format="pyarrow", zero_copy_batch=False,
+        segment_class([stage], reads_units=False, parts_folder=None), batch_size=args.batch_size,
+        batch_format="pyarrow", zero_copy_batch=False,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=worker_cpus(resources),
     )
     rows, inside = 0, 0.0

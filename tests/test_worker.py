@@ -8,7 +8,7 @@ import ray.cloudpickle as cloudpickle
 
 from curate.core.stage import RowOutcomes, Stage
 from curate.config import StageConfig
-from curate.core.worker import StageWorker, worker_class
+from curate.core.worker import StageWorker, segment_class
 
 
 def _batch(n: int, dead: set[int] = frozenset()) -> pa.Table:
@@ -108,7 +108,8 @@ def test_a_stage_that_raises_fails_its_rows_not_the_job():
 
 
 def test_bound_worker_class_pickles_and_builds_without_arguments():
-    cls = cloudpickle.loads(cloudpickle.dumps(worker_class(CaptionLength(StageConfig(stage="caption_length")))))
+    cls = cloudpickle.loads(cloudpickle.dumps(segment_class([CaptionLength(StageConfig(stage="caption_length"))],
+                                                            reads_units=False, parts_folder=None)))
     assert cls.__name__ == "CaptionLengthWorker"
     _check(cls()(_batch(9, dead={1, 4})), "caption_length")
 
@@ -180,7 +181,7 @@ def test_a_segment_reads_its_units_runs_each_stage_at_its_batch_size_and_stores_
 
     from curate.core.parts import part_files
     from curate.core.runner import work_units
-    from curate.core.worker import SegmentWorker, segment_class
+    from curate.core.worker import SegmentWorker
 
     chunk = tmp_path / "input" / "00000.parquet"
     chunk.parent.mkdir()

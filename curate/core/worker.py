@@ -21,21 +21,6 @@ VALID_STATUSES = (OK, FILTERED, FAILED)
 log = logging.getLogger(__name__)
 
 
-def worker_class(stage: Stage) -> type:
-    """A StageWorker subclass bound to ``stage``, constructible without arguments.
-
-    Ray Data builds actors from a class; binding the stage in the class (pickled by value) instead of passing it as a
-    constructor argument keeps it out of the object store, and names the actors after the stage.
-    """
-
-    class BoundWorker(StageWorker):
-        def __init__(self) -> None:
-            super().__init__(stage)
-
-    BoundWorker.__name__ = BoundWorker.__qualname__ = f"{type(stage).__name__}Worker"
-    return BoundWorker
-
-
 class StageWorker:
     """Callable over a pyarrow batch; call ``setup()`` lazily so construction stays cheap and picklable."""
 
@@ -156,15 +141,6 @@ def segments(stages: list[Stage]) -> list[list[Stage]]:
     return result
 
 
-def read_units(batch: pa.Table) -> pa.Table:
-    """The input rows that work units name: each unit is (path, offset, rows) of a staged input chunk."""
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(path).slice(offset, rows) for path, offset, rows in zip(
-        batch.column("path").to_pylist(), batch.column("offset").to_pylist(), batch.column("rows").to_pylist())]
-    return pa.concat_tables(tables)
-
-
 class SegmentWorker:
     """The stages of one segment over a batch: reading its rows first when it is handed work units (the first
     segment), storing them as a part and returning only the part's summary when it is the last."""
@@ -173,17 +149,31 @@ class SegmentWorker:
         self.workers = [StageWorker(stage) for stage in stages]
         self.reads_units = reads_units
         self.parts_folder = parts_folder
+        self._chunk: tuple[str, pa.Table] | None = None  # the input chunk read last: its next units come from it
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from curate.core.parts import write_part
 
-        table = run_chain(self.workers, read_units(batch) if self.reads_units else batch)
+        table = run_chain(self.workers, self.read_units(batch) if self.reads_units else batch)
         return write_part(table, self.parts_folder) if self.parts_folder else table
+
+    def read_units(self, batch: pa.Table) -> pa.Table:
+        """The input rows that work units name: each unit is (path, offset, rows) of a staged input chunk. A chunk
+        holds several units, so the last one read is kept (URLs and captions only) instead of read again."""
+        import pyarrow.parquet as pq
+
+        tables = []
+        for path, offset, rows in zip(batch.column("path").to_pylist(), batch.column("offset").to_pylist(),
+                                      batch.column("rows").to_pylist()):
+            if self._chunk is None or self._chunk[0] != path:
+                self._chunk = (path, pq.read_table(path))
+            tables.append(self._chunk[1].slice(offset, rows))
+        return pa.concat_tables(tables)
 
 
 def segment_class(stages: list[Stage], *, reads_units: bool, parts_folder: str | None) -> type:
-    """A SegmentWorker subclass bound to its stages, constructible without arguments (as ``worker_class``), named
-    after them (DownloadStageWorker, DownloadStage+HashStageWorker) so that its actors are easy to find."""
+    """A SegmentWorker subclass bound to its stages, constructible without arguments (Ray Data builds actors from a class;
+    binding the stages in it keeps them out of the object store), named after them (DownloadStageWorker, DownloadStage+HashStageWorker) so that its actors are easy to find."""
 
     class BoundSegment(SegmentWorker):
         def __init__(self) -> None:

@@ -77,7 +77,7 @@ class AlignmentFilter(GlobalStage[AlignmentConfig]):
         if config.min_score is not None:
             cuts = {None: (config.min_score, 0)}  # below min_score, whatever the model; no rows tied to rank
             pieces = pool.map(_below_cut, (config.column, cuts, False), columns)
-            return _removals(pieces, [], BELOW_MIN)
+            return _removals([below for below, _ in pieces], BELOW_MIN)
         by_model: dict[str | None, list[np.ndarray]] = {}
         for scores in pool.map(_scores_by_model, config.column, columns):
             for model, values in scores.items():
@@ -92,8 +92,7 @@ class AlignmentFilter(GlobalStage[AlignmentConfig]):
             cuts[model] = (cut, keep - int((scores > cut).sum()))  # rows at the cut that are still kept
             del scores
         pieces = pool.map(_below_cut, (config.column, cuts, True), columns)
-        tied = _rank_ties(pieces, cuts)
-        return _removals(pieces, tied, BELOW_TOP)
+        return _removals([below for below, _ in pieces] + [_rank_ties(pieces, cuts)], BELOW_TOP)
 
     def decide(self, metadata: pa.Table) -> Removals:
         config: AlignmentConfig = self.config
@@ -173,7 +172,7 @@ def _rank_ties(pieces: list[tuple[pa.Table, pa.Table]], cuts: dict) -> pa.Table:
     """Of the rows at a model's cut, all but the first ones by uid (as many as the cut still keeps): removed."""
     tied = pa.concat_tables([at for _, at in pieces]) if pieces else None
     if tied is None or not tied.num_rows:
-        return pa.table({"uid": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
+        return _NO_ROWS
     out = []
     models = tied.column("clip_model").to_pylist()
     uids = np.asarray(tied.column("uid").to_pylist(), dtype=object)
@@ -185,11 +184,13 @@ def _rank_ties(pieces: list[tuple[pa.Table, pa.Table]], cuts: dict) -> pa.Table:
     return tied.select(["uid", "row"]).take(pa.array(lose, pa.int64()))
 
 
-def _removals(pieces: list[tuple[pa.Table, pa.Table]], tied: pa.Table | list, reason: str) -> Removals:
-    parts = [below for below, _ in pieces] + ([tied] if isinstance(tied, pa.Table) else [])
-    removed = pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()),
-                                                             "row": pa.array([], pa.int64())})
+def _removals(tables: list[pa.Table], reason: str) -> Removals:
+    """Removals of the rows (uid, row) in ``tables``, all for ``reason``."""
+    removed = pa.concat_tables(tables) if tables else _NO_ROWS
     return Removals.of(removed.column("uid").to_pylist(), reason, rows=removed.column("row").to_numpy())
+
+
+_NO_ROWS = pa.table({"uid": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
 
 
 HUB_WEIGHT = 0.5
